@@ -1,0 +1,112 @@
+"""Attention over the paged KV cache for one step's flattened tokens.
+
+A step's tokens are laid out prefill chunks first, then one token per decoding sequence.
+New keys and values are written into their cache slots first, then every query attends
+to its sequence's tokens: prefill chunks through ``scaled_dot_product_attention``
+(reading earlier tokens from the cache when a prefix was cached or the prompt is
+chunked), decode tokens through the paged decode kernel (Triton on CUDA, its float32
+torch twin on the CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from attnscope.kernels.reference import gather_paged_kv, paged_decode_attention_ref
+
+
+@dataclass
+class PrefillChunk:
+    """Query tokens ``[start, end)`` of the step that continue one sequence after ``cached`` tokens."""
+
+    start: int
+    end: int
+    cached: int
+    block_table: torch.Tensor
+
+    @property
+    def context_len(self) -> int:
+        """Tokens this chunk's last query attends to."""
+        return self.cached + self.end - self.start
+
+
+@dataclass
+class AttentionBatch:
+    """How the flattened tokens of one step map onto sequences and KV-cache slots."""
+
+    slot_mapping: torch.Tensor
+    prefills: list[PrefillChunk]
+    decode_start: int
+    decode_block_tables: torch.Tensor
+    decode_context_lens: torch.Tensor
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def num_decodes(self) -> int:
+        """Sequences decoding one token this step."""
+        return int(self.decode_context_lens.shape[0])
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Store the step's keys and values ``[N, Hkv, D]`` at their physical cache slots."""
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, chunk: PrefillChunk, scale: float) -> torch.Tensor:
+    """Causal attention of one prefill chunk's queries ``[T, Hq, D]`` over its sequence so far."""
+    if chunk.cached == 0:
+        keys, values = k, v
+        mask, causal = None, True
+    else:
+        keys = gather_paged_kv(k_cache, chunk.block_table[None], chunk.context_len)[0]
+        values = gather_paged_kv(v_cache, chunk.block_table[None], chunk.context_len)[0]
+        q_pos = torch.arange(chunk.cached, chunk.context_len, device=q.device)
+        mask = q_pos[:, None] >= torch.arange(chunk.context_len, device=q.device)[None, :]
+        causal = False
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        keys.to(q.dtype).transpose(0, 1).unsqueeze(0),
+        values.to(q.dtype).transpose(0, 1).unsqueeze(0),
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out[0].transpose(0, 1)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence ``[B, Hq, D]`` over its paged keys: Triton on CUDA, torch twin elsewhere."""
+    if q.is_cuda:
+        from attnscope.kernels.paged_decode import paged_decode_attention
+
+        out, _ = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    else:
+        out, _ = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return out
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: AttentionBatch,
+                    scale: float) -> torch.Tensor:
+    """Attention output ``[N, Hq, D]`` for all of a step's tokens in layer ``layer``."""
+    k_cache, v_cache = batch.kv_caches[layer]
+    write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+    if not batch.prefills:
+        return decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, scale)
+    out = torch.empty_like(q)
+    for chunk in batch.prefills:
+        sl = slice(chunk.start, chunk.end)
+        out[sl] = prefill_attention(q[sl], k[sl], v[sl], k_cache, v_cache, chunk, scale)
+    if batch.num_decodes:
+        out[batch.decode_start :] = decode_attention(
+            q[batch.decode_start :], k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, scale
+        )
+    return out

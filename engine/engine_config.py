@@ -1,0 +1,39 @@
+"""Engine settings: the pydantic model the CLI, the Serve config and tests all build the engine from."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    """How to load the model and size the engine. Defaults suit a laptop CPU and scale on a GPU."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="HF checkpoint folder or .gguf file; None = embedded SmolLM2-135M-Instruct.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto = float32 on CPU, bfloat16 on CUDA.")
+    max_model_len: int | None = Field(None, ge=2, description="Context limit (prompt + output); default the model's, capped by the KV cache.")
+    block_size: int = Field(16, ge=1, le=256, description="Tokens per KV-cache block.")
+    num_kv_blocks: int | None = Field(None, ge=1, description="KV-cache blocks; overrides the memory-based sizing.")
+    kv_cache_memory_gib: float = Field(2.0, gt=0, description="CPU: memory given to the KV cache.")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=0.98, description="CUDA: fraction of free memory (after weights) for the KV cache.")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget of one step (prefill chunks + decodes).")
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences running at once.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
+    num_threads: int | None = Field(None, ge=1, description="CPU: torch intra-op threads (default: torch's choice).")
+
+    def resolved_device(self) -> torch.device:
+        """The device the engine runs on."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of weights, activations and the KV cache."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)

@@ -1,0 +1,431 @@
+"""``LLMEngine``: requests in, streamed per-request deltas out, continuous batching in between.
+
+The engine is driven step by step: ``step()`` schedules, runs the model once, samples,
+detokenises and returns what each request produced. ``generate()`` drives it to
+completion for a batch of prompts; ``start()`` runs the step loop on a background
+thread so ``stream()`` can serve many concurrent requests from asyncio code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Sequence as SequenceOf
+from dataclasses import dataclass, field
+
+import gguf
+import torch
+from pydantic import ValidationError
+
+from attnscope.engine.block_manager import BlockManager
+from attnscope.engine.engine_config import EngineConfig
+from attnscope.engine.kv_cache import kv_bytes_per_token
+from attnscope.engine.model import LlamaForCausalLM
+from attnscope.engine.model_runner import ModelRunner
+from attnscope.engine.outputs import (
+    CompletionDelta,
+    FinalOutput,
+    RequestOutput,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from attnscope.engine.sampler import Sampler, SamplingInputs, make_generator
+from attnscope.engine.scheduler import Scheduler, SchedulerConfig
+from attnscope.engine.sequence import Sequence, SequenceStatus
+from attnscope.engine.stop import StopStringText
+from attnscope.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from attnscope.engine.weights import LoadedCheckpoint, default_model_path, load_checkpoint
+from attnscope.sampling import SamplingParams
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses; ``field`` names the offending input."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class _Choice:
+    """Per-sequence output state: detokeniser, stop-string buffer, pending tokens."""
+
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    text: StopStringText
+    pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    reported: bool = False
+
+
+@dataclass
+class _Request:
+    """A request's sequences and the outputs waiting for its consumer."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    choices: list[_Choice]
+    retain: bool = False
+    outputs: deque[RequestOutput] = field(default_factory=deque)
+    done: threading.Event = field(default_factory=threading.Event)
+    wake: asyncio.Event | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def finished(self) -> bool:
+        """True when every choice has ended."""
+        return all(c.seq.finished for c in self.choices)
+
+    def usage(self) -> Usage:
+        """Token counts so far."""
+        return Usage(
+            prompt_tokens=len(self.prompt_token_ids),
+            completion_tokens=sum(len(c.seq.output_token_ids) for c in self.choices),
+            cached_prompt_tokens=self.choices[0].seq.num_cached_prompt_tokens,
+        )
+
+
+class LLMEngine:
+    """A continuous-batching inference engine over a paged KV cache."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype(self.device)
+        if config.num_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+        checkpoint = load_checkpoint(config.model or default_model_path())
+        self.model_config = checkpoint.config
+        self.tokenizer = _load_tokenizer(checkpoint)
+        self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids) | frozenset(self.model_config.eos_token_ids)
+        self.model = self._load_model(checkpoint)
+        num_blocks = self._num_kv_blocks()
+        capacity = num_blocks * config.block_size
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings, capacity)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.runner = ModelRunner(self.model, self.blocks, num_blocks, config.block_size, self.dtype, self.device)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs), self.blocks)
+        self.sampler = Sampler()
+        self._requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self._lock = threading.RLock()
+        self._work = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._error: BaseException | None = None
+
+    def _load_model(self, checkpoint: LoadedCheckpoint) -> LlamaForCausalLM:
+        """Build the model on the target device and stream the checkpoint's weights into it."""
+        max_positions = min(self.config.max_model_len or self.model_config.max_position_embeddings,
+                            self.model_config.max_position_embeddings)
+        with torch.device(self.device):
+            model = LlamaForCausalLM(self.model_config, dtype=self.dtype, max_positions=max_positions)
+        model.load_weights(checkpoint.tensors(self.dtype))
+        return model.eval()
+
+    def _num_kv_blocks(self) -> int:
+        """Size the KV cache from the configured block count or memory budget."""
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        c = self.model_config
+        per_block = self.config.block_size * kv_bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * self.config.gpu_memory_utilization
+        else:
+            budget = self.config.kv_cache_memory_gib * 2**30
+        return max(1, int(budget // per_block))
+
+    # ----------------------------------------------------------------- requests
+
+    def add_request(
+        self,
+        prompt: str | None = None,
+        *,
+        prompt_token_ids: SequenceOf[int] | None = None,
+        messages: list[dict] | None = None,
+        params: SamplingParams | dict | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request given as text, token ids or chat messages; returns its id.
+
+        Raises ``InvalidRequestError`` (naming the field) for anything the engine cannot
+        serve; nothing is queued then.
+        """
+        params = _validate_params(params)
+        ids = self._prompt_ids(prompt, prompt_token_ids, messages)
+        request_id = request_id or uuid.uuid4().hex
+        with self._lock:
+            if request_id in self._requests:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+            choices = []
+            for index in range(params.n):
+                seed = None if params.seed is None else params.seed + index
+                seq = Sequence(next(self._seq_ids), request_id, index, list(ids), params,
+                               make_generator(seed, self.device))
+                choices.append(_Choice(seq, IncrementalDetokenizer(self.tokenizer, list(ids)), StopStringText(params.stop)))
+                self.scheduler.add(seq)
+            self._requests[request_id] = _Request(request_id, list(ids), params, choices,
+                                                  retain=self._thread is not None)
+            self._work.notify_all()
+        return request_id
+
+    def _prompt_ids(self, prompt: str | None, prompt_token_ids: SequenceOf[int] | None,
+                    messages: list[dict] | None) -> list[int]:
+        """Token ids of exactly one of the three prompt forms, checked against the context limit."""
+        given = [x is not None for x in (prompt, prompt_token_ids, messages)]
+        if sum(given) != 1:
+            raise InvalidRequestError("give exactly one of prompt, prompt_token_ids or messages", "prompt")
+        if messages is not None:
+            try:
+                prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc), "messages") from exc
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        elif prompt is not None:
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt_token_ids)
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"token id {bad[0]!r} is outside the vocabulary "
+                                          f"[0, {self.model_config.vocab_size})", "prompt_token_ids")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the context limit is {self.max_model_len} "
+                "(prompt plus at least one generated token)", "prompt")
+        return ids
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None:
+                return
+            for choice in req.choices:
+                if not choice.seq.finished:
+                    self._finish(choice, "abort")
+            self._publish(req)
+
+    def has_unfinished(self) -> bool:
+        """True while any request is queued or running."""
+        with self._lock:
+            return self.scheduler.has_work()
+
+    # ----------------------------------------------------------------- stepping
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling + model step; the outputs it produced, one per advanced request."""
+        with self._lock:
+            plan = self.scheduler.schedule()
+            if not plan.chunks:
+                return []
+            logits = self.runner.execute(plan)
+            sampling = [c.seq for c in plan.chunks if c.samples]
+            result = self.sampler.sample(logits, SamplingInputs(
+                params=[s.params for s in sampling],
+                generators=[s.generator for s in sampling],
+                prompt_token_ids=[s.prompt_token_ids for s in sampling],
+                output_token_ids=[s.output_token_ids for s in sampling],
+            ))
+            for chunk in plan.chunks:
+                chunk.seq.num_computed_tokens += chunk.num_tokens
+                self.blocks.mark_computed(chunk.seq.seq_id, chunk.seq.all_token_ids, chunk.seq.num_computed_tokens)
+            touched: dict[str, _Request] = {}
+            for row, seq in enumerate(sampling):
+                req = self._requests[seq.request_id]
+                lp = None
+                if result.logprobs[row] is not None:
+                    lp = self._token_logprob(result.token_ids[row], result.logprobs[row], result.top_logprobs[row])
+                self._append_token(req.choices[seq.index], result.token_ids[row], lp)
+                touched[req.request_id] = req
+            return [out for req in touched.values() if (out := self._publish(req)) is not None]
+
+    def _token_logprob(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
+        """Logprob record with token strings for the API."""
+        def text(i: int) -> str:
+            return self.tokenizer.decode([i], skip_special_tokens=False)
+
+        return TokenLogprob(token_id, text(token_id), logprob, [TopLogprob(i, text(i), p) for i, p in top])
+
+    def _append_token(self, choice: _Choice, token_id: int, logprob: TokenLogprob | None) -> None:
+        """Record a sampled token, extend the text, and end the sequence if a stop condition holds."""
+        seq = choice.seq
+        seq.output_token_ids.append(token_id)
+        choice.pending_ids.append(token_id)
+        if logprob is not None:
+            choice.pending_logprobs.append(logprob)
+        params = seq.params
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        if token_id in stop_ids:
+            self._finish(choice, "stop")
+        elif choice.text.add(choice.detokenizer.step(token_id)):
+            self.scheduler.finish(seq, "stop")
+        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(choice, "length")
+
+    def _finish(self, choice: _Choice, reason: str) -> None:
+        """End a choice, first releasing text the detokeniser held back for an unfinished character."""
+        if choice.text.add(choice.detokenizer.flush()) and reason == "length":
+            reason = "stop"
+        self.scheduler.finish(choice.seq, reason)
+
+    def _publish(self, req: _Request) -> RequestOutput | None:
+        """Turn pending tokens of a request's choices into one output and hand it to its consumer."""
+        deltas = []
+        for choice in req.choices:
+            final = choice.seq.finished
+            if not choice.pending_ids and not (final and not choice.reported):
+                continue
+            deltas.append(CompletionDelta(
+                index=choice.seq.index,
+                token_ids=choice.pending_ids,
+                text=choice.text.release(final),
+                logprobs=choice.pending_logprobs if req.params.logprobs is not None else None,
+                finish_reason=choice.seq.finish_reason,
+            ))
+            choice.pending_ids, choice.pending_logprobs = [], []
+            choice.reported = final
+        if not deltas:
+            return None
+        out = RequestOutput(req.request_id, deltas, req.finished, req.usage())
+        if req.retain:
+            req.outputs.append(out)
+        elif req.finished:
+            del self._requests[req.request_id]
+        if req.finished:
+            req.done.set()
+        if req.wake is not None and req.loop is not None:
+            req.loop.call_soon_threadsafe(req.wake.set)
+        return out
+
+    # ------------------------------------------------------------ driving modes
+
+    def generate(self, prompts: list[str] | None = None, params: SamplingParams | dict | None = None, *,
+                 prompt_token_ids: list[list[int]] | None = None,
+                 messages: list[list[dict]] | None = None) -> list[FinalOutput]:
+        """Generate for a batch of prompts (all batched together) and return whole outputs in order."""
+        kinds = [("prompt", prompts), ("prompt_token_ids", prompt_token_ids), ("messages", messages)]
+        given = [(k, v) for k, v in kinds if v is not None]
+        if len(given) != 1:
+            raise InvalidRequestError("give exactly one of prompts, prompt_token_ids or messages", "prompt")
+        kind, items = given[0]
+        rids = [self.add_request(**{kind: item}, params=params) for item in items]
+        reqs = {rid: self._requests[rid] for rid in rids}
+        collected: dict[str, list[RequestOutput]] = {rid: [] for rid in rids}
+        if self._thread is None:
+            while not all(r.done.is_set() for r in reqs.values()):
+                for out in self.step():
+                    if out.request_id in collected:
+                        collected[out.request_id].append(out)
+        else:
+            for rid, req in reqs.items():
+                while not req.done.wait(0.05):
+                    self._raise_if_failed()
+                with self._lock:
+                    collected[rid] = list(req.outputs)
+                    self._requests.pop(rid, None)
+        return [FinalOutput.collect(rid, reqs[rid].prompt_token_ids, collected[rid], reqs[rid].params.n) for rid in rids]
+
+    def start(self) -> None:
+        """Run the step loop on a background thread (idempotent)."""
+        with self._lock:
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(target=self._loop, name="attnscope-engine", daemon=True)
+                self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the background loop; running requests stay queued."""
+        with self._lock:
+            self._stopping = True
+            self._work.notify_all()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
+    def _loop(self) -> None:
+        """Step while there is work; sleep on the condition otherwise."""
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopping and not self.scheduler.has_work():
+                        self._work.wait()
+                    if self._stopping:
+                        return
+                self.step()
+        except BaseException as exc:  # surfaced to every waiting consumer
+            self._error = exc
+            with self._lock:
+                for req in list(self._requests.values()):
+                    req.done.set()
+                    if req.wake is not None and req.loop is not None:
+                        req.loop.call_soon_threadsafe(req.wake.set)
+
+    def _raise_if_failed(self) -> None:
+        """Re-raise a failure of the background loop in the caller."""
+        if self._error is not None:
+            raise RuntimeError("the engine loop failed") from self._error
+
+    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Yield a request's outputs as they are produced; aborts it if the consumer goes away.
+
+        Needs ``start()`` to have been called before ``add_request``, so the request keeps
+        its outputs until they are read here.
+        """
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None or not req.retain:
+                raise KeyError(f"request {request_id!r} is unknown or was not added while the engine loop ran")
+            req.loop = asyncio.get_running_loop()
+            req.wake = asyncio.Event()
+        finished = False
+        try:
+            while not finished:
+                with self._lock:
+                    batch = list(req.outputs)
+                    req.outputs.clear()
+                    req.wake.clear()
+                for out in batch:
+                    finished = out.finished
+                    yield out
+                if not finished:
+                    self._raise_if_failed()
+                    await req.wake.wait()
+        finally:
+            if not finished:
+                self.abort(request_id)
+            with self._lock:
+                self._requests.pop(request_id, None)
+
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks held by live sequences."""
+        with self._lock:
+            return self.blocks.usage
+
+
+def _validate_params(params: SamplingParams | dict | None) -> SamplingParams:
+    """Sampling parameters as a validated model; invalid values raise ``InvalidRequestError`` naming the field."""
+    if isinstance(params, SamplingParams):
+        return params
+    try:
+        return SamplingParams(**(params or {}))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = ".".join(str(p) for p in err["loc"]) or "params"
+        raise InvalidRequestError(f"invalid {name}: {err['msg']}", name) from exc
+
+
+def _load_tokenizer(checkpoint: LoadedCheckpoint) -> Tokenizer:
+    """The checkpoint's tokenizer: from GGUF metadata or the folder's tokenizer.json."""
+    if checkpoint.format == "gguf":
+        return Tokenizer.from_gguf(gguf.GGUFReader(checkpoint.path))
+    return Tokenizer.from_pretrained_dir(checkpoint.path)

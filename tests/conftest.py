@@ -1,0 +1,32 @@
+"""Shared fixtures: the embedded default model is loaded once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from attnscope.engine.engine_config import EngineConfig
+from attnscope.engine.llm_engine import LLMEngine
+from attnscope.engine.weights import default_model_path
+
+
+@pytest.fixture(scope="session")
+def smollm_path():
+    """Path of the embedded SmolLM2-135M-Instruct GGUF."""
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm_engine(smollm_path) -> LLMEngine:
+    """One engine on the default model with room for many concurrent sequences."""
+    return LLMEngine(EngineConfig(model=str(smollm_path), device="cpu", kv_cache_memory_gib=0.5))
+
+
+@pytest.fixture(scope="session")
+def hf_smollm(smollm_path):
+    """HF transformers' SmolLM2 loaded from the same GGUF, float32, eager attention."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm_path.parent), gguf_file=smollm_path.name, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
