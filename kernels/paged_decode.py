@@ -168,7 +168,7 @@ def _combine_splits_kernel(
     )
     max_lse = tl.max(split_lse, axis=0)
     shift = tl.where(max_lse == float("-inf"), 0.0, max_lse)
-    weights = tl.where(split_valid, 1.0, 0.0)
+    weights = tl.exp(split_lse - shift)
     total = tl.sum(weights, axis=0)
     safe_total = tl.where(total > 0.0, total, 1.0)
 

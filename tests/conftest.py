@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from attnscope.engine.engine_config import EngineConfig
-from attnscope.engine.llm_engine import LLMEngine
-from attnscope.engine.weights import default_model_path
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from attnscope.engine.engine_config import EngineConfig  # noqa: E402
+from attnscope.engine.llm_engine import LLMEngine  # noqa: E402
+from attnscope.engine.weights import default_model_path  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +32,6 @@ def smollm_engine(smollm_path) -> LLMEngine:
 def hf_smollm(smollm_path):
     """HF transformers' SmolLM2 loaded from the same GGUF, float32, eager attention."""
     transformers = pytest.importorskip("transformers")
-    import torch
-
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm_path.parent), gguf_file=smollm_path.name, dtype=torch.float32, attn_implementation="eager"
     ).eval()

@@ -13,6 +13,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import math  # noqa: E402
+import random  # noqa: E402
 import secrets  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
@@ -114,7 +115,9 @@ def naive_attention_f64(case: PagedCase) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str, seed: int) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str, seed: int
+) -> None:
     """``torch.testing.assert_close`` in float64 whose message names the quantity and the seed."""
     torch.testing.assert_close(
         actual.double(),
@@ -124,6 +127,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol
         equal_nan=False,
         msg=lambda m: f"{what} (seed={seed}): {m}",
     )
+
+
+def check_kernel_against_reference(case: PagedCase, num_splits: int | None, seed: int) -> None:
+    """Run the Triton kernel and compare out / lse with the reference on the upcast inputs."""
+    out, lse = paged_decode_attention(*case.inputs(), num_splits=num_splits)
+    q, k_cache, v_cache, block_tables, context_lens, scale = case.inputs()
+    ref_out, ref_lse = paged_decode_attention_ref(
+        q.float(), k_cache.float(), v_cache.float(), block_tables, context_lens, scale
+    )
+    rtol, atol = TOLERANCES[q.dtype]
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:2]
+    assert_close(out, ref_out, rtol, atol, "out", seed)
+    assert_close(lse, ref_lse, 1e-5, 1e-5, "lse", seed)
 
 
 # (dtype, lens, num_heads, num_kv_heads, head_dim, block_size, num_splits)
@@ -137,6 +154,8 @@ KERNEL_CASES = [
     pytest.param(torch.float16, [257, 128], 6, 6, 64, 128, 2, id="fp16-bs128-wider-than-tile"),
     pytest.param(torch.float32, [64, 192, 65], 12, 4, 64, 64, 5, id="bs64-boundaries-5splits"),
     pytest.param(torch.float16, [300, 9], 9, 3, 64, 16, None, id="fp16-auto-splits"),
+    pytest.param(torch.float32, [333, 70, 128], 8, 4, 64, 16, 2, id="gqa2-many-tiles-per-split"),
+    pytest.param(torch.float16, [450], 9, 3, 64, 16, 1, id="fp16-long-1split"),
 ]
 
 
@@ -155,16 +174,29 @@ def test_kernel_matches_reference(
 ) -> None:
     """Triton output and lse agree with the float32 reference on the same (upcast) inputs."""
     case = make_case(seed, lens, num_heads, num_kv_heads, head_dim, block_size, dtype)
-    out, lse = paged_decode_attention(*case.inputs(), num_splits=num_splits)
-    q, k_cache, v_cache, block_tables, context_lens, scale = case.inputs()
-    ref_out, ref_lse = paged_decode_attention_ref(
-        q.float(), k_cache.float(), v_cache.float(), block_tables, context_lens, scale
+    check_kernel_against_reference(case, num_splits, seed)
+
+
+@pytest.mark.parametrize("draw", range(6))
+def test_kernel_matches_reference_random_config(seed: int, draw: int) -> None:
+    """A fresh random shape per draw: GQA ratio, head_dim, block_size, dtype, lengths and splits."""
+    rng = random.Random(seed)
+    group = rng.choice([1, 2, 3, 4, 8])
+    num_kv_heads = rng.choice([1, 2, 3])
+    block_size = rng.choice([8, 16, 32, 64])
+    lens = [rng.choice([1, block_size, rng.randint(1, 200)]) for _ in range(rng.randint(1, 4))]
+    case = make_case(
+        seed,
+        lens,
+        group * num_kv_heads,
+        num_kv_heads,
+        rng.choice([32, 64, 128]),
+        block_size,
+        rng.choice([torch.float16, torch.float32]),
     )
-    rtol, atol = TOLERANCES[dtype]
-    assert out.dtype == dtype and out.shape == q.shape
-    assert lse.dtype == torch.float32 and lse.shape == q.shape[:2]
-    assert_close(out, ref_out, rtol, atol, "out", seed)
-    assert_close(lse, ref_lse, 1e-5, 1e-5, "lse", seed)
+    num_splits = rng.choice([None, 1, 2, rng.randint(3, 12)])
+    print(f"draw={draw} lens={lens} G={group} Hkv={num_kv_heads} bs={block_size} splits={num_splits}")
+    check_kernel_against_reference(case, num_splits, seed)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
