@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from attnscope.engine.capture_plan import StepCapture, capture_request, row_block_tables
+from attnscope.kernels.capture_reference import capture_rows_ref
+from attnscope.kernels.full_attention import full_attention_rows
 from attnscope.kernels.reference import gather_paged_kv, paged_decode_attention_ref
 
 
@@ -43,6 +46,8 @@ class AttentionBatch:
     decode_block_tables: torch.Tensor
     decode_context_lens: torch.Tensor
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    capture: StepCapture | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_decodes(self) -> int:
@@ -94,11 +99,39 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
+def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch: AttentionBatch,
+                  scale: float) -> None:
+    """Compute the capture of this layer's captured rows (their keys are already in the cache)."""
+    k_cache = batch.kv_caches[layer][0]
+    for group in batch.capture.layers.get(layer, []):
+        if group.derotate:
+            request = capture_request(group, q_unrotated, batch.rope)
+        else:
+            request = capture_request(group, q, None)
+        if q.is_cuda:
+            from attnscope.kernels.capture import attention_capture
+
+            group.result = attention_capture(k_cache, request, scale)
+        else:
+            group.result = capture_rows_ref(k_cache, request, scale)
+    full = batch.capture.full.get(layer)
+    if full is not None:
+        rows = torch.tensor([r.token_index for r in full.rows], device=q.device)
+        positions = torch.tensor([r.position for r in full.rows], device=q.device)
+        full.probs = full_attention_rows(q[rows], k_cache, row_block_tables(full.rows, q.device), positions, scale)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: AttentionBatch,
-                    scale: float) -> torch.Tensor:
-    """Attention output ``[N, Hq, D]`` for all of a step's tokens in layer ``layer``."""
+                    scale: float, q_unrotated: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention output ``[N, Hq, D]`` for all of a step's tokens in layer ``layer``.
+
+    When the step captures this layer, the captured rows' statistics are computed from the
+    same cache (``q_unrotated`` serves rows that asked for de-rotated scores).
+    """
     k_cache, v_cache = batch.kv_caches[layer]
     write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+    if batch.capture is not None:
+        capture_layer(q, q_unrotated if q_unrotated is not None else q, layer, batch, scale)
     if not batch.prefills:
         return decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, scale)
     out = torch.empty_like(q)

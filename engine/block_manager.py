@@ -98,8 +98,11 @@ class BlockManager:
         plan = self._plan(token_ids)
         return plan.num_new <= self.num_free_blocks - plan.num_evictable_hits
 
-    def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
+    def allocate(self, seq_id: int, token_ids: Sequence[int], reuse_prefix: bool = True) -> int:
         """Give ``seq_id`` blocks for all of ``token_ids``; return how many leading tokens are already cached.
+
+        ``reuse_prefix=False`` computes every token afresh (capture of prompt attention
+        needs every prompt token's query).
 
         The returned count is a multiple of ``block_size`` and at most
         ``len(token_ids) - 1``: the block holding the last prompt token is never
@@ -109,7 +112,7 @@ class BlockManager:
         """
         if seq_id in self._seqs:
             raise KeyError(f"sequence {seq_id} is already allocated")
-        plan = self._plan(token_ids)
+        plan = self._plan(token_ids, reuse_prefix)
         if plan.num_new > self.num_free_blocks - plan.num_evictable_hits:
             raise NoFreeBlocksError(
                 f"sequence {seq_id} needs {plan.num_new} new blocks, "
@@ -223,7 +226,7 @@ class BlockManager:
         """New blocks ``state`` needs to hold ``num_total_tokens`` tokens (0 if it already can)."""
         return max(0, -(-num_total_tokens // self.block_size) - len(state.block_ids))
 
-    def _plan(self, token_ids: Sequence[int]) -> _Plan:
+    def _plan(self, token_ids: Sequence[int], reuse_prefix: bool = True) -> _Plan:
         """Look up the cached prefix of ``token_ids`` and count the fresh blocks it would need."""
         if len(token_ids) == 0:
             raise ValueError("cannot allocate a sequence with no tokens")
@@ -232,7 +235,7 @@ class BlockManager:
         hit_blocks: list[int] = []
         hit_hashes: list[int] = []
         num_queried = 0
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and reuse_prefix:
             num_queried = (len(token_ids) - 1) // size
             parent: int | None = None
             for index in range(num_queried):

@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import ValidationError
 
+from attnscope.capture import CaptureParams
 from attnscope.engine.block_manager import BlockManager
+from attnscope.engine.capture_records import append_full_rows, full_capture_data, step_records
+from attnscope.engine.capture_state import SequenceCapture, ThinkTags
 from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.kv_cache import kv_bytes_per_token
 from attnscope.engine.model import LlamaForCausalLM
@@ -58,6 +61,7 @@ class _Choice:
     text: StopStringText
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    pending_attention: list[dict] = field(default_factory=list)
     reported: bool = False
 
 
@@ -102,6 +106,7 @@ class LLMEngine:
         self.model_config = checkpoint.config
         self.tokenizer = _load_tokenizer(checkpoint)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids) | frozenset(self.model_config.eos_token_ids)
+        self.think_tags = self._think_tags()
         self.model = self._load_model(checkpoint)
         num_blocks = self._num_kv_blocks()
         capacity = num_blocks * config.block_size
@@ -118,6 +123,17 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._error: BaseException | None = None
+
+    def _think_tags(self) -> ThinkTags:
+        """Think-tag token ids from the config, else the vocabulary's ``<think>``/``</think>``."""
+        def lookup(configured: list[int] | None, text: str) -> frozenset[int]:
+            if configured is not None:
+                return frozenset(configured)
+            token_id = self.tokenizer.backend.token_to_id(text)
+            return frozenset() if token_id is None else frozenset([token_id])
+
+        return ThinkTags(lookup(self.config.think_start_token_ids, "<think>"),
+                         lookup(self.config.think_end_token_ids, "</think>"))
 
     def _load_model(self, checkpoint: LoadedCheckpoint) -> LlamaForCausalLM:
         """Build the model on the target device and stream the checkpoint's weights into it."""
@@ -150,15 +166,19 @@ class LLMEngine:
         prompt_token_ids: SequenceOf[int] | None = None,
         messages: list[dict] | None = None,
         params: SamplingParams | dict | None = None,
+        capture: CaptureParams | dict | None = None,
         request_id: str | None = None,
     ) -> str:
         """Queue a request given as text, token ids or chat messages; returns its id.
 
-        Raises ``InvalidRequestError`` (naming the field) for anything the engine cannot
-        serve; nothing is queued then.
+        ``capture`` asks for attention capture (see ``attnscope.capture.CaptureParams``);
+        its records arrive in the deltas' ``attention_tokens`` (``attn_capture_data`` for
+        the full mode). Raises ``InvalidRequestError`` (naming the field) for anything the
+        engine cannot serve; nothing is queued then.
         """
         params = _validate_params(params)
         ids = self._prompt_ids(prompt, prompt_token_ids, messages)
+        capture = self._validate_capture(capture, len(ids), params)
         request_id = request_id or uuid.uuid4().hex
         with self._lock:
             if request_id in self._requests:
@@ -168,6 +188,9 @@ class LLMEngine:
                 seed = None if params.seed is None else params.seed + index
                 seq = Sequence(next(self._seq_ids), request_id, index, list(ids), params,
                                make_generator(seed, self.device))
+                if capture is not None:
+                    seq.capture = SequenceCapture.create(capture, self.model_config.num_layers,
+                                                         self.model_config.num_heads, self.think_tags)
                 choices.append(_Choice(seq, IncrementalDetokenizer(self.tokenizer, list(ids)), StopStringText(params.stop)))
                 self.scheduler.add(seq)
             self._requests[request_id] = _Request(request_id, list(ids), params, choices,
@@ -203,6 +226,32 @@ class LLMEngine:
                 "(prompt plus at least one generated token)", "prompt")
         return ids
 
+    def _validate_capture(self, capture: CaptureParams | dict | None, prompt_len: int,
+                          params: SamplingParams) -> CaptureParams | None:
+        """Capture parameters checked against the model and limits (``InvalidRequestError`` naming the field)."""
+        if capture is None:
+            return None
+        if not isinstance(capture, CaptureParams):
+            try:
+                capture = CaptureParams(**capture)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                name = ".".join(str(p) for p in err["loc"]) or "capture"
+                raise InvalidRequestError(f"invalid capture.{name}: {err['msg']}", f"capture.{name}") from exc
+        try:
+            capture.resolve_layers(self.model_config.num_layers)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), "capture.layers") from exc
+        try:
+            capture.check_heads(self.model_config.num_heads)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), "capture.head_ids") from exc
+        if capture.mode == "full" and prompt_len + params.max_tokens > self.config.max_full_capture_tokens:
+            raise InvalidRequestError(
+                f"full attention capture is limited to {self.config.max_full_capture_tokens} tokens "
+                f"(prompt {prompt_len} + max_tokens {params.max_tokens})", "capture.mode")
+        return capture
+
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""
         with self._lock:
@@ -227,7 +276,13 @@ class LLMEngine:
             plan = self.scheduler.schedule()
             if not plan.chunks:
                 return []
-            logits = self.runner.execute(plan)
+            logits, captured = self.runner.execute(plan)
+            if captured is not None:
+                append_full_rows(captured)
+                by_id = {c.seq.seq_id: c.seq for c in plan.chunks}
+                for seq_id, records in step_records(captured).items():
+                    seq = by_id[seq_id]
+                    self._requests[seq.request_id].choices[seq.index].pending_attention.extend(records)
             sampling = [c.seq for c in plan.chunks if c.samples]
             result = self.sampler.sample(logits, SamplingInputs(
                 params=[s.params for s in sampling],
@@ -284,14 +339,18 @@ class LLMEngine:
             final = choice.seq.finished
             if not choice.pending_ids and not (final and not choice.reported):
                 continue
+            capture = choice.seq.capture
+            full = capture is not None and capture.is_full
             deltas.append(CompletionDelta(
                 index=choice.seq.index,
                 token_ids=choice.pending_ids,
                 text=choice.text.release(final),
                 logprobs=choice.pending_logprobs if req.params.logprobs is not None else None,
                 finish_reason=choice.seq.finish_reason,
+                attention_tokens=choice.pending_attention if capture is not None and not full else None,
+                attn_capture_data=full_capture_data(choice.seq) if full and final else None,
             ))
-            choice.pending_ids, choice.pending_logprobs = [], []
+            choice.pending_ids, choice.pending_logprobs, choice.pending_attention = [], [], []
             choice.reported = final
         if not deltas:
             return None
@@ -310,14 +369,15 @@ class LLMEngine:
 
     def generate(self, prompts: list[str] | None = None, params: SamplingParams | dict | None = None, *,
                  prompt_token_ids: list[list[int]] | None = None,
-                 messages: list[list[dict]] | None = None) -> list[FinalOutput]:
+                 messages: list[list[dict]] | None = None,
+                 capture: CaptureParams | dict | None = None) -> list[FinalOutput]:
         """Generate for a batch of prompts (all batched together) and return whole outputs in order."""
         kinds = [("prompt", prompts), ("prompt_token_ids", prompt_token_ids), ("messages", messages)]
         given = [(k, v) for k, v in kinds if v is not None]
         if len(given) != 1:
             raise InvalidRequestError("give exactly one of prompts, prompt_token_ids or messages", "prompt")
         kind, items = given[0]
-        rids = [self.add_request(**{kind: item}, params=params) for item in items]
+        rids = [self.add_request(**{kind: item}, params=params, capture=capture) for item in items]
         reqs = {rid: self._requests[rid] for rid in rids}
         collected: dict[str, list[RequestOutput]] = {rid: [] for rid in rids}
         if self._thread is None:

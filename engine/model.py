@@ -53,8 +53,9 @@ class Attention(nn.Module):
         v = v.view(n, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        q_unrotated = q
         q, k = self.rope(positions, q, k)
-        out = paged_attention(q, k, v, self.layer, batch, self.scale)
+        out = paged_attention(q, k, v, self.layer, batch, self.scale, q_unrotated)
         return self.o_proj(out.reshape(n, -1))
 
 

@@ -33,6 +33,8 @@ class CompletionDelta:
     text: str
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    attention_tokens: list[dict] | None = None
+    attn_capture_data: list[dict] | None = None
 
 
 @dataclass
@@ -68,6 +70,8 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    attention_tokens: list[dict] | None = None
+    attn_capture_data: list[dict] | None = None
 
 
 @dataclass
@@ -90,5 +94,9 @@ class FinalOutput:
                 c.token_ids.extend(d.token_ids)
                 if d.logprobs is not None:
                     c.logprobs = (c.logprobs or []) + d.logprobs
+                if d.attention_tokens is not None:
+                    c.attention_tokens = (c.attention_tokens or []) + d.attention_tokens
+                if d.attn_capture_data is not None:
+                    c.attn_capture_data = d.attn_capture_data
                 c.finish_reason = d.finish_reason or c.finish_reason
         return cls(request_id, prompt_token_ids, completions, outputs[-1].usage)

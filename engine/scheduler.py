@@ -111,7 +111,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             try:
-                cached = self.blocks.allocate(seq.seq_id, seq.all_token_ids)
+                cached = self.blocks.allocate(seq.seq_id, seq.all_token_ids,
+                                              reuse_prefix=seq.capture is None or not seq.capture.needs_all_rows)
             except NoFreeBlocksError:
                 break
             self.waiting.popleft()

@@ -5,9 +5,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from attnscope.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from attnscope.engine.capture_state import SequenceCapture
 
 
 class SequenceStatus(enum.Enum):
@@ -33,6 +38,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_prompt_tokens: int = 0
     finish_reason: str | None = None
+    capture: SequenceCapture | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,0 +1,260 @@
+"""Float32 torch twin of the attention-capture kernels (definitions: ``docs/capture.md``).
+
+It materialises each captured row's full attention over its sequence's paged keys, a
+chunk of rows at a time, so it is both the CPU engine's capture path and the oracle the
+Triton capture kernels (``attnscope.kernels.capture``, same API) are tested against.
+Everything is vectorised over the rows of a chunk, their heads and positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnscope.engine.rope import rotate
+from attnscope.kernels.reference import gather_paged_kv
+
+NUM_BINS = 16
+MAX_TOP_K = 64
+LOCAL_BINS = slice(0, 3)
+MID_BINS = slice(3, 8)
+LONG_BINS = slice(8, NUM_BINS)
+
+
+@dataclass
+class CaptureRequest:
+    """Captured rows of one layer: one query token each, over its sequence's paged keys.
+
+    ``q`` ``[R, Hq, D]`` holds the queries as the attention saw them (un-rotated when
+    ``rope_cos``/``rope_sin`` are given); ``block_tables`` ``[R, max_blocks]`` int32 the
+    row's sequence's block table; ``query_pos`` ``[R]`` int32 the logical position ``P``
+    of the query, which attends to cache positions ``0..P``; ``head_weights`` ``[R, Hq]``
+    float32 ``1/|H|`` for the selected heads and 0 otherwise (on a tensor-parallel rank
+    still ``1/|H_total|``, so the ranks' weighted sums add up to head means);
+    ``mask_prefix`` ``[R]`` int32 removes positions below it (leaving ``U``); ``window``
+    ``[R]`` int32 restricts top-k candidates to ``j > P - window`` when positive;
+    ``sink_tokens`` ``[R]`` int32 makes positions of ``U`` below it sinks. ``top_k`` and
+    ``head_top_k`` (0 = skip, at most ``MAX_TOP_K``) size the head-mean and per-head
+    top-k. ``rope_cos``/``rope_sin`` ``[max_pos, D]`` (as ``RotaryEmbedding.cos``/``.sin``)
+    turn on de-rotation: every key is rotated back by its own position.
+    """
+
+    q: torch.Tensor
+    block_tables: torch.Tensor
+    query_pos: torch.Tensor
+    head_weights: torch.Tensor
+    mask_prefix: torch.Tensor
+    window: torch.Tensor
+    sink_tokens: torch.Tensor
+    top_k: int = 0
+    head_top_k: int = 0
+    rope_cos: torch.Tensor | None = None
+    rope_sin: torch.Tensor | None = None
+
+
+@dataclass
+class CaptureResult:
+    """Capture outputs per row; head sums are weighted by ``head_weights``.
+
+    ``lse`` ``[R, Hq]`` per-head logsumexp over ``U`` (every head; ``-inf`` when ``U`` is
+    empty); ``hist`` ``[R, 16]``, ``entropy`` ``[R]`` (nats) and ``sink_mass`` ``[R]``
+    the weighted sums of the per-head distance histograms, entropies over ``C`` and sink
+    masses; ``num_stat_positions`` ``[R]`` int32 ``|C|``. ``topk_pos``/``topk_prob``
+    ``[R, top_k]`` (int32 / float32, ``-1`` / 0 padded when ``|W| < top_k``) rank ``W``
+    by ``p̄`` descending, then position ascending; ``head_topk_pos``/``head_topk_logit``
+    ``[R, Hq, head_top_k]`` (``-1`` / ``-inf`` padded) rank ``W`` by each head's logit
+    the same way, for every head. Positions are cache (logical) positions ``j``; the
+    top-k fields are ``None`` when their ``k`` is 0.
+    """
+
+    lse: torch.Tensor
+    hist: torch.Tensor
+    entropy: torch.Tensor
+    sink_mass: torch.Tensor
+    num_stat_positions: torch.Tensor
+    topk_pos: torch.Tensor | None
+    topk_prob: torch.Tensor | None
+    head_topk_pos: torch.Tensor | None
+    head_topk_logit: torch.Tensor | None
+
+
+def distance_bin(d: torch.Tensor) -> torch.Tensor:
+    """log2 distance bin (int64) of ``d >= 0``: 0 for ``[0, 2)``, ``b`` for ``[2^b, 2^(b+1))``, 15 from 32768.
+
+    Bins by ``floor(log2 d)`` so nearby and far context land in distinguishable buckets
+    with a fixed size of 16, whatever the sequence length.
+    """
+    edges = 2 ** torch.arange(1, NUM_BINS, device=d.device)
+    return torch.bucketize(d, edges.to(d.dtype), right=True)
+
+
+def capture_rows_ref(
+    k_cache: torch.Tensor, req: CaptureRequest, scale: float, rows_per_chunk: int = 16
+) -> CaptureResult:
+    """Exact float32 capture of every row of ``req`` from the paged ``k_cache`` ``[blocks, block_size, Hkv, D]``.
+
+    Materialises the full attention rows ``rows_per_chunk`` rows at a time (padded to
+    the chunk's longest row and masked), so memory stays ``O(rows_per_chunk × Hq × T)``
+    rather than growing with the number of rows; query head ``h`` reads KV head
+    ``h // (Hq // Hkv)``. Outputs live on ``k_cache``'s device.
+    """
+    _validate(k_cache, req, rows_per_chunk)
+    num_rows, num_heads, _ = req.q.shape
+    result = _empty_result(num_rows, num_heads, req, k_cache.device)
+    for start in range(0, num_rows, rows_per_chunk):
+        _capture_chunk(k_cache, req, slice(start, min(start + rows_per_chunk, num_rows)), scale, result)
+    return result
+
+
+def entropy_norm(entropy: torch.Tensor, num_stat_positions: torch.Tensor) -> torch.Tensor:
+    """``entropy / ln |C|`` (0 when ``|C| <= 1``): how spread the attention is, in [0, 1] whatever the length."""
+    count = num_stat_positions.to(entropy.dtype)
+    normalised = entropy / torch.log(count.clamp(min=2.0))
+    return torch.where(count > 1, normalised, torch.zeros_like(normalised))
+
+
+def fingerprint_v1(hist: torch.Tensor, entropy: torch.Tensor, num_stat_positions: torch.Tensor) -> torch.Tensor:
+    """Fingerprint v1 ``[R, 20]``: ``[local, mid, long, entropy_norm, hist[0..15]]``.
+
+    ``local``/``mid``/``long`` are the histogram mass at distances ``< 8``, ``8..255``
+    and ``>= 256`` (bins 0..2, 3..7, 8..15): a fixed-size summary of where a layer looks.
+    """
+    bands = [hist[:, band].sum(dim=-1, keepdim=True) for band in (LOCAL_BINS, MID_BINS, LONG_BINS)]
+    return torch.cat([*bands, entropy_norm(entropy, num_stat_positions)[:, None], hist], dim=-1)
+
+
+def _validate(k_cache: torch.Tensor, req: CaptureRequest, rows_per_chunk: int) -> None:
+    """Reject shapes and options the capture kernels do not support, with a readable message."""
+    num_heads, num_kv_heads = req.q.shape[1], k_cache.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"Hq={num_heads} is not a multiple of Hkv={num_kv_heads}")
+    if rows_per_chunk < 1:
+        raise ValueError(f"rows_per_chunk must be >= 1, got {rows_per_chunk}")
+    for name, k in (("top_k", req.top_k), ("head_top_k", req.head_top_k)):
+        if not 0 <= k <= MAX_TOP_K:
+            raise ValueError(f"{name}={k} is outside [0, {MAX_TOP_K}]")
+    if (req.rope_cos is None) != (req.rope_sin is None):
+        raise ValueError("rope_cos and rope_sin must be given together")
+    if req.rope_cos is not None and req.q.shape[0] > 0:
+        needed = int(req.query_pos.max()) + 1
+        if req.rope_cos.shape[0] < needed or req.rope_sin.shape[0] < needed:
+            raise ValueError(f"rope tables cover fewer than the {needed} positions attended")
+
+
+def _empty_result(num_rows: int, num_heads: int, req: CaptureRequest, device: torch.device) -> CaptureResult:
+    """Output tensors for all rows, filled chunk by chunk."""
+    f32 = {"dtype": torch.float32, "device": device}
+    i32 = {"dtype": torch.int32, "device": device}
+    return CaptureResult(
+        lse=torch.empty((num_rows, num_heads), **f32),
+        hist=torch.empty((num_rows, NUM_BINS), **f32),
+        entropy=torch.empty((num_rows,), **f32),
+        sink_mass=torch.empty((num_rows,), **f32),
+        num_stat_positions=torch.empty((num_rows,), **i32),
+        topk_pos=torch.empty((num_rows, req.top_k), **i32) if req.top_k else None,
+        topk_prob=torch.empty((num_rows, req.top_k), **f32) if req.top_k else None,
+        head_topk_pos=torch.empty((num_rows, num_heads, req.head_top_k), **i32) if req.head_top_k else None,
+        head_topk_logit=torch.empty((num_rows, num_heads, req.head_top_k), **f32) if req.head_top_k else None,
+    )
+
+
+def _chunk_logits(k_cache: torch.Tensor, req: CaptureRequest, rows: slice, scale: float, width: int) -> torch.Tensor:
+    """Float32 logits ``[r, Hq, width]`` of the chunk's queries against their first ``width`` cache positions."""
+    device = k_cache.device
+    q = req.q[rows].to(device=device, dtype=torch.float32)
+    num_rows, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    keys = gather_paged_kv(k_cache, req.block_tables[rows].to(device), width).float()  # [r, T, Hkv, D]
+    if req.rope_cos is not None:
+        cos = req.rope_cos[:width].to(device=device, dtype=torch.float32)[None, :, None, :]
+        sin = req.rope_sin[:width].to(device=device, dtype=torch.float32)[None, :, None, :]
+        keys = rotate(keys, cos, -sin)
+    q_groups = q.view(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    logits = torch.matmul(q_groups, keys.permute(0, 2, 3, 1)) * scale  # [r, Hkv, G, T]
+    return logits.reshape(num_rows, num_heads, width)
+
+
+def _masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logsumexp ``[r, Hq]`` and probabilities ``[r, Hq, T]`` of ``logits`` over the positions ``keep`` ``[r, T]``.
+
+    Positions outside ``keep`` get probability 0 (even if their logits are NaN); a row
+    with nothing kept gets ``lse = -inf`` and all-zero probabilities.
+    """
+    masked = logits.masked_fill(~keep[:, None, :], float("-inf"))
+    lse = torch.logsumexp(masked, dim=-1)
+    finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return lse, torch.exp(masked - finite_lse[..., None])
+
+
+def _rank_top_k(
+    values: torch.Tensor, count: torch.Tensor, k: int, fill: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest of ``values`` ``[..., T]`` by value descending, then position ascending.
+
+    ``values`` must be ``-inf`` outside the candidates and ``count`` ``[...]`` is the
+    number of candidates; ranks past it come back as position ``-1`` and value ``fill``.
+    Linear in ``T``: ``topk`` finds the k-th value, every larger value is taken, the
+    lowest positions tied with it fill the rest, and only those ``k`` are sorted
+    (stably, from ascending positions), so ties resolve deterministically.
+    """
+    width = values.shape[-1]
+    kept = min(k, width)
+    kth = torch.topk(values, kept, dim=-1).values[..., -1:]
+    above = values > kth
+    tied = values == kth
+    tied_needed = kept - above.sum(dim=-1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(dim=-1) <= tied_needed))
+    positions = chosen.nonzero()[:, -1].view(*values.shape[:-1], kept)  # ascending within each row
+    chosen_values, order = torch.sort(values.gather(-1, positions), dim=-1, descending=True, stable=True)
+    positions = positions.gather(-1, order)
+    if kept < k:
+        positions = torch.nn.functional.pad(positions, (0, k - kept), value=-1)
+        chosen_values = torch.nn.functional.pad(chosen_values, (0, k - kept), value=fill)
+    valid = torch.arange(k, device=values.device) < count[..., None]
+    positions = torch.where(valid, positions, torch.full_like(positions, -1))
+    chosen_values = torch.where(valid, chosen_values, torch.full_like(chosen_values, fill))
+    return positions.to(torch.int32), chosen_values
+
+
+def _capture_chunk(
+    k_cache: torch.Tensor, req: CaptureRequest, rows: slice, scale: float, out: CaptureResult
+) -> None:
+    """Capture the rows ``rows`` of ``req`` into their slices of ``out``."""
+    device = k_cache.device
+    query_pos = req.query_pos[rows].to(device=device, dtype=torch.int64)[:, None]
+    width = int(query_pos.max()) + 1
+    logits = _chunk_logits(k_cache, req, rows, scale, width)
+
+    pos = torch.arange(width, device=device)[None, :]
+    window = req.window[rows].to(device=device, dtype=torch.int64)[:, None]
+    unmasked = (pos <= query_pos) & (pos >= req.mask_prefix[rows].to(device)[:, None])
+    candidates = unmasked & ((window == 0) | (pos > query_pos - window))
+    sinks = unmasked & (pos < req.sink_tokens[rows].to(device)[:, None])
+    stats = unmasked & ~sinks
+    weights = req.head_weights[rows].to(device=device, dtype=torch.float32)[:, :, None]
+
+    lse, probs = _masked_softmax(logits, unmasked)
+    mean_probs = (weights * probs).sum(dim=1)  # p̄ [r, T]
+    lse_stats, stat_probs = _masked_softmax(logits, stats)
+    per_head_entropy = torch.where(
+        stats[:, None, :], stat_probs * (lse_stats[..., None] - logits), torch.zeros_like(stat_probs)
+    ).sum(dim=-1)
+    bins = distance_bin((query_pos - pos).clamp(min=0))
+    hist = torch.zeros((logits.shape[0], NUM_BINS), dtype=torch.float32, device=device)
+    hist.scatter_add_(1, bins, (weights * stat_probs).sum(dim=1))
+
+    out.lse[rows] = lse
+    out.hist[rows] = hist
+    out.entropy[rows] = (weights[..., 0] * per_head_entropy).sum(dim=-1)
+    out.sink_mass[rows] = torch.where(sinks, mean_probs, torch.zeros_like(mean_probs)).sum(dim=-1)
+    out.num_stat_positions[rows] = stats.sum(dim=-1).to(torch.int32)
+    num_candidates = candidates.sum(dim=-1)
+    if req.top_k:
+        pbar = mean_probs.masked_fill(~candidates, float("-inf"))
+        out.topk_pos[rows], out.topk_prob[rows] = _rank_top_k(pbar, num_candidates, req.top_k, 0.0)
+    if req.head_top_k:
+        head_logits = logits.masked_fill(~candidates[:, None, :], float("-inf"))
+        out.head_topk_pos[rows], out.head_topk_logit[rows] = _rank_top_k(
+            head_logits, num_candidates[:, None].expand(-1, logits.shape[1]), req.head_top_k, float("-inf")
+        )
