@@ -170,7 +170,8 @@ def test_greedy_generation_matches_transformers(family, prompt_ids):
         theirs = hf.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
                              min_new_tokens=MAX_NEW_TOKENS, output_logits=True, return_dict_in_generate=True)
     assert ours.token_ids == theirs.sequences[0, len(prompt_ids):].tolist()
-    their_logprobs = [step[0].float().log_softmax(-1)[token].item() for step, token in zip(theirs.logits, ours.token_ids)]
+    their_logprobs = [step[0].float().log_softmax(-1)[token].item()
+                      for step, token in zip(theirs.logits, ours.token_ids)]
     assert [lp.logprob for lp in ours.logprobs] == pytest.approx(their_logprobs, abs=1e-4)
 
 
@@ -181,7 +182,8 @@ def test_llama3_scaling_is_exercised(folders):
     assert engine.model_config.rope_scaling is not None
     ids = engine.tokenizer.encode(PROMPT)
     assert len(ids) > LLAMA3_ORIGINAL_POSITIONS
-    scaled = transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager").eval()
+    scaled = transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=torch.float32, attn_implementation="eager").eval()
     plain_config = transformers.LlamaConfig.from_pretrained(
         str(folder), rope_parameters={"rope_type": "default", "rope_theta": LLAMA3_ROPE["rope_theta"]})
     plain = transformers.LlamaForCausalLM(plain_config).eval()
@@ -251,7 +253,8 @@ def test_mistral_sliding_window_shorter_than_the_prompt_matches_transformers(fol
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "sliding_window": 32}))
     engine = LLMEngine(EngineConfig(model=str(folder), device="cpu", kv_cache_memory_gib=0.05))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=torch.float32, attn_implementation="eager").eval()
     ids = engine.tokenizer.encode(PROMPT)
     diff = (prefill_logits(engine, ids) - _hf_logits(hf, ids)).abs().max().item()
     assert diff < 1e-4, f"max |Δlogit| = {diff:.2e}"
