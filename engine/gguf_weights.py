@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
 from gguf.quants import dequantize
 
 from attnscope.engine.config import ModelConfig
@@ -169,6 +169,16 @@ def tensor_names(reader: GGUFReader) -> list[str]:
     return [hf_name(tensor.name) or tensor.name for tensor in reader.tensors]
 
 
+def tensor_shapes(reader: GGUFReader) -> dict[str, tuple[int, ...]]:
+    """HF name → HF shape (``[out, in]``; GGUF lists dimensions innermost first) of every tensor."""
+    return {name: _hf_shape(tensor) for name, tensor in zip(tensor_names(reader), reader.tensors, strict=True)}
+
+
+def _hf_shape(tensor: ReaderTensor) -> tuple[int, ...]:
+    """The row-major shape of a GGUF tensor."""
+    return tuple(int(dim) for dim in reversed(tensor.shape))
+
+
 def _unpermute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
     """Invert llama.cpp's Q/K row permutation (``convert_hf_to_gguf.LlamaModel.permute``).
 
@@ -185,8 +195,7 @@ def iter_tensors(
     """Yield every tensor dequantised, with its HF name and shape ``[out, in]``, one at a time."""
     permuted = _field(reader, "general.architecture") == "llama"
     for name, tensor in zip(tensor_names(reader), reader.tensors, strict=True):
-        shape = tuple(int(dim) for dim in reversed(tensor.shape))
-        values = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        values = dequantize(tensor.data, tensor.tensor_type).reshape(_hf_shape(tensor))
         part = tensor.name.split(".")[-2]
         if permuted and part in ("attn_q", "attn_k"):
             n_head = config.num_heads if part == "attn_q" else config.num_kv_heads

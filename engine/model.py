@@ -25,6 +25,7 @@ from attnscope.engine.layers import (
 )
 from attnscope.engine.parallel import SINGLE_DEVICE, TensorParallel, partition_heads
 from attnscope.engine.rope import RotaryEmbedding
+from attnscope.engine.weights import expected_tensor_shapes
 
 
 class Attention(nn.Module):
@@ -137,7 +138,7 @@ class LlamaForCausalLM(nn.Module):
             if name == "model.embed_tokens.weight" and self.config.tie_word_embeddings:
                 self.lm_head.load(tensor)
                 loaded.add("lm_head.weight")
-        missing = self._expected_names() - loaded
+        missing = set(expected_tensor_shapes(self.config)) - loaded
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
 
@@ -177,17 +178,3 @@ class LlamaForCausalLM(nn.Module):
         if target is None:
             raise ValueError(f"unexpected tensor {name!r} in checkpoint")
         target.load(tensor)
-
-    def _expected_names(self) -> set[str]:
-        """Every tensor name a complete checkpoint of this configuration provides."""
-        c = self.config
-        names = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
-        per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
-                     "mlp.up_proj.weight", "mlp.down_proj.weight", "self_attn.o_proj.weight"]
-        per_layer += [f"self_attn.{p}_proj.weight" for p in "qkv"]
-        if c.attention_bias:
-            per_layer += [f"self_attn.{p}_proj.bias" for p in "qkv"]
-        if c.qk_norm:
-            per_layer += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
-        names |= {f"model.layers.{i}.{p}" for i in range(c.num_layers) for p in per_layer}
-        return names

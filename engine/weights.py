@@ -104,7 +104,7 @@ def _load_gguf_file(path: Path) -> LoadedCheckpoint:
     """Read GGUF metadata and check its tensors; weights are dequantised lazily."""
     reader = gguf_weights.open_gguf(path)
     config = gguf_weights.gguf_config(reader)
-    _check_names(gguf_weights.tensor_names(reader), config)
+    _check_tensors(gguf_weights.tensor_shapes(reader), config)
     stream = partial(gguf_weights.iter_tensors, reader, config)
     return LoadedCheckpoint(config, path, "gguf", stream, gguf_reader=reader)
 
@@ -121,8 +121,8 @@ def _load_hf_folder(folder: Path) -> LoadedCheckpoint:
     shards = _safetensors_shards(folder)
     for names in shards.values():
         if config.tie_word_embeddings and "lm_head.weight" in names:
-            names.remove("lm_head.weight")  # a redundant copy of the tied embedding
-    _check_names((name for names in shards.values() for name in names), config)
+            del names["lm_head.weight"]  # a redundant copy of the tied embedding
+    _check_tensors({name: shape for names in shards.values() for name, shape in names.items()}, config)
     return LoadedCheckpoint(config, folder, "hf", partial(_stream_safetensors, shards))
 
 
@@ -145,7 +145,7 @@ def _hf_config(raw: dict[str, Any]) -> ModelConfig:
     optional = {
         "rms_norm_eps": raw.get("rms_norm_eps"),
         "rope_theta": raw.get("rope_theta", rope.get("rope_theta")),
-        "max_position_embeddings": raw.get("max_position_embeddings"),
+        "max_position_embeddings": _context_limit(raw),
         "attention_bias": raw.get("attention_bias"),
     }
     flags = {key: value for key, value in optional.items() if value is not None}
@@ -193,8 +193,23 @@ def _rope_scaling(rope: dict[str, Any]) -> RopeScaling | None:
     )
 
 
-def _safetensors_shards(folder: Path) -> dict[Path, list[str]]:
-    """Map each safetensors file of the checkpoint to the weight names it holds.
+def _context_limit(raw: dict[str, Any]) -> int | None:
+    """The context the engine serves exactly: capped by an active sliding window.
+
+    Within its window a sliding-window model attends to every earlier token, so full
+    attention is exact up to ``sliding_window`` tokens; beyond it the engine refuses
+    rather than silently attending past the window. Qwen2-style configs carry a window
+    that is off unless ``use_sliding_window`` is true.
+    """
+    limit = raw.get("max_position_embeddings")
+    window = raw.get("sliding_window")
+    if window and raw.get("use_sliding_window", True):
+        limit = min(limit, window) if limit else window
+    return limit
+
+
+def _safetensors_shards(folder: Path) -> dict[Path, dict[str, tuple[int, ...]]]:
+    """Map each safetensors file of the checkpoint to the weight names it holds and their shapes.
 
     Uses ``model.safetensors.index.json`` when present, else every ``*.safetensors`` file.
     Only headers are read; non-weight buffers such as ``rotary_emb.inv_freq`` are dropped.
@@ -211,7 +226,8 @@ def _safetensors_shards(folder: Path) -> dict[Path, list[str]]:
     for file in files:
         try:
             with safe_open(file, framework="pt") as handle:
-                shards[file] = [name for name in handle.keys() if not name.endswith(".inv_freq")]
+                shards[file] = {name: tuple(handle.get_slice(name).get_shape())
+                                for name in handle.keys() if not name.endswith(".inv_freq")}
         except SafetensorError as exc:
             raise ValueError(f"{file.name} is not a valid safetensors file ({exc})") from exc
     return shards
@@ -225,31 +241,41 @@ def _stream_safetensors(shards: dict[Path, list[str]], dtype: torch.dtype) -> Te
                 yield name, handle.get_tensor(name).to(dtype)
 
 
-def expected_tensor_names(config: ModelConfig) -> set[str]:
-    """Every HF weight name a checkpoint of this architecture must contain, and nothing else."""
-    per_layer = [
-        "input_layernorm.weight",
-        "post_attention_layernorm.weight",
-        *(f"self_attn.{p}_proj.weight" for p in "qkvo"),
-        *(f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")),
-    ]
-    if config.attention_bias:
-        per_layer += [f"self_attn.{p}_proj.bias" for p in "qkv"]
-    if config.qk_norm:
-        per_layer += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
-    names = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not config.tie_word_embeddings:
-        names.add("lm_head.weight")
-    names.update(f"model.layers.{i}.{p}" for i in range(config.num_layers) for p in per_layer)
-    return names
+def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF weight a checkpoint of this architecture must contain, with its shape, and nothing else."""
+    c = config
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    per_layer = {
+        "input_layernorm.weight": (c.hidden_size,),
+        "post_attention_layernorm.weight": (c.hidden_size,),
+        "self_attn.q_proj.weight": (q, c.hidden_size),
+        "self_attn.k_proj.weight": (kv, c.hidden_size),
+        "self_attn.v_proj.weight": (kv, c.hidden_size),
+        "self_attn.o_proj.weight": (c.hidden_size, q),
+        "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+        "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+        "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+    }
+    if c.attention_bias:
+        per_layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if c.qk_norm:
+        per_layer.update({"self_attn.q_norm.weight": (c.head_dim,), "self_attn.k_norm.weight": (c.head_dim,)})
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
+    return shapes
 
 
-def _check_names(found: Iterable[str], config: ModelConfig) -> None:
-    """Refuse checkpoints whose tensors do not match the config (missing or unknown weights)."""
-    present = set(found)
-    expected = expected_tensor_names(config)
-    for problem, names in (("missing", expected - present), ("unexpected", present - expected)):
+def _check_tensors(found: dict[str, tuple[int, ...]], config: ModelConfig) -> None:
+    """Refuse checkpoints whose tensors do not match the config: missing, unknown or wrongly shaped weights."""
+    expected = expected_tensor_shapes(config)
+    for problem, names in (("missing", expected.keys() - found.keys()), ("unexpected", found.keys() - expected.keys())):
         if names:
             listed = ", ".join(sorted(names)[:3])
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
             raise ValueError(f"{problem} tensors for {config.architecture}: {listed}{more}")
+    for name, shape in found.items():
+        if tuple(shape) != expected[name]:
+            raise ValueError(f"tensor {name} has shape {list(shape)}, expected {list(expected[name])} for this config")

@@ -18,10 +18,14 @@ logsumexp, per-split top-k, distance histograms) can hook into the tile loop.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:
+    from attnscope.kernels.capture_reference import CaptureRequest, CaptureResult
 
 DEFAULT_NUM_SMS = 132
 MIN_TOKENS_PER_SPLIT = 128
@@ -270,7 +274,9 @@ def paged_decode_attention(
     scale: float,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    capture: CaptureRequest | None = None,
+    capture_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, CaptureResult]:
     """Decode attention of one new token per sequence over a paged KV cache.
 
     Same contract as ``attnscope.kernels.reference.paged_decode_attention_ref``:
@@ -281,7 +287,20 @@ def paged_decode_attention(
     ``num_splits=None`` picks a split count from the batch and from
     ``max_blocks * block_size`` as the length bound, so the launch needs no
     device-to-host sync on ``context_lens``.
+
+    With ``capture`` (a ``CaptureRequest`` for the decode rows ``capture_rows`` ``[R]``,
+    ``capture.q == q[capture_rows]``) it returns the 3-tuple ``(out, lse, CaptureResult)``
+    from ``attnscope.kernels.capture.paged_decode_attention_capture``, which computes the
+    capture statistics in the same pass as the attention; without it, the 2-tuple above.
     """
+    if capture is not None:
+        if capture_rows is None:
+            raise ValueError("capture needs capture_rows (the captured decode rows)")
+        from attnscope.kernels.capture import paged_decode_attention_capture  # capture imports this module
+
+        return paged_decode_attention_capture(
+            q, k_cache, v_cache, block_tables, context_lens, scale, capture, capture_rows, num_splits, out
+        )
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out)
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]

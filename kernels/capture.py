@@ -1,0 +1,937 @@
+"""Triton attention capture: exact per-row statistics and top-k, fused into decode attention.
+
+Definitions are in ``docs/capture.md``; ``attnscope.kernels.capture_reference`` is the float32
+torch twin with the same API. Two passes over the keys, both split-K over positions:
+
+* Pass A (grid ``(rows, Hkv, splits)``) streams its split's key tiles through an online
+  softmax per query head with a running max ``m`` and keeps, rescaled like the attention's
+  own sums: ``l_U``, ``l_S`` (sinks), ``l_C``, ``e_C = sum_C e^(s-m) (s-m)`` and the
+  16-bin distance histogram of ``e^(s-m)`` over ``C``, plus (``head_top_k > 0``) an exact
+  per-head running top-k of the logits over ``W``. :func:`paged_decode_attention_capture`
+  runs Pass A inside the decode attention kernel (same logits, same running max, one read
+  of ``K``); :func:`attention_capture` runs it standalone over ``U`` only (used for
+  de-rotated logits, which differ from the attention's). A combine kernel merges the
+  splits per head into ``lse_U``, ``H_h = log l_C - e_C / l_C``, ``hist_h = hist_C / l_C``
+  and ``l_S / l_U`` and sums them with the head weights.
+* Pass B (grid ``(rows, splits)``, only when ``top_k > 0``) needs every head's final
+  ``lse_U``: it recomputes each selected KV group's logits of the split's ``W`` positions,
+  forms ``p̄[j] = sum_h w_h exp(s_h[j] - lse_h)`` and keeps an exact running top-k.
+
+Running top-k are exact: each (value, position) is packed into one int64 key that sorts like
+(value descending, position ascending) -- the float32 bits made order-preserving in the high
+word, ``2^31 - 1 - position`` in the low word -- and a tile is merged into the running
+``TOPK_SLOTS`` best by joining both, ``tl.sort`` descending and keeping the first half; a
+tile with no key above the running k-th is skipped. Per-split candidates are merged by a
+small kernel the same way, exact since the union of per-split top-k holds the global top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attnscope.kernels.capture_reference import MAX_TOP_K, NUM_BINS, CaptureRequest, CaptureResult
+from attnscope.kernels.paged_decode import (
+    MIN_DOT_ROWS,
+    MIN_TOKENS_PER_SPLIT,
+    _check_inputs,
+    _combine_splits_kernel,
+    _num_sms,
+    _tile_tokens,
+    default_num_splits,
+    paged_decode_attention,
+)
+
+TOPK_SLOTS = 64  # running top-k width of every program (>= MAX_TOP_K, >= the key tile width)
+STAT_WIDTH = 32  # per (row, head, split) partial: hist at 0..15, then m, l_U, l_S, l_C, e_C at 16..20
+MAX_PASS_B_SPLITS = 256
+
+SLOTS = tl.constexpr(TOPK_SLOTS)
+# Below every packed key of a non-NaN value: high word 0x80000001, low word 0.
+EMPTY_KEY = tl.constexpr(-9223372032559808512)
+assert TOPK_SLOTS >= MAX_TOP_K and NUM_BINS == 16
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _distance_bins(dist):
+    """Histogram bin of distance ``d = P - j``: 0 below 2, else ``floor(log2 d)`` capped at 15.
+
+    ``floor(log2 d)`` is the float32 exponent of ``d`` (exact below ``2^24``, beyond which
+    the bin is 15 anyway).
+    """
+    as_float = tl.maximum(dist, 1).to(tl.float32)
+    exponent = (as_float.to(tl.int32, bitcast=True) >> 23) - 127
+    return tl.minimum(exponent, 15)
+
+
+@triton.jit
+def _pack_keys(values, positions, valid):
+    """Pack float32 ``values`` and int32 ``positions`` into int64 keys (EMPTY_KEY where not ``valid``).
+
+    Keys order like (value descending, position ascending) under a descending sort.
+    """
+    bits = values.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    keys = (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - positions).to(tl.int64)
+    return tl.where(valid, keys, EMPTY_KEY)
+
+
+@triton.jit
+def _unpack_keys(keys):
+    """Inverse of :func:`_pack_keys`: the float32 values and int32 positions of ``keys``."""
+    ordered = (keys >> 32).to(tl.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    positions = 0x7FFFFFFF - (keys & 0x7FFFFFFF).to(tl.int32)
+    return bits.to(tl.float32, bitcast=True), positions
+
+
+@triton.jit
+def _kth_key(best, k, WIDTH: tl.constexpr):
+    """The k-th best key per row of the sorted running top-k ``best`` ``[rows, WIDTH]``."""
+    slots = tl.arange(0, WIDTH)
+    return tl.max(tl.where(slots[None, :] == k - 1, best, EMPTY_KEY), axis=1)
+
+
+@triton.jit
+def _merge_topk(best, tile_keys, ROWS: tl.constexpr, WIDTH: tl.constexpr, TILE: tl.constexpr):
+    """Keep the ``WIDTH`` largest of ``best`` ``[ROWS, WIDTH]`` and ``tile_keys`` ``[ROWS, TILE]``, sorted."""
+    if TILE < WIDTH:  # pad the tile with empty keys up to WIDTH (TILE == WIDTH // 2)
+        empty = tl.full([ROWS, TILE], EMPTY_KEY, tl.int64)
+        tile_keys = tl.reshape(tl.join(tile_keys, empty), [ROWS, WIDTH])
+    both = tl.sort(tl.reshape(tl.join(best, tile_keys), [ROWS, 2 * WIDTH]), descending=True)
+    halves = tl.reshape(both, [ROWS, 2, WIDTH])
+    first = tl.arange(0, 2)[None, :, None] == 0
+    return tl.max(tl.where(first, halves, EMPTY_KEY), axis=1)
+
+
+@triton.jit
+def _update_topk(best, tile_keys, k, ROWS: tl.constexpr, WIDTH: tl.constexpr, TILE: tl.constexpr):
+    """Merge ``tile_keys`` into ``best`` unless none of them beats a row's current k-th key."""
+    kth = _kth_key(best, k, WIDTH)
+    if tl.sum((tile_keys > kth[:, None]).to(tl.int32), axis=None) > 0:
+        best = _merge_topk(best, tile_keys, ROWS, WIDTH, TILE)
+    return best
+
+
+@triton.jit
+def _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr):
+    """Capture row bounds: ``P``, first position of ``U``, of ``W`` and of ``C`` (``U`` ends at ``P``)."""
+    pos = tl.load(query_pos_ptr + row)
+    u_lo = tl.maximum(tl.load(mask_prefix_ptr + row), 0)
+    window = tl.load(window_ptr + row)
+    w_lo = tl.where(window > 0, tl.maximum(u_lo, pos - window + 1), u_lo)
+    c_lo = tl.maximum(u_lo, tl.load(sink_tokens_ptr + row))
+    return pos, u_lo, w_lo, c_lo
+
+
+@triton.jit
+def _split_range(lo, hi, split, num_splits, TILE_N: tl.constexpr):
+    """Positions ``[start, end)`` of split ``split`` when ``[lo, hi)`` is cut into whole tiles."""
+    count = tl.maximum(hi - lo, 0)
+    tiles_per_split = tl.cdiv(tl.cdiv(count, TILE_N), num_splits)
+    start = lo + split * tiles_per_split * TILE_N
+    end = tl.minimum(start + tiles_per_split * TILE_N, lo + count)
+    return start, end
+
+
+@triton.jit
+def _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr):
+    """A KV group's queries: ``[GROUP_PAD, D]`` as stored, or float32 halves ``(q[:D/2], q[D/2:])`` for ROPE."""
+    base = q_ptr + row * stride_qr + heads[:, None] * stride_qh
+    if ROPE:
+        half = tl.arange(0, HEAD_DIM // 2)
+        q_lo = tl.load(base + half[None, :], mask=row_valid[:, None], other=0.0).to(tl.float32)
+        q_hi = tl.load(base + HEAD_DIM // 2 + half[None, :], mask=row_valid[:, None], other=0.0).to(tl.float32)
+        return q_lo, q_hi
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(base + dims[None, :], mask=row_valid[:, None], other=0.0)
+    return q, q
+
+
+@triton.jit
+def _key_logits(
+    q_a,
+    q_b,
+    k_cache_ptr,
+    k_rows,
+    tokens,
+    token_valid,
+    cos_ptr,
+    sin_ptr,
+    stride_rope,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    ROPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Scaled logits ``[GROUP_PAD, TILE_N]`` of a key tile (``-inf`` past ``token_valid``).
+
+    With ROPE each key is rotated back by its own position first (``k cos - rotate_half(k) sin``
+    with float32 tables and an IEEE float32 dot, like the reference).
+    """
+    if ROPE:
+        half = tl.arange(0, HEAD_DIM // 2)
+        k_ptrs = k_cache_ptr + k_rows[:, None] + half[None, :]
+        k_lo = tl.load(k_ptrs, mask=token_valid[:, None], other=0.0).to(tl.float32)
+        k_hi = tl.load(k_ptrs + HEAD_DIM // 2, mask=token_valid[:, None], other=0.0).to(tl.float32)
+        table = tokens[:, None] * stride_rope + half[None, :]
+        cos_lo = tl.load(cos_ptr + table, mask=token_valid[:, None], other=0.0).to(tl.float32)
+        cos_hi = tl.load(cos_ptr + table + HEAD_DIM // 2, mask=token_valid[:, None], other=0.0).to(tl.float32)
+        sin_lo = tl.load(sin_ptr + table, mask=token_valid[:, None], other=0.0).to(tl.float32)
+        sin_hi = tl.load(sin_ptr + table + HEAD_DIM // 2, mask=token_valid[:, None], other=0.0).to(tl.float32)
+        key_lo = k_lo * cos_lo + k_hi * sin_lo
+        key_hi = k_hi * cos_hi - k_lo * sin_hi
+        logits = tl.dot(q_a, tl.trans(key_lo), input_precision="ieee")
+        logits = tl.dot(q_b, tl.trans(key_hi), logits, input_precision="ieee")
+    else:
+        dims = tl.arange(0, HEAD_DIM)
+        k = tl.load(k_cache_ptr + k_rows[:, None] + dims[None, :], mask=token_valid[:, None], other=0.0)
+        logits = tl.dot(q_a, tl.trans(k), input_precision=DOT_PRECISION)
+    return tl.where(token_valid[None, :], logits * scale, float("-inf"))
+
+
+@triton.jit
+def _attend_tile(
+    q,
+    m_i,
+    l_i,
+    acc,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_row,
+    tokens,
+    split_end,
+    kv_head,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One key/value tile of the decode online softmax, as in ``_paged_decode_split_kernel``.
+
+    Returns the new running max, sum and output accumulator, and the tile's logits,
+    ``p = exp(logits - m_new)`` and rescale ``alpha = exp(m_i - m_new)`` for capture.
+    """
+    token_valid = tokens < split_end
+    physical_block = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_valid, other=0).to(tl.int64)
+    slot = tokens % BLOCK_SIZE
+    k_rows = physical_block * stride_kb + slot * stride_kt + kv_head * stride_kh
+    logits = _key_logits(
+        q, q, k_cache_ptr, k_rows, tokens, token_valid, k_cache_ptr, k_cache_ptr, 0, scale,
+        HEAD_DIM, False, DOT_PRECISION,
+    )
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(logits - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v_rows = physical_block * stride_vb + slot * stride_vt + kv_head * stride_vh
+    dims = tl.arange(0, HEAD_DIM)
+    v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=token_valid[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc, logits, p, alpha
+
+
+@triton.jit
+def _capture_tile(
+    l_u,
+    l_s,
+    l_c,
+    e_c,
+    hist,
+    best,
+    logits,
+    p,
+    m_old,
+    m_new,
+    alpha,
+    tokens,
+    pos,
+    u_lo,
+    w_lo,
+    c_lo,
+    head_top_k,
+    GROUP_PAD: tl.constexpr,
+    TILE_N: tl.constexpr,
+    HEAD_TOPK: tl.constexpr,
+):
+    """Pass A accumulators after one key tile, rescaled from running max ``m_old`` to ``m_new``.
+
+    ``p = exp(logits - m_new)``, ``alpha = exp(m_old - m_new)``. ``e_c`` is kept relative to
+    the running max, so its rescale adds ``(m_old - m_new) * l_c``.
+    """
+    in_u = (tokens >= u_lo) & (tokens <= pos)
+    in_c = in_u & (tokens >= c_lo)
+    in_s = in_u & (tokens < c_lo)
+    p_c = tl.where(in_c[None, :], p, 0.0)
+    l_u = l_u * alpha + tl.sum(tl.where(in_u[None, :], p, 0.0), axis=1)
+    l_s = l_s * alpha + tl.sum(tl.where(in_s[None, :], p, 0.0), axis=1)
+    shift = tl.where(l_c > 0.0, (m_old - m_new) * l_c, 0.0)
+    centred = tl.where(in_c[None, :], logits - m_new[:, None], 0.0)
+    e_c = alpha * (e_c + shift) + tl.sum(p_c * centred, axis=1)
+    l_c = l_c * alpha + tl.sum(p_c, axis=1)
+    bins = _distance_bins(pos - tokens)
+    one_hot = (bins[:, None] == tl.arange(0, 16)[None, :]).to(tl.float32)  # [TILE_N, 16]
+    hist = hist * alpha[:, None] + tl.dot(p_c, one_hot, input_precision="ieee")
+    if HEAD_TOPK:
+        in_w = in_u & (tokens >= w_lo)
+        keys = _pack_keys(logits, tokens[None, :], in_w[None, :])
+        best = _update_topk(best, keys, head_top_k, GROUP_PAD, SLOTS, TILE_N)
+    return l_u, l_s, l_c, e_c, hist, best
+
+
+@triton.jit
+def _store_capture_split(
+    stats_ptr,
+    head_keys_ptr,
+    stats_base,
+    keys_base,
+    heads,
+    row_valid,
+    m,
+    l_u,
+    l_s,
+    l_c,
+    e_c,
+    hist,
+    best,
+    stride_sh,
+    stride_kh,
+    HEAD_TOPK: tl.constexpr,
+):
+    """Write one split's Pass A partials (and per-head top-k keys) for a KV group's heads."""
+    stat_rows = stats_ptr + stats_base + heads * stride_sh
+    bins = tl.arange(0, 16)
+    tl.store(stat_rows[:, None] + bins[None, :], hist, mask=row_valid[:, None])
+    tl.store(stat_rows + 16, m, mask=row_valid)
+    tl.store(stat_rows + 17, l_u, mask=row_valid)
+    tl.store(stat_rows + 18, l_s, mask=row_valid)
+    tl.store(stat_rows + 19, l_c, mask=row_valid)
+    tl.store(stat_rows + 20, e_c, mask=row_valid)
+    if HEAD_TOPK:
+        slots = tl.arange(0, SLOTS)
+        key_rows = head_keys_ptr + keys_base + heads * stride_kh
+        tl.store(key_rows[:, None] + slots[None, :], best, mask=row_valid[:, None])
+
+
+# ----------------------------------------------------------------------------- Pass A kernels
+
+
+@triton.jit
+def _capture_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    block_tables_ptr,
+    query_pos_ptr,
+    mask_prefix_ptr,
+    window_ptr,
+    sink_tokens_ptr,
+    cos_ptr,
+    sin_ptr,
+    stats_ptr,
+    head_keys_ptr,
+    scale,
+    num_splits,
+    head_top_k,
+    stride_qr,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_btr,
+    stride_rope,
+    stride_sr,
+    stride_sh,
+    stride_ss,
+    stride_kr,
+    stride_khd,
+    stride_ks,
+    GROUP_SIZE: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr,
+    HEAD_TOPK: tl.constexpr,
+):
+    """Standalone Pass A of one (row, KV group, split) over the split's share of ``U``."""
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
+    split_start, split_end = _split_range(u_lo, pos + 1, split, num_splits, TILE_N)
+
+    rows = tl.arange(0, GROUP_PAD)
+    row_valid = rows < GROUP_SIZE
+    heads = kv_head * GROUP_SIZE + rows
+    tile_offsets = tl.arange(0, TILE_N)
+    q_a, q_b = _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM, ROPE)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_u = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    l_s = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    l_c = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    e_c = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    hist = tl.zeros([GROUP_PAD, 16], dtype=tl.float32)
+    best = tl.full([GROUP_PAD, SLOTS], EMPTY_KEY, tl.int64)
+
+    block_table_row = block_tables_ptr + row * stride_btr
+    for tile_start in range(split_start, split_end, TILE_N):
+        tokens = tile_start + tile_offsets
+        token_valid = tokens < split_end
+        physical_block = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_valid, other=0).to(tl.int64)
+        k_rows = physical_block * stride_kb + (tokens % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
+        logits = _key_logits(
+            q_a, q_b, k_cache_ptr, k_rows, tokens, token_valid, cos_ptr, sin_ptr, stride_rope, scale,
+            HEAD_DIM, ROPE, DOT_PRECISION,
+        )
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(logits - m_new[:, None])
+        l_u, l_s, l_c, e_c, hist, best = _capture_tile(
+            l_u, l_s, l_c, e_c, hist, best, logits, p, m_i, m_new, alpha, tokens, pos, u_lo, w_lo, c_lo,
+            head_top_k, GROUP_PAD, TILE_N, HEAD_TOPK,
+        )
+        m_i = m_new
+
+    _store_capture_split(
+        stats_ptr, head_keys_ptr, row * stride_sr + split * stride_ss, row * stride_kr + split * stride_ks,
+        heads, row_valid, m_i, l_u, l_s, l_c, e_c, hist, best, stride_sh, stride_khd, HEAD_TOPK,
+    )
+
+
+@triton.jit
+def _fused_decode_capture_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    capture_slot_ptr,
+    query_pos_ptr,
+    mask_prefix_ptr,
+    window_ptr,
+    sink_tokens_ptr,
+    stats_ptr,
+    head_keys_ptr,
+    scale,
+    num_splits,
+    head_top_k,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_btb,
+    stride_pob,
+    stride_poh,
+    stride_pos,
+    stride_plb,
+    stride_plh,
+    stride_pls,
+    stride_sr,
+    stride_sh,
+    stride_ss,
+    stride_kr,
+    stride_khd,
+    stride_ks,
+    GROUP_SIZE: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HEAD_TOPK: tl.constexpr,
+):
+    """``_paged_decode_split_kernel`` plus Pass A in the same tile loop for captured sequences.
+
+    ``capture_slot[seq]`` is the capture row of decode row ``seq`` or -1; uncaptured rows run
+    the plain attention loop. Captured rows reuse each tile's logits and running max.
+    """
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(context_lens_ptr + seq)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, TILE_N), num_splits)
+    split_start = split * tiles_per_split * TILE_N
+    split_end = tl.minimum(split_start + tiles_per_split * TILE_N, seq_len)
+
+    rows = tl.arange(0, GROUP_PAD)
+    row_valid = rows < GROUP_SIZE
+    heads = kv_head * GROUP_SIZE + rows
+    dims = tl.arange(0, HEAD_DIM)
+    tile_offsets = tl.arange(0, TILE_N)
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=row_valid[:, None], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    block_table_row = block_tables_ptr + seq * stride_btb
+    cap = tl.load(capture_slot_ptr + seq)
+    if cap < 0:
+        for tile_start in range(split_start, split_end, TILE_N):
+            tokens = tile_start + tile_offsets
+            m_new, l_i, acc, logits, p, alpha = _attend_tile(
+                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_row, tokens, split_end, kv_head,
+                stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
+                HEAD_DIM, BLOCK_SIZE, DOT_PRECISION,
+            )
+            m_i = m_new
+    else:
+        pos, u_lo, w_lo, c_lo = _row_sets(cap, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
+        l_u = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        l_s = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        l_c = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        e_c = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        hist = tl.zeros([GROUP_PAD, 16], dtype=tl.float32)
+        best = tl.full([GROUP_PAD, SLOTS], EMPTY_KEY, tl.int64)
+        for tile_start in range(split_start, split_end, TILE_N):
+            tokens = tile_start + tile_offsets
+            m_new, l_i, acc, logits, p, alpha = _attend_tile(
+                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_row, tokens, split_end, kv_head,
+                stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
+                HEAD_DIM, BLOCK_SIZE, DOT_PRECISION,
+            )
+            l_u, l_s, l_c, e_c, hist, best = _capture_tile(
+                l_u, l_s, l_c, e_c, hist, best, logits, p, m_i, m_new, alpha, tokens, pos, u_lo, w_lo, c_lo,
+                head_top_k, GROUP_PAD, TILE_N, HEAD_TOPK,
+            )
+            m_i = m_new
+        _store_capture_split(
+            stats_ptr, head_keys_ptr, cap * stride_sr + split * stride_ss, cap * stride_kr + split * stride_ks,
+            heads, row_valid, m_i, l_u, l_s, l_c, e_c, hist, best, stride_sh, stride_khd, HEAD_TOPK,
+        )
+
+    has_tokens = l_i > 0.0
+    safe_l = tl.where(has_tokens, l_i, 1.0)
+    split_out = acc / safe_l[:, None]
+    split_lse = tl.where(has_tokens, m_i + tl.log(safe_l), float("-inf"))
+    out_rows = part_out_ptr + seq * stride_pob + heads * stride_poh + split * stride_pos
+    tl.store(out_rows[:, None] + dims[None, :], split_out.to(part_out_ptr.dtype.element_ty), mask=row_valid[:, None])
+    tl.store(part_lse_ptr + seq * stride_plb + heads * stride_plh + split * stride_pls, split_lse, mask=row_valid)
+
+
+# ----------------------------------------------------------------------------- combine, Pass B, merge
+
+
+@triton.jit
+def _combine_capture_kernel(
+    stats_ptr,
+    head_weights_ptr,
+    query_pos_ptr,
+    mask_prefix_ptr,
+    window_ptr,
+    sink_tokens_ptr,
+    lse_ptr,
+    hist_ptr,
+    entropy_ptr,
+    sink_mass_ptr,
+    num_stat_ptr,
+    num_heads,
+    num_splits,
+    stride_sr,
+    stride_sh,
+    stride_ss,
+    stride_wr,
+    SPLITS_PAD: tl.constexpr,
+):
+    """Merge one row's per-split Pass A partials per head; sum head statistics with the weights."""
+    row = tl.program_id(0)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_valid = splits < num_splits
+    bins = tl.arange(0, 16)
+    hist_sum = tl.zeros([16], dtype=tl.float32)
+    entropy_sum = 0.0
+    sink_sum = 0.0
+    for head in range(num_heads):
+        base = stats_ptr + row * stride_sr + head * stride_sh + splits * stride_ss
+        m = tl.load(base + 16, mask=split_valid, other=float("-inf"))
+        l_u = tl.load(base + 17, mask=split_valid, other=0.0)
+        l_s = tl.load(base + 18, mask=split_valid, other=0.0)
+        l_c = tl.load(base + 19, mask=split_valid, other=0.0)
+        e_c = tl.load(base + 20, mask=split_valid, other=0.0)
+        hist = tl.load(base[:, None] + bins[None, :], mask=split_valid[:, None], other=0.0)
+        m_max = tl.max(m, axis=0)
+        shift = tl.where(m_max == float("-inf"), 0.0, m_max)
+        scale = tl.exp(m - shift)  # 0 for empty splits
+        total_u = tl.sum(scale * l_u, axis=0)
+        total_s = tl.sum(scale * l_s, axis=0)
+        total_c = tl.sum(scale * l_c, axis=0)
+        total_e = tl.sum(scale * (e_c + tl.where(l_c > 0.0, (m - shift) * l_c, 0.0)), axis=0)
+        head_hist = tl.sum(scale[:, None] * hist, axis=0)
+        has_u = total_u > 0.0
+        has_c = total_c > 0.0
+        safe_c = tl.where(has_c, total_c, 1.0)
+        lse = tl.where(has_u, shift + tl.log(tl.where(has_u, total_u, 1.0)), float("-inf"))
+        tl.store(lse_ptr + row * num_heads + head, lse)
+        weight = tl.load(head_weights_ptr + row * stride_wr + head)
+        hist_sum += tl.where(has_c, weight / safe_c, 0.0) * head_hist
+        entropy_sum += tl.where(has_c, weight * (tl.log(safe_c) - total_e / safe_c), 0.0)
+        sink_sum += tl.where(has_u, weight * total_s / tl.where(has_u, total_u, 1.0), 0.0)
+    tl.store(hist_ptr + row * 16 + bins, hist_sum)
+    tl.store(entropy_ptr + row, entropy_sum)
+    tl.store(sink_mass_ptr + row, sink_sum)
+    pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
+    tl.store(num_stat_ptr + row, tl.maximum(pos + 1 - c_lo, 0))
+
+
+@triton.jit
+def _mean_topk_kernel(
+    q_ptr,
+    k_cache_ptr,
+    block_tables_ptr,
+    query_pos_ptr,
+    mask_prefix_ptr,
+    window_ptr,
+    sink_tokens_ptr,
+    head_weights_ptr,
+    lse_ptr,
+    cos_ptr,
+    sin_ptr,
+    keys_ptr,
+    scale,
+    num_kv_heads,
+    num_splits,
+    top_k,
+    stride_qr,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_btr,
+    stride_rope,
+    stride_wr,
+    stride_lr,
+    stride_kr,
+    stride_ks,
+    GROUP_SIZE: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr,
+):
+    """Pass B of one (row, split): running top-k of ``p̄`` over the split's share of ``W``.
+
+    KV groups whose heads all have weight 0 are skipped (no read of their keys).
+    """
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
+    split_start, split_end = _split_range(w_lo, pos + 1, split, num_splits, TILE_N)
+
+    rows = tl.arange(0, GROUP_PAD)
+    row_valid = rows < GROUP_SIZE
+    tile_offsets = tl.arange(0, TILE_N)
+    best = tl.full([1, SLOTS], EMPTY_KEY, tl.int64)
+    block_table_row = block_tables_ptr + row * stride_btr
+    for tile_start in range(split_start, split_end, TILE_N):
+        tokens = tile_start + tile_offsets
+        token_valid = tokens < split_end
+        physical_block = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_valid, other=0).to(tl.int64)
+        slot_rows = physical_block * stride_kb + (tokens % BLOCK_SIZE) * stride_kt
+        p_bar = tl.zeros([TILE_N], dtype=tl.float32)
+        for kv_head in range(num_kv_heads):
+            heads = kv_head * GROUP_SIZE + rows
+            weights = tl.load(head_weights_ptr + row * stride_wr + heads, mask=row_valid, other=0.0)
+            if tl.sum(weights, axis=0) > 0.0:
+                q_a, q_b = _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM, ROPE)
+                logits = _key_logits(
+                    q_a, q_b, k_cache_ptr, slot_rows + kv_head * stride_kh, tokens, token_valid, cos_ptr,
+                    sin_ptr, stride_rope, scale, HEAD_DIM, ROPE, DOT_PRECISION,
+                )
+                lse = tl.load(lse_ptr + row * stride_lr + heads, mask=row_valid, other=0.0)
+                lse = tl.where(lse == float("-inf"), 0.0, lse)
+                probs = tl.exp(logits - lse[:, None])
+                p_bar += tl.sum(weights[:, None] * probs, axis=0)
+        keys = _pack_keys(p_bar[None, :], tokens[None, :], token_valid[None, :])
+        best = _update_topk(best, keys, top_k, 1, SLOTS, TILE_N)
+    slots = tl.arange(0, SLOTS)
+    tl.store(keys_ptr + row * stride_kr + split * stride_ks + slots[None, :], best)
+
+
+@triton.jit
+def _merge_topk_kernel(keys_ptr, pos_ptr, value_ptr, num_splits, k, empty_value, stride_kr, stride_ks, stride_or):
+    """Merge one row's per-split top-k keys into its final top-``k`` positions and values."""
+    row = tl.program_id(0)
+    slots = tl.arange(0, SLOTS)
+    best = tl.full([1, SLOTS], EMPTY_KEY, tl.int64)
+    for split in range(num_splits):
+        keys = tl.load(keys_ptr + row * stride_kr + split * stride_ks + slots[None, :])
+        best = _update_topk(best, keys, k, 1, SLOTS, SLOTS)
+    values, positions = _unpack_keys(best)
+    empty = best == EMPTY_KEY
+    keep = slots[None, :] < k
+    tl.store(pos_ptr + row * stride_or + slots[None, :], tl.where(empty, -1, positions), mask=keep)
+    tl.store(value_ptr + row * stride_or + slots[None, :], tl.where(empty, empty_value, values), mask=keep)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """IEEE float32 dots for float32 inputs; half-precision inputs use tensor cores either way."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_request(k_cache: torch.Tensor, req: CaptureRequest) -> None:
+    """Reject requests the kernels do not handle, with a readable error."""
+    rows, num_heads, head_dim = req.q.shape
+    if k_cache.dim() != 4 or k_cache.shape[3] != head_dim or num_heads % k_cache.shape[2]:
+        raise ValueError(f"q {tuple(req.q.shape)} does not fit cache {tuple(k_cache.shape)}")
+    if head_dim < 16 or head_dim & (head_dim - 1) or (req.rope_cos is not None and head_dim < 32):
+        raise ValueError(f"head_dim must be a power of two >= 16 (>= 32 with rope), got {head_dim}")
+    block_size = k_cache.shape[1]
+    if block_size < 8 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 8, got {block_size}")
+    if req.q.dtype != k_cache.dtype or req.q.stride(-1) != 1 or k_cache.stride(-1) != 1:
+        raise ValueError("q and k_cache must share a dtype and be contiguous in head_dim")
+    for name in ("query_pos", "mask_prefix", "window", "sink_tokens"):
+        t = getattr(req, name)
+        if t.dtype != torch.int32 or t.shape != (rows,) or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous int32 [{rows}] tensor")
+    if req.block_tables.dtype != torch.int32 or req.block_tables.shape[0] != rows or req.block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be int32 [R, max_blocks] with contiguous rows")
+    if req.head_weights.dtype != torch.float32 or req.head_weights.shape != (rows, num_heads):
+        raise ValueError(f"head_weights must be float32 [{rows}, {num_heads}]")
+    if req.head_weights.stride(1) != 1:
+        raise ValueError("head_weights rows must be contiguous")
+    for name, k in (("top_k", req.top_k), ("head_top_k", req.head_top_k)):
+        if not 0 <= k <= MAX_TOP_K:
+            raise ValueError(f"{name}={k} is outside [0, {MAX_TOP_K}]")
+    if (req.rope_cos is None) != (req.rope_sin is None):
+        raise ValueError("rope_cos and rope_sin must be given together")
+    if req.rope_cos is not None:
+        if req.rope_cos.shape[1:] != (head_dim,) or req.rope_sin.shape != req.rope_cos.shape:
+            raise ValueError(f"rope tables must be [max_pos, {head_dim}]")
+        if req.rope_cos.stride() != req.rope_sin.stride() or req.rope_cos.stride(1) != 1:
+            raise ValueError("rope tables must share a row-major layout")
+
+
+def _empty_partials(rows: int, num_heads: int, num_splits: int, head_top_k: int, device: torch.device):
+    """Pass A partial buffers: stats ``[R, Hq, S, STAT_WIDTH]`` and per-head keys (a 1-element dummy when unused)."""
+    stats = torch.empty((rows, num_heads, num_splits, STAT_WIDTH), dtype=torch.float32, device=device)
+    if head_top_k:
+        keys = torch.empty((rows, num_heads, num_splits, TOPK_SLOTS), dtype=torch.int64, device=device)
+    else:
+        keys = torch.empty((1, 1, 1, 1), dtype=torch.int64, device=device)
+    return stats, keys
+
+
+def _final_topk(keys: torch.Tensor, k: int, empty_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final top-``k`` positions (int32) and values (float32) of per-split keys ``[..., S, TOPK_SLOTS]``."""
+    lead, num_splits = keys.shape[:-2], keys.shape[-2]
+    flat = keys.reshape(-1, num_splits, TOPK_SLOTS)
+    pos = torch.empty((flat.shape[0], k), dtype=torch.int32, device=keys.device)
+    values = torch.empty((flat.shape[0], k), dtype=torch.float32, device=keys.device)
+    if flat.shape[0]:
+        _merge_topk_kernel[(flat.shape[0],)](
+            flat, pos, values, num_splits, k, empty_value, flat.stride(0), flat.stride(1), pos.stride(0)
+        )
+    return pos.view(*lead, k), values.view(*lead, k)
+
+
+def _rope_args(req: CaptureRequest, k_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """Kernel arguments for de-rotation: tables (``k_cache`` as unused dummies), row stride, flag."""
+    if req.rope_cos is None:
+        return k_cache, k_cache, 0, False
+    return req.rope_cos, req.rope_sin, req.rope_cos.stride(0), True
+
+
+def _pass_b_splits(rows: int, max_len: int, device: torch.device) -> int:
+    """Pass B split count: about two programs per SM, >= MIN_TOKENS_PER_SPLIT tokens a split."""
+    wanted = triton.cdiv(2 * _num_sms(device), max(rows, 1))
+    useful = triton.cdiv(max(max_len, 1), MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, useful, MAX_PASS_B_SPLITS))
+
+
+def _finish(
+    k_cache: torch.Tensor, req: CaptureRequest, scale: float, stats: torch.Tensor, head_keys: torch.Tensor
+) -> CaptureResult:
+    """Combine Pass A partials, merge per-head top-k, and run Pass B when ``top_k > 0``."""
+    rows, num_heads, head_dim = req.q.shape
+    num_splits = stats.shape[2]
+    device = k_cache.device
+    f32 = {"dtype": torch.float32, "device": device}
+    lse = torch.empty((rows, num_heads), **f32)
+    hist = torch.empty((rows, NUM_BINS), **f32)
+    entropy = torch.empty((rows,), **f32)
+    sink_mass = torch.empty((rows,), **f32)
+    num_stat = torch.empty((rows,), dtype=torch.int32, device=device)
+    if rows:
+        _combine_capture_kernel[(rows,)](
+            stats, req.head_weights, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
+            lse, hist, entropy, sink_mass, num_stat, num_heads, num_splits,
+            *stats.stride()[:3], req.head_weights.stride(0),
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+        )
+    head_pos = head_logit = topk_pos = topk_prob = None
+    if req.head_top_k:
+        head_pos, head_logit = _final_topk(head_keys, req.head_top_k, float("-inf"))
+    if req.top_k:
+        topk_pos, topk_prob = _mean_topk(k_cache, req, scale, lse)
+    return CaptureResult(lse, hist, entropy, sink_mass, num_stat, topk_pos, topk_prob, head_pos, head_logit)
+
+
+def _mean_topk(
+    k_cache: torch.Tensor, req: CaptureRequest, scale: float, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass B: head-mean top-k positions and ``p̄`` of every row, given the rows' final ``lse``."""
+    rows, num_heads, head_dim = req.q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    max_len = req.block_tables.shape[1] * block_size
+    num_splits = _pass_b_splits(rows, max_len, k_cache.device)
+    keys = torch.empty((rows, num_splits, TOPK_SLOTS), dtype=torch.int64, device=k_cache.device)
+    if not rows:
+        return _final_topk(keys, req.top_k, 0.0)
+    cos, sin, stride_rope, rope = _rope_args(req, k_cache)
+    _mean_topk_kernel[(rows, num_splits)](
+        req.q, k_cache, req.block_tables, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
+        req.head_weights, lse, cos, sin, keys, scale, num_kv_heads, num_splits, req.top_k,
+        req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
+        req.head_weights.stride(0), lse.stride(0), keys.stride(0), keys.stride(1),
+        GROUP_SIZE=group,
+        GROUP_PAD=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        TILE_N=_tile_tokens(head_dim),
+        DOT_PRECISION=_dot_precision(req.q.dtype),
+        ROPE=rope,
+    )
+    return _final_topk(keys, req.top_k, 0.0)
+
+
+def attention_capture(
+    k_cache: torch.Tensor, req: CaptureRequest, scale: float, num_splits: int | None = None
+) -> CaptureResult:
+    """Capture every row of ``req`` from the paged ``k_cache`` ``[blocks, block_size, Hkv, D]``.
+
+    Same contract and results as ``capture_rows_ref`` (float32 outputs on ``k_cache``'s
+    device), computed by standalone Pass A over ``U`` (``num_splits`` splits per row, picked
+    from the table width by default), the combine kernel, and Pass B when ``req.top_k > 0``.
+    Handles de-rotation (``rope_cos``/``rope_sin``).
+    """
+    _check_request(k_cache, req)
+    rows, num_heads, head_dim = req.q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        max_len = req.block_tables.shape[1] * block_size
+        num_splits = default_num_splits(rows, num_kv_heads, max_len, _num_sms(k_cache.device))
+    stats, head_keys = _empty_partials(rows, num_heads, num_splits, req.head_top_k, k_cache.device)
+    cos, sin, stride_rope, rope = _rope_args(req, k_cache)
+    if rows:
+        _capture_split_kernel[(rows, num_kv_heads, num_splits)](
+            req.q, k_cache, req.block_tables, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
+            cos, sin, stats, head_keys, scale, num_splits, req.head_top_k,
+            req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
+            *stats.stride()[:3], *head_keys.stride()[:3],
+            GROUP_SIZE=group,
+            GROUP_PAD=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
+            HEAD_DIM=head_dim,
+            BLOCK_SIZE=block_size,
+            TILE_N=_tile_tokens(head_dim),
+            DOT_PRECISION="ieee" if rope else _dot_precision(req.q.dtype),
+            ROPE=rope,
+            HEAD_TOPK=req.head_top_k > 0,
+        )
+    return _finish(k_cache, req, scale, stats, head_keys)
+
+
+def paged_decode_attention_capture(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    capture: CaptureRequest,
+    capture_rows: torch.Tensor,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, CaptureResult]:
+    """Decode attention of the whole batch with capture of the decode rows ``capture_rows``.
+
+    ``paged_decode_attention(..., capture=, capture_rows=)`` lands here. ``capture_rows``
+    ``[R]`` indexes the batch; ``capture.q`` must equal ``q[capture_rows]``, and each
+    captured row's ``query_pos`` must be its ``context_lens - 1`` (its keys are read through
+    the decode ``block_tables``). Pass A runs inside the attention kernel: captured rows
+    reuse the attention's logits and running max, other rows run the plain tile loop (one
+    branch per program). Returns ``(out, lse, CaptureResult)`` with ``out``/``lse`` as the
+    plain kernel's. With rope tables (de-rotated logits differ from the attention's) the
+    plain kernel and :func:`attention_capture` run one after the other instead.
+    """
+    _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out)
+    _check_request(k_cache, capture)
+    batch, num_heads, head_dim = q.shape
+    rows = capture.q.shape[0]
+    if capture.q.shape[1:] != q.shape[1:] or capture_rows.shape != (rows,):
+        raise ValueError(f"capture.q {tuple(capture.q.shape)} / capture_rows do not fit q {tuple(q.shape)}")
+    if capture.rope_cos is not None:
+        out, lse = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out)
+        return out, lse, attention_capture(k_cache, capture, scale)
+
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        max_len = block_tables.shape[1] * block_size
+        num_splits = default_num_splits(batch, num_kv_heads, max_len, _num_sms(q.device))
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if out is None:
+        out = torch.empty_like(q)
+    lse = torch.empty((batch, num_heads), dtype=torch.float32, device=q.device)
+    if num_splits == 1:
+        part_out, part_lse = out, lse
+        part_out_strides = (out.stride(0), out.stride(1), 0)
+        part_lse_strides = (lse.stride(0), lse.stride(1), 0)
+    else:
+        part_out = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+        part_out_strides = part_out.stride()[:3]
+        part_lse_strides = part_lse.stride()
+    capture_slot = torch.full((batch,), -1, dtype=torch.int32, device=q.device)
+    capture_slot[capture_rows.to(device=q.device, dtype=torch.long)] = torch.arange(
+        rows, dtype=torch.int32, device=q.device
+    )
+    stats, head_keys = _empty_partials(rows, num_heads, num_splits, capture.head_top_k, q.device)
+
+    _fused_decode_capture_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, capture_slot,
+        capture.query_pos, capture.mask_prefix, capture.window, capture.sink_tokens, stats, head_keys,
+        scale, num_splits, capture.head_top_k,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
+        *part_out_strides, *part_lse_strides, *stats.stride()[:3], *head_keys.stride()[:3],
+        GROUP_SIZE=group,
+        GROUP_PAD=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        TILE_N=_tile_tokens(head_dim),
+        DOT_PRECISION=_dot_precision(q.dtype),
+        HEAD_TOPK=capture.head_top_k > 0,
+    )
+    if num_splits > 1:
+        _combine_splits_kernel[(batch, num_heads)](
+            part_out, part_lse, out, lse, num_splits, *part_out_strides, *part_lse_strides,
+            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+            HEAD_DIM=head_dim,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+        )
+    return out, lse, _finish(k_cache, capture, scale, stats, head_keys)
