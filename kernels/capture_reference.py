@@ -170,7 +170,7 @@ def _chunk_logits(k_cache: torch.Tensor, req: CaptureRequest, rows: slice, scale
         cos = req.rope_cos[:width].to(device=device, dtype=torch.float32)[None, :, None, :]
         sin = req.rope_sin[:width].to(device=device, dtype=torch.float32)[None, :, None, :]
         keys = rotate(keys, cos, -sin)
-    q_groups = q.view(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    q_groups = q.reshape(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
     logits = torch.matmul(q_groups, keys.permute(0, 2, 3, 1)) * scale  # [r, Hkv, G, T]
     return logits.reshape(num_rows, num_heads, width)
 

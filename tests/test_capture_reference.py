@@ -184,15 +184,15 @@ def assert_close(actual: torch.Tensor, expected, rtol: float, atol: float, what:
 
 
 def assert_ranking(
-    pos: list[int], val: list[float], exact: list[float], candidates: list[int], pad: float, what: str
+    pos: list[int], val: list[float], exact: list[float], candidates: list[int], pad: float, atol: float, what: str
 ) -> None:
     """Top-k ``pos``/``val`` against the oracle's ranking of ``candidates`` by ``exact`` (desc, then position).
 
     Values must match rank by rank; a position may differ from the oracle's only where
-    the two candidates' exact values are tied within float32 error.
+    the two candidates' exact values are tied within float32 error (``atol`` + 2e-5 relative).
     """
     k = len(pos)
-    tol = lambda v: 1e-6 + 1e-5 * abs(v)  # noqa: E731
+    tol = lambda v: atol + 2e-5 * abs(v)  # noqa: E731
     expected = sorted(candidates, key=lambda j: (-exact[j], j))[:k]
     n = len(expected)
     assert pos[n:] == [-1] * (k - n), f"{what}: padding positions {pos}"
@@ -237,9 +237,8 @@ def check_against_naive(
         where = f"row {r} {row} (seed={seed})"
         if result.topk_pos is not None:
             assert result.topk_pos.dtype == torch.int32
-            assert_ranking(
-                result.topk_pos[r].tolist(), result.topk_prob[r].tolist(), e.pbar, e.candidates, 0.0, f"top-k {where}"
-            )
+            top_pos, top_prob = result.topk_pos[r].tolist(), result.topk_prob[r].tolist()
+            assert_ranking(top_pos, top_prob, e.pbar, e.candidates, 0.0, 1e-7, f"top-k {where}")
         if result.head_topk_pos is not None:
             for h in range(q.shape[1]):
                 assert_ranking(
@@ -248,6 +247,7 @@ def check_against_naive(
                     e.logits[h],
                     e.candidates,
                     float("-inf"),
+                    2e-5,
                     f"head {h} top-k {where}",
                 )
     check_invariants(result, weights, seed)
@@ -440,6 +440,10 @@ def test_derotated_capture_equals_unrotated(seed: int) -> None:
     assert_close(derotated.entropy, unrotated.entropy, 1e-5, 2e-5, "derotated entropy", seed)
 
 
+# Chunking changes padding and matmul batch shapes, hence float32 summation order: outputs agree to noise.
+CHUNK_ATOL = {"lse": 1e-5, "hist": 1e-7, "entropy": 1e-5, "sink_mass": 1e-7, "topk_prob": 1e-7, "head_topk_logit": 1e-5}
+
+
 def test_rows_per_chunk_does_not_change_results(seed: int) -> None:
     """Chunks of 1, 5 and 16 rows (different padding) give the same capture."""
     gen = torch.Generator().manual_seed(seed)
@@ -454,17 +458,17 @@ def test_rows_per_chunk_does_not_change_results(seed: int) -> None:
     base = results[0]
     for other in results[1:]:
         assert torch.equal(other.num_stat_positions, base.num_stat_positions)
-        for name in ("lse", "hist", "entropy", "sink_mass", "topk_prob", "head_topk_logit"):
-            assert_close(getattr(other, name), getattr(base, name), 1e-6, 1e-6, name, seed)
+        for name, atol in CHUNK_ATOL.items():
+            assert_close(getattr(other, name), getattr(base, name), 1e-5, atol, name, seed)
         for pos_name, val_name in (("topk_pos", "topk_prob"), ("head_topk_pos", "head_topk_logit")):
-            clear = separated_ranks(getattr(base, val_name))
+            clear = separated_ranks(getattr(base, val_name), CHUNK_ATOL[val_name])
             same = torch.equal(getattr(other, pos_name)[clear], getattr(base, pos_name)[clear])
             assert same, f"{pos_name} differ (seed={seed})"
 
 
-def separated_ranks(values: torch.Tensor) -> torch.Tensor:
+def separated_ranks(values: torch.Tensor, atol: float) -> torch.Tensor:
     """Ranks whose value is not within float32 noise of a neighbouring rank's (their order is unambiguous)."""
-    gap = (values[..., 1:] - values[..., :-1]).abs() > 1e-6 * values[..., 1:].abs().clamp(min=1e-30)
+    gap = (values[..., 1:] - values[..., :-1]).abs() > atol + 1e-4 * values[..., 1:].abs()
     gap = gap | torch.isinf(values[..., 1:])
     pad = torch.ones_like(gap[..., :1])
     return torch.cat([pad, gap], dim=-1) & torch.cat([gap, pad], dim=-1)
