@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from attnscope.engine.capture_plan import StepCapture, capture_request, row_block_tables
+from attnscope.engine.capture_plan import LayerCapture, StepCapture, capture_request, row_block_tables
 from attnscope.kernels.capture_reference import capture_rows_ref
 from attnscope.kernels.full_attention import full_attention_rows
 from attnscope.kernels.reference import gather_paged_kv, paged_decode_attention_ref
@@ -99,15 +99,25 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
+def _fusable(group: LayerCapture, batch: AttentionBatch, q: torch.Tensor) -> bool:
+    """Whether a group's capture can ride inside the decode kernel: CUDA, rotated logits, decode rows only."""
+    return q.is_cuda and not group.derotate and all(r.token_index >= batch.decode_start for r in group.rows)
+
+
 def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch: AttentionBatch,
-                  scale: float) -> None:
-    """Compute the capture of this layer's captured rows (their keys are already in the cache)."""
+                  scale: float) -> LayerCapture | None:
+    """Compute the capture of this layer's captured rows (their keys are already in the cache).
+
+    Returns the group to fuse into this layer's decode kernel instead (CUDA, decode rows
+    with rotated logits), whose result the decode call fills in.
+    """
     k_cache = batch.kv_caches[layer][0]
+    fused = None
     for group in batch.capture.layers.get(layer, []):
-        if group.derotate:
-            request = capture_request(group, q_unrotated, batch.rope)
-        else:
-            request = capture_request(group, q, None)
+        if fused is None and _fusable(group, batch, q):
+            fused = group
+            continue
+        request = capture_request(group, q_unrotated, batch.rope) if group.derotate else capture_request(group, q, None)
         if q.is_cuda:
             from attnscope.kernels.capture import attention_capture
 
@@ -119,6 +129,20 @@ def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch:
         rows = torch.tensor([r.token_index for r in full.rows], device=q.device)
         positions = torch.tensor([r.position for r in full.rows], device=q.device)
         full.probs = full_attention_rows(q[rows], k_cache, row_block_tables(full.rows, q.device), positions, scale)
+    return fused
+
+
+def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
+                         scale: float, group: LayerCapture) -> torch.Tensor:
+    """Decode attention of the step's decode rows with the group's capture statistics in the same pass."""
+    from attnscope.kernels.paged_decode import paged_decode_attention
+
+    decode_q = q[batch.decode_start :]
+    rows = torch.tensor([r.token_index - batch.decode_start for r in group.rows], device=q.device)
+    out, _, group.result = paged_decode_attention(
+        decode_q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, scale,
+        capture=capture_request(group, q, None), capture_rows=rows)
+    return out
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: AttentionBatch,
@@ -130,16 +154,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
     """
     k_cache, v_cache = batch.kv_caches[layer]
     write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+    fused = None
     if batch.capture is not None:
-        capture_layer(q, q_unrotated if q_unrotated is not None else q, layer, batch, scale)
+        fused = capture_layer(q, q_unrotated if q_unrotated is not None else q, layer, batch, scale)
+    decoded = None
+    if fused is not None:
+        decoded = fused_decode_capture(q, k_cache, v_cache, batch, scale, fused)
+    elif batch.num_decodes:
+        decoded = decode_attention(q[batch.decode_start :], k_cache, v_cache, batch.decode_block_tables,
+                                   batch.decode_context_lens, scale)
     if not batch.prefills:
-        return decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, scale)
+        return decoded
     out = torch.empty_like(q)
     for chunk in batch.prefills:
         sl = slice(chunk.start, chunk.end)
         out[sl] = prefill_attention(q[sl], k[sl], v[sl], k_cache, v_cache, chunk, scale)
-    if batch.num_decodes:
-        out[batch.decode_start :] = decode_attention(
-            q[batch.decode_start :], k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, scale
-        )
+    if decoded is not None:
+        out[batch.decode_start :] = decoded
     return out

@@ -19,10 +19,14 @@ torch twin with the same API. Two passes over the keys, both split-K over positi
 
 Running top-k are exact: each (value, position) is packed into one int64 key that sorts like
 (value descending, position ascending) -- the float32 bits made order-preserving in the high
-word, ``2^31 - 1 - position`` in the low word -- and a tile is merged into the running
-``TOPK_SLOTS`` best by joining both, ``tl.sort`` descending and keeping the first half; a
-tile with no key above the running k-th is skipped. Per-split candidates are merged by a
-small kernel the same way, exact since the union of per-split top-k holds the global top-k.
+word, ``2^31 - 1 - position`` in the low word. A program keeps its ``TOPK_SLOTS`` best keys
+sorted descending; a tile is merged by a bitonic sort of the tile (ascending), the
+elementwise max with the running best (a bitonic sequence holding exactly the top
+``TOPK_SLOTS`` of the union) and one bitonic merge. The compare-exchanges are ``tl.min``/
+``tl.max`` over the axes of a ``[2, 2, ...]`` view, which also keeps the Triton interpreter
+fast (its ``tl.sort`` reduces with a Python-level xor). A tile with no key above the running
+k-th is skipped. Per-split candidates are merged by a small kernel the same way, exact since
+the union of per-split top-k holds the global top-k.
 """
 
 from __future__ import annotations
@@ -46,11 +50,16 @@ from attnscope.kernels.paged_decode import (
 TOPK_SLOTS = 64  # running top-k width of every program (>= MAX_TOP_K, >= the key tile width)
 STAT_WIDTH = 32  # per (row, head, split) partial: hist at 0..15, then m, l_U, l_S, l_C, e_C at 16..20
 MAX_PASS_B_SPLITS = 256
+# Launch widths (sm_90, Triton 3.9 ptxas): 4 warps spill the fused and Pass B kernels, 8 do not.
+FUSED_NUM_WARPS = 8
+PASS_A_NUM_WARPS = 4
+PASS_B_NUM_WARPS = 8
 
 SLOTS = tl.constexpr(TOPK_SLOTS)
+LOG_SLOTS = tl.constexpr(6)
 # Below every packed key of a non-NaN value: high word 0x80000001, low word 0.
 EMPTY_KEY = tl.constexpr(-9223372032559808512)
-assert TOPK_SLOTS >= MAX_TOP_K and NUM_BINS == 16
+assert TOPK_SLOTS == 2**LOG_SLOTS.value >= MAX_TOP_K and NUM_BINS == 16
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -72,9 +81,10 @@ def _distance_bins(dist):
 def _pack_keys(values, positions, valid):
     """Pack float32 ``values`` and int32 ``positions`` into int64 keys (EMPTY_KEY where not ``valid``).
 
-    Keys order like (value descending, position ascending) under a descending sort.
+    Keys order like (value descending, position ascending) under a descending sort; -0.0
+    packs as +0.0 so the two tie like in torch.
     """
-    bits = values.to(tl.int32, bitcast=True)
+    bits = tl.where(values == 0.0, 0.0, values).to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     keys = (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - positions).to(tl.int64)
     return tl.where(valid, keys, EMPTY_KEY)
@@ -97,23 +107,59 @@ def _kth_key(best, k, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _merge_topk(best, tile_keys, ROWS: tl.constexpr, WIDTH: tl.constexpr, TILE: tl.constexpr):
-    """Keep the ``WIDTH`` largest of ``best`` ``[ROWS, WIDTH]`` and ``tile_keys`` ``[ROWS, TILE]``, sorted."""
-    if TILE < WIDTH:  # pad the tile with empty keys up to WIDTH (TILE == WIDTH // 2)
-        empty = tl.full([ROWS, TILE], EMPTY_KEY, tl.int64)
-        tile_keys = tl.reshape(tl.join(tile_keys, empty), [ROWS, WIDTH])
-    both = tl.sort(tl.reshape(tl.join(best, tile_keys), [ROWS, 2 * WIDTH]), descending=True)
-    halves = tl.reshape(both, [ROWS, 2, WIDTH])
-    first = tl.arange(0, 2)[None, :, None] == 0
-    return tl.max(tl.where(first, halves, EMPTY_KEY), axis=1)
+def _hypercube_bit(N_DIMS: tl.constexpr, AXIS: tl.constexpr):
+    """Coordinate (0/1) along hypercube axis ``AXIS`` (0 = innermost) of a ``[2] * N_DIMS`` view."""
+    bit = tl.arange(0, 2)
+    for n in tl.static_range(N_DIMS):
+        if n != N_DIMS - 1 - AXIS:
+            bit = tl.expand_dims(bit, n)
+    return bit
 
 
 @triton.jit
-def _update_topk(best, tile_keys, k, ROWS: tl.constexpr, WIDTH: tl.constexpr, TILE: tl.constexpr):
+def _bitonic_stage(h, N_DIMS: tl.constexpr, STAGE: tl.constexpr, ORDER: tl.constexpr):
+    """Bitonic merge of the runs of ``2^STAGE`` keys of hypercube ``h``.
+
+    ``ORDER``: 0 ascending, 1 descending, 2 alternating run by run (ascending first).
+    Compare-exchange along axes ``STAGE - 1 .. 0`` with ``tl.min``/``tl.max`` of each pair.
+    """
+    if ORDER == 2:
+        flip = _hypercube_bit(N_DIMS, STAGE)
+    else:
+        flip = ORDER
+    for j in tl.static_range(STAGE):
+        low = tl.min(h, axis=N_DIMS - STAGE + j, keep_dims=True)
+        high = tl.max(h, axis=N_DIMS - STAGE + j, keep_dims=True)
+        h = tl.where((_hypercube_bit(N_DIMS, STAGE - 1 - j) ^ flip) != 0, high, low)
+    return h
+
+
+@triton.jit
+def _merge_topk(
+    best, tile_keys, ROWS: tl.constexpr, LOG_ROWS: tl.constexpr, TILE: tl.constexpr
+):
+    """The ``SLOTS`` largest of ``best`` ``[ROWS, SLOTS]`` (sorted descending) and ``tile_keys``, sorted descending.
+
+    Sorts the tile ascending (bitonic), takes the elementwise max with ``best`` -- a bitonic
+    sequence holding exactly the top ``SLOTS`` of the union -- and bitonic-merges it.
+    """
+    if TILE < SLOTS:  # pad the tile with empty keys up to SLOTS (TILE == SLOTS // 2)
+        empty = tl.full([ROWS, TILE], EMPTY_KEY, tl.int64)
+        tile_keys = tl.reshape(tl.join(tile_keys, empty), [ROWS, SLOTS])
+    h = tl.reshape(tile_keys, [2] * (LOG_ROWS + LOG_SLOTS))
+    for stage in tl.static_range(1, LOG_SLOTS + 1):
+        h = _bitonic_stage(h, LOG_ROWS + LOG_SLOTS, stage, 2 if stage < LOG_SLOTS else 0)
+    candidates = tl.maximum(best, tl.reshape(h, [ROWS, SLOTS]))
+    h = _bitonic_stage(tl.reshape(candidates, [2] * (LOG_ROWS + LOG_SLOTS)), LOG_ROWS + LOG_SLOTS, LOG_SLOTS, 1)
+    return tl.reshape(h, [ROWS, SLOTS])
+
+
+@triton.jit
+def _update_topk(best, tile_keys, k, ROWS: tl.constexpr, LOG_ROWS: tl.constexpr, TILE: tl.constexpr):
     """Merge ``tile_keys`` into ``best`` unless none of them beats a row's current k-th key."""
-    kth = _kth_key(best, k, WIDTH)
-    if tl.sum((tile_keys > kth[:, None]).to(tl.int32), axis=None) > 0:
-        best = _merge_topk(best, tile_keys, ROWS, WIDTH, TILE)
+    kth = _kth_key(best, k, SLOTS)
+    if tl.max(tl.max((tile_keys > kth[:, None]).to(tl.int32), axis=1), axis=0) > 0:
+        best = _merge_topk(best, tile_keys, ROWS, LOG_ROWS, TILE)
     return best
 
 
@@ -144,12 +190,13 @@ def _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM: tl
     base = q_ptr + row * stride_qr + heads[:, None] * stride_qh
     if ROPE:
         half = tl.arange(0, HEAD_DIM // 2)
-        q_lo = tl.load(base + half[None, :], mask=row_valid[:, None], other=0.0).to(tl.float32)
-        q_hi = tl.load(base + HEAD_DIM // 2 + half[None, :], mask=row_valid[:, None], other=0.0).to(tl.float32)
-        return q_lo, q_hi
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(base + dims[None, :], mask=row_valid[:, None], other=0.0)
-    return q, q
+        q_a = tl.load(base + half[None, :], mask=row_valid[:, None], other=0.0).to(tl.float32)
+        q_b = tl.load(base + HEAD_DIM // 2 + half[None, :], mask=row_valid[:, None], other=0.0).to(tl.float32)
+    else:
+        dims = tl.arange(0, HEAD_DIM)
+        q_a = tl.load(base + dims[None, :], mask=row_valid[:, None], other=0.0)
+        q_b = q_a
+    return q_a, q_b
 
 
 @triton.jit
@@ -261,6 +308,7 @@ def _capture_tile(
     c_lo,
     head_top_k,
     GROUP_PAD: tl.constexpr,
+    LOG_GROUP_PAD: tl.constexpr,
     TILE_N: tl.constexpr,
     HEAD_TOPK: tl.constexpr,
 ):
@@ -275,7 +323,7 @@ def _capture_tile(
     p_c = tl.where(in_c[None, :], p, 0.0)
     l_u = l_u * alpha + tl.sum(tl.where(in_u[None, :], p, 0.0), axis=1)
     l_s = l_s * alpha + tl.sum(tl.where(in_s[None, :], p, 0.0), axis=1)
-    shift = tl.where(l_c > 0.0, (m_old - m_new) * l_c, 0.0)
+    shift = tl.where(l_c > 0.0, m_old - m_new, 0.0) * l_c
     centred = tl.where(in_c[None, :], logits - m_new[:, None], 0.0)
     e_c = alpha * (e_c + shift) + tl.sum(p_c * centred, axis=1)
     l_c = l_c * alpha + tl.sum(p_c, axis=1)
@@ -285,7 +333,7 @@ def _capture_tile(
     if HEAD_TOPK:
         in_w = in_u & (tokens >= w_lo)
         keys = _pack_keys(logits, tokens[None, :], in_w[None, :])
-        best = _update_topk(best, keys, head_top_k, GROUP_PAD, SLOTS, TILE_N)
+        best = _update_topk(best, keys, head_top_k, GROUP_PAD, LOG_GROUP_PAD, TILE_N)
     return l_u, l_s, l_c, e_c, hist, best
 
 
@@ -357,6 +405,7 @@ def _capture_split_kernel(
     stride_ks,
     GROUP_SIZE: tl.constexpr,
     GROUP_PAD: tl.constexpr,
+    LOG_GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
@@ -400,7 +449,7 @@ def _capture_split_kernel(
         p = tl.exp(logits - m_new[:, None])
         l_u, l_s, l_c, e_c, hist, best = _capture_tile(
             l_u, l_s, l_c, e_c, hist, best, logits, p, m_i, m_new, alpha, tokens, pos, u_lo, w_lo, c_lo,
-            head_top_k, GROUP_PAD, TILE_N, HEAD_TOPK,
+            head_top_k, GROUP_PAD, LOG_GROUP_PAD, TILE_N, HEAD_TOPK,
         )
         m_i = m_new
 
@@ -452,6 +501,7 @@ def _fused_decode_capture_kernel(
     stride_ks,
     GROUP_SIZE: tl.constexpr,
     GROUP_PAD: tl.constexpr,
+    LOG_GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
@@ -509,7 +559,7 @@ def _fused_decode_capture_kernel(
             )
             l_u, l_s, l_c, e_c, hist, best = _capture_tile(
                 l_u, l_s, l_c, e_c, hist, best, logits, p, m_i, m_new, alpha, tokens, pos, u_lo, w_lo, c_lo,
-                head_top_k, GROUP_PAD, TILE_N, HEAD_TOPK,
+                head_top_k, GROUP_PAD, LOG_GROUP_PAD, TILE_N, HEAD_TOPK,
             )
             m_i = m_new
         _store_capture_split(
@@ -572,7 +622,7 @@ def _combine_capture_kernel(
         total_u = tl.sum(scale * l_u, axis=0)
         total_s = tl.sum(scale * l_s, axis=0)
         total_c = tl.sum(scale * l_c, axis=0)
-        total_e = tl.sum(scale * (e_c + tl.where(l_c > 0.0, (m - shift) * l_c, 0.0)), axis=0)
+        total_e = tl.sum(scale * (e_c + tl.where(l_c > 0.0, m - shift, 0.0) * l_c), axis=0)
         head_hist = tl.sum(scale[:, None] * hist, axis=0)
         has_u = total_u > 0.0
         has_c = total_c > 0.0
@@ -661,7 +711,7 @@ def _mean_topk_kernel(
                 probs = tl.exp(logits - lse[:, None])
                 p_bar += tl.sum(weights[:, None] * probs, axis=0)
         keys = _pack_keys(p_bar[None, :], tokens[None, :], token_valid[None, :])
-        best = _update_topk(best, keys, top_k, 1, SLOTS, TILE_N)
+        best = _update_topk(best, keys, top_k, 1, 0, TILE_N)
     slots = tl.arange(0, SLOTS)
     tl.store(keys_ptr + row * stride_kr + split * stride_ks + slots[None, :], best)
 
@@ -674,7 +724,7 @@ def _merge_topk_kernel(keys_ptr, pos_ptr, value_ptr, num_splits, k, empty_value,
     best = tl.full([1, SLOTS], EMPTY_KEY, tl.int64)
     for split in range(num_splits):
         keys = tl.load(keys_ptr + row * stride_kr + split * stride_ks + slots[None, :])
-        best = _update_topk(best, keys, k, 1, SLOTS, SLOTS)
+        best = _merge_topk(best, keys, 1, 0, SLOTS)
     values, positions = _unpack_keys(best)
     empty = best == EMPTY_KEY
     keep = slots[None, :] < k
@@ -683,6 +733,11 @@ def _merge_topk_kernel(keys_ptr, pos_ptr, value_ptr, num_splits, k, empty_value,
 
 
 # ----------------------------------------------------------------------------- launchers
+
+
+def _group_pad(group: int) -> int:
+    """Query rows of a KV group as the ``tl.dot`` M dimension: a power of two >= MIN_DOT_ROWS."""
+    return max(MIN_DOT_ROWS, triton.next_power_of_2(group))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -722,6 +777,8 @@ def _check_request(k_cache: torch.Tensor, req: CaptureRequest) -> None:
             raise ValueError(f"rope tables must be [max_pos, {head_dim}]")
         if req.rope_cos.stride() != req.rope_sin.stride() or req.rope_cos.stride(1) != 1:
             raise ValueError("rope tables must share a row-major layout")
+        if rows and req.rope_cos.shape[0] < int(req.query_pos.max()) + 1:  # one sync, de-rotation only
+            raise ValueError("rope tables cover fewer positions than the rows attend")
 
 
 def _empty_partials(rows: int, num_heads: int, num_splits: int, head_top_k: int, device: torch.device):
@@ -779,7 +836,7 @@ def _finish(
             stats, req.head_weights, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
             lse, hist, entropy, sink_mass, num_stat, num_heads, num_splits,
             *stats.stride()[:3], req.head_weights.stride(0),
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
         )
     head_pos = head_logit = topk_pos = topk_prob = None
     if req.head_top_k:
@@ -808,12 +865,13 @@ def _mean_topk(
         req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
         req.head_weights.stride(0), lse.stride(0), keys.stride(0), keys.stride(1),
         GROUP_SIZE=group,
-        GROUP_PAD=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
+        GROUP_PAD=_group_pad(group),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         TILE_N=_tile_tokens(head_dim),
         DOT_PRECISION=_dot_precision(req.q.dtype),
         ROPE=rope,
+        num_warps=PASS_B_NUM_WARPS,
     )
     return _final_topk(keys, req.top_k, 0.0)
 
@@ -844,13 +902,15 @@ def attention_capture(
             req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
             *stats.stride()[:3], *head_keys.stride()[:3],
             GROUP_SIZE=group,
-            GROUP_PAD=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
+            GROUP_PAD=_group_pad(group),
+            LOG_GROUP_PAD=_group_pad(group).bit_length() - 1,
             HEAD_DIM=head_dim,
             BLOCK_SIZE=block_size,
             TILE_N=_tile_tokens(head_dim),
             DOT_PRECISION="ieee" if rope else _dot_precision(req.q.dtype),
             ROPE=rope,
             HEAD_TOPK=req.head_top_k > 0,
+            num_warps=PASS_A_NUM_WARPS,
         )
     return _finish(k_cache, req, scale, stats, head_keys)
 
@@ -920,12 +980,14 @@ def paged_decode_attention_capture(
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         *part_out_strides, *part_lse_strides, *stats.stride()[:3], *head_keys.stride()[:3],
         GROUP_SIZE=group,
-        GROUP_PAD=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
+        GROUP_PAD=_group_pad(group),
+        LOG_GROUP_PAD=_group_pad(group).bit_length() - 1,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         TILE_N=_tile_tokens(head_dim),
         DOT_PRECISION=_dot_precision(q.dtype),
         HEAD_TOPK=capture.head_top_k > 0,
+        num_warps=FUSED_NUM_WARPS,
     )
     if num_splits > 1:
         _combine_splits_kernel[(batch, num_heads)](

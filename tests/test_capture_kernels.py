@@ -1,0 +1,443 @@
+"""Attention capture: Triton kernels (standalone and fused into decode) vs the float32 reference.
+
+Runs the Triton kernels on the CPU through the interpreter, so TRITON_INTERPRET must be set
+before triton is imported. Every test draws a fresh seed (printed, and shown on failure);
+rerun one with ATTNSCOPE_TEST_SEED=<seed>. Kernel tests use fp16 and fp32 (the interpreter's
+bf16 ``tl.dot`` is wrong). Top-k positions must match the reference exactly wherever the
+ranked value is clearly separated from every other candidate's; where values tie within the
+tolerance, the reported values must still match rank by rank and be the true values of the
+reported positions (checked against a float64 recomputation).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import math  # noqa: E402
+import random  # noqa: E402
+import secrets  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from attnscope.engine.rope import RotaryEmbedding, rotate  # noqa: E402
+from attnscope.kernels.capture import (  # noqa: E402
+    _distance_bins,
+    _pack_keys,
+    _unpack_keys,
+    attention_capture,
+)
+from attnscope.kernels.capture_reference import (  # noqa: E402
+    CaptureRequest,
+    CaptureResult,
+    capture_rows_ref,
+    distance_bin,
+)
+from attnscope.kernels.paged_decode import paged_decode_attention  # noqa: E402
+
+# dtype -> (lse / logit tolerance, probability / statistic tolerance), absolute and relative
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 2e-3)}
+
+
+@dataclass
+class Case:
+    """A paged K/V cache of random sequences plus the same keys stored contiguously."""
+
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    keys: list[torch.Tensor]
+    scale: float
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test (or ATTNSCOPE_TEST_SEED), printed so failures are reproducible."""
+    value = int(os.environ.get("ATTNSCOPE_TEST_SEED", secrets.randbits(31)))
+    print(f"seed={value}  (rerun with ATTNSCOPE_TEST_SEED={value})")
+    return value
+
+
+def make_case(
+    seed: int,
+    lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    key_alphabet: int = 0,
+) -> Case:
+    """Scatter random K/V into a NaN-filled cache through shuffled block tables.
+
+    Slots outside every sequence stay NaN, so a read past a row's positions poisons the
+    result. ``key_alphabet > 0`` draws every key from that many integer-valued vectors and
+    makes ``q`` integer-valued too: every dot product is exact, so positions sharing a key
+    tie exactly in any implementation.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [math.ceil(n / block_size) for n in lens]
+    num_blocks = sum(blocks_per_seq) + 2
+    physical = torch.randperm(num_blocks, generator=gen)
+    block_tables = torch.zeros((len(lens), max(blocks_per_seq) + 1), dtype=torch.int32)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    keys, cursor = [], 0
+    for b, (n, blocks) in enumerate(zip(lens, blocks_per_seq)):
+        ids = physical[cursor : cursor + blocks]
+        cursor += blocks
+        block_tables[b, :blocks] = ids.int()
+        slots = (ids[:, None] * block_size + torch.arange(block_size)).reshape(-1)[:n]
+        if key_alphabet:
+            alphabet = torch.randint(-2, 3, (key_alphabet, num_kv_heads, head_dim), generator=gen).float()
+            k = alphabet[torch.randint(0, key_alphabet, (n,), generator=gen)]
+        else:
+            k = torch.randn((n, num_kv_heads, head_dim), generator=gen)
+        keys.append(k.to(dtype))
+        k_cache.view(-1, num_kv_heads, head_dim)[slots] = keys[-1]
+        v_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn((n, num_kv_heads, head_dim), generator=gen).to(dtype)
+    q = (1.5 * torch.randn((len(lens), num_heads, head_dim), generator=gen)).to(dtype)
+    if key_alphabet:
+        q = torch.randint(-1, 2, q.shape, generator=gen).to(dtype)
+    return Case(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32), keys, head_dim**-0.5)
+
+
+def make_request(
+    case: Case,
+    rng: random.Random,
+    top_k: int,
+    head_top_k: int,
+    query_pos: list[int] | None = None,
+    mask_prefix: list[int] | None = None,
+    window: list[int] | None = None,
+    sink_tokens: list[int] | None = None,
+    heads: list[int] | None = None,
+) -> CaptureRequest:
+    """A capture request over every sequence of ``case``; unspecified settings are drawn at random."""
+    rows, num_heads, _ = case.q.shape
+    lens = case.context_lens.tolist()
+    if query_pos is None:
+        query_pos = [n - 1 if rng.random() < 0.6 else rng.randint(0, n - 1) for n in lens]
+    if mask_prefix is None:
+        mask_prefix = [rng.choice([0, 0, rng.randint(0, p + 1)]) for p in query_pos]
+    if window is None:
+        window = [rng.choice([0, 0, rng.randint(1, p + 2)]) for p in query_pos]
+    if sink_tokens is None:
+        sink_tokens = [rng.choice([0, 1, 4]) for _ in query_pos]
+    weights = torch.zeros((rows, num_heads))
+    for r in range(rows):
+        selected = heads if heads is not None else sorted(rng.sample(range(num_heads), rng.randint(1, num_heads)))
+        weights[r, selected] = 1.0 / len(selected)
+
+    def ints(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32)
+
+    return CaptureRequest(
+        q=case.q,
+        block_tables=case.block_tables,
+        query_pos=ints(query_pos),
+        head_weights=weights,
+        mask_prefix=ints(mask_prefix),
+        window=ints(window),
+        sink_tokens=ints(sink_tokens),
+        top_k=top_k,
+        head_top_k=head_top_k,
+    )
+
+
+def dense_f64(case: Case, req: CaptureRequest, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 logits ``[Hq, P+1]``, ``p̄`` ``[P+1]`` and the candidate mask ``W`` of one row."""
+    pos = int(req.query_pos[row])
+    num_heads, head_dim = req.q.shape[1:]
+    keys = case.keys[row][: pos + 1].double()
+    if req.rope_cos is not None:
+        keys = rotate(keys, req.rope_cos[: pos + 1, None].double(), -req.rope_sin[: pos + 1, None].double())
+    group = num_heads // keys.shape[1]
+    logits = torch.einsum("hd,thd->ht", req.q[row].double(), keys.repeat_interleave(group, dim=1)) * case.scale
+    j = torch.arange(pos + 1)
+    unmasked = j >= int(req.mask_prefix[row])
+    window = int(req.window[row])
+    candidates = unmasked & ((window == 0) | (j > pos - window))
+    masked = logits.masked_fill(~unmasked, float("-inf"))
+    lse = torch.logsumexp(masked, dim=1, keepdim=True)
+    probs = torch.exp(masked - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
+    p_bar = (req.head_weights[row].double()[:, None] * probs).sum(dim=0)
+    return logits, p_bar, candidates
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str, seed: int) -> None:
+    """``torch.testing.assert_close`` in float64 with equal infinities, naming quantity and seed."""
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=tol, atol=tol, msg=lambda m: f"{what} (seed={seed}): {m}"
+    )
+
+
+def assert_topk_matches(
+    pos: torch.Tensor, values: torch.Tensor, ref_pos: torch.Tensor, ref_values: torch.Tensor,
+    dense: torch.Tensor, tol: float, what: str, seed: int,
+) -> None:
+    """One row's top-k against the reference, tolerant to ties (see the module docstring).
+
+    ``dense`` is the float64 value of every position (``-inf`` outside the candidates).
+    """
+    assert torch.equal(pos == -1, ref_pos == -1), f"{what} (seed={seed}): padding {pos} vs {ref_pos}"
+    assert_close(values, ref_values, tol, f"{what} values", seed)
+    valid = pos >= 0
+    chosen = pos[valid].long()
+    assert len(set(chosen.tolist())) == chosen.numel(), f"{what} (seed={seed}): repeated positions {pos}"
+    assert torch.isfinite(dense[chosen]).all() or not valid.any(), f"{what} (seed={seed}): non-candidate in {pos}"
+    assert_close(values[valid], dense[chosen], tol, f"{what} values at reported positions", seed)
+    for rank in torch.nonzero(valid).flatten().tolist():
+        at = int(ref_pos[rank])
+        gaps = (torch.cat([dense[:at], dense[at + 1 :]]) - dense[at]).abs()
+        if gaps.numel() == 0 or gaps.min() > 2 * tol:
+            assert pos[rank] == ref_pos[rank], f"{what} (seed={seed}) rank {rank}: {pos} vs {ref_pos}"
+
+
+def check_result(result: CaptureResult, case: Case, req: CaptureRequest, seed: int) -> None:
+    """Compare every field of ``result`` with ``capture_rows_ref`` on the upcast inputs."""
+    ref = capture_rows_ref(case.k_cache.float(), replace(req, q=req.q.float()), case.scale)
+    logit_tol, prob_tol = TOLERANCES[case.q.dtype]
+    rows, num_heads = req.q.shape[:2]
+    assert result.lse.dtype == torch.float32 and result.lse.shape == (rows, num_heads)
+    assert_close(result.lse, ref.lse, logit_tol, "lse", seed)
+    assert_close(result.hist, ref.hist, prob_tol, "hist", seed)
+    assert_close(result.entropy, ref.entropy, 10 * prob_tol, "entropy", seed)
+    assert_close(result.sink_mass, ref.sink_mass, prob_tol, "sink_mass", seed)
+    assert torch.equal(result.num_stat_positions, ref.num_stat_positions), f"seed={seed}"
+    for field in ("topk_pos", "head_topk_pos"):
+        assert (getattr(result, field) is None) == (getattr(ref, field) is None), field
+    for row in range(rows):
+        logits, p_bar, candidates = dense_f64(case, req, row)
+        if req.top_k:
+            dense = p_bar.masked_fill(~candidates, float("-inf"))
+            assert_topk_matches(
+                result.topk_pos[row], result.topk_prob[row], ref.topk_pos[row], ref.topk_prob[row],
+                dense, prob_tol, f"top-k row {row}", seed,
+            )
+        for head in range(num_heads if req.head_top_k else 0):
+            dense = logits[head].masked_fill(~candidates, float("-inf"))
+            assert_topk_matches(
+                result.head_topk_pos[row, head], result.head_topk_logit[row, head],
+                ref.head_topk_pos[row, head], ref.head_topk_logit[row, head],
+                dense, logit_tol * 10, f"head top-k row {row} head {head}", seed,
+            )
+
+
+# (dtype, lens, Hq, Hkv, head_dim, block_size, splits, top_k, head_top_k)
+CAPTURE_CASES = [
+    pytest.param(torch.float32, [37, 1, 64, 100], 8, 2, 32, 16, 3, 8, 5, id="gqa4-odd-len1-3splits"),
+    pytest.param(torch.float16, [130, 17], 9, 3, 64, 8, 5, 16, 0, id="fp16-gqa3-bs8-5splits"),
+    pytest.param(torch.float32, [5, 70], 4, 4, 32, 32, 1, 64, 64, id="mha-k-over-length"),
+    pytest.param(torch.float16, [200, 9], 8, 1, 64, 16, 7, 4, 3, id="fp16-gqa8-7splits"),
+    pytest.param(torch.float32, [48, 33], 4, 2, 256, 16, 2, 20, 12, id="d256-tile32"),
+    pytest.param(torch.float32, [16, 32, 3], 9, 3, 32, 16, 6, 3, 2, id="block-boundaries-more-splits-than-blocks"),
+]
+
+
+@pytest.mark.parametrize(
+    "dtype, lens, num_heads, num_kv_heads, head_dim, block_size, num_splits, top_k, head_top_k", CAPTURE_CASES
+)
+def test_attention_capture_matches_reference(
+    seed: int, dtype: torch.dtype, lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
+    block_size: int, num_splits: int, top_k: int, head_top_k: int,
+) -> None:
+    """Standalone capture agrees with the reference under random masks, windows, sinks and heads."""
+    case = make_case(seed, lens, num_heads, num_kv_heads, head_dim, block_size, dtype)
+    req = make_request(case, random.Random(seed), top_k, head_top_k)
+    print(f"pos={req.query_pos.tolist()} mask={req.mask_prefix.tolist()} window={req.window.tolist()} "
+          f"sinks={req.sink_tokens.tolist()}")
+    check_result(attention_capture(case.k_cache, req, case.scale, num_splits=num_splits), case, req, seed)
+
+
+def test_attention_capture_edge_sets(seed: int) -> None:
+    """Empty ``U``, a single unmasked position, all-sink rows, window < k and one selected head."""
+    case = make_case(seed, [40, 40, 40, 40, 40], 8, 2, 32, 16, torch.float32)
+    req = make_request(
+        case, random.Random(seed), top_k=6, head_top_k=4,
+        query_pos=[39, 39, 20, 39, 0],
+        mask_prefix=[40, 39, 0, 2, 0],  # U empty / one position / full / prefix / position 0 only
+        window=[0, 0, 3, 5, 1],
+        sink_tokens=[0, 0, 30, 4, 1],  # C empty in row 2 (all of U are sinks) and row 4
+        heads=[5],
+    )
+    result = attention_capture(case.k_cache, req, case.scale, num_splits=2)
+    check_result(result, case, req, seed)
+    assert torch.isneginf(result.lse[0]).all() and (result.topk_pos[0] == -1).all()
+    assert result.hist[0].sum() == 0 and result.hist[2].sum() == 0 and result.hist[4].sum() == 0
+    assert result.topk_pos[1].tolist() == [39, -1, -1, -1, -1, -1]
+    assert abs(float(result.topk_prob[1, 0]) - 1.0) < 1e-6
+
+
+@pytest.mark.parametrize("draw", range(3))
+def test_attention_capture_random_config(seed: int, draw: int) -> None:
+    """A fresh random shape per draw: GQA ratio, head_dim, block size, dtype, lengths, splits, k."""
+    rng = random.Random(seed)
+    group = rng.choice([1, 3, 4, 8])
+    num_kv_heads = rng.choice([1, 2, 3])
+    block_size = rng.choice([8, 16, 32])
+    lens = [rng.choice([1, block_size, rng.randint(1, 160)]) for _ in range(rng.randint(1, 3))]
+    dtype = rng.choice([torch.float16, torch.float32])
+    case = make_case(seed, lens, group * num_kv_heads, num_kv_heads, rng.choice([32, 64]), block_size, dtype)
+    req = make_request(case, rng, rng.choice([0, 1, 7, 32]), rng.choice([0, 2, 9]))
+    num_splits = rng.choice([None, 1, rng.randint(2, 9)])
+    print(f"draw={draw} lens={lens} G={group} Hkv={num_kv_heads} bs={block_size} splits={num_splits} "
+          f"k={req.top_k}/{req.head_top_k}")
+    check_result(attention_capture(case.k_cache, req, case.scale, num_splits=num_splits), case, req, seed)
+
+
+def exact_tie_ranking(case: Case, req: CaptureRequest, row: int) -> list[int]:
+    """Candidates of ``row`` ranked by ``p̄`` descending, exact ties by position ascending.
+
+    Positions whose selected heads' logits are identical (exact here: integer dot products)
+    share one ``p̄`` value by construction, so they tie exactly, whatever the float noise
+    of any implementation's ``exp`` at different positions.
+    """
+    logits, p_bar, candidates = dense_f64(case, req, row)
+    selected = logits[req.head_weights[row] > 0].T  # [P+1, |H|]
+    positions = torch.nonzero(candidates).flatten().tolist()
+    shared: dict[tuple, float] = {}
+    value = {j: shared.setdefault(tuple(selected[j].tolist()), float(p_bar[j])) for j in positions}
+    return sorted(positions, key=lambda j: (-value[j], j))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ties_rank_lower_position_first(seed: int, dtype: torch.dtype) -> None:
+    """Exactly tied logits / ``p̄`` (keys from a 3-vector alphabet) rank by lower position first."""
+    case = make_case(seed, [90, 45], 6, 2, 32, 16, dtype, key_alphabet=3)
+    req = make_request(case, random.Random(seed), 7, 5, query_pos=[89, 44], mask_prefix=[7, 0],
+                       window=[0, 30], sink_tokens=[0, 4])
+    result = attention_capture(case.k_cache, req, case.scale, num_splits=3)
+    ref = capture_rows_ref(case.k_cache.float(), replace(req, q=req.q.float()), case.scale)
+    for row in range(2):
+        expected = exact_tie_ranking(case, req, row)[: req.top_k]
+        assert result.topk_pos[row].tolist() == expected, f"seed={seed} row {row}: {result.topk_pos[row]}"
+    assert torch.equal(result.head_topk_pos, ref.head_topk_pos), f"seed={seed}"  # logits are exact
+    for values, positions in ((result.topk_prob, result.topk_pos), (result.head_topk_logit, result.head_topk_pos)):
+        tied = values[..., 1:] == values[..., :-1]
+        assert tied.any() and (positions[..., 1:] > positions[..., :-1])[tied].all()
+    check_result(result, case, req, seed)
+
+
+def test_attention_capture_derotates_keys(seed: int) -> None:
+    """With rope tables every key is rotated back by its own position before the logits."""
+    case = make_case(seed, [70, 23], 8, 2, 64, 16, torch.float32)
+    rope = RotaryEmbedding(64, 128, theta=10000.0, scaling=None, dtype=torch.float32)
+    req = replace(make_request(case, random.Random(seed), 8, 4), rope_cos=rope.cos, rope_sin=rope.sin)
+    check_result(attention_capture(case.k_cache, req, case.scale, num_splits=3), case, req, seed)
+
+
+def decode_request(case: Case, rows: list[int], rng: random.Random, top_k: int, head_top_k: int) -> CaptureRequest:
+    """A capture request for the decode rows ``rows`` of ``case`` (query at the last position)."""
+    full = make_request(case, rng, top_k, head_top_k, query_pos=[n - 1 for n in case.context_lens.tolist()])
+    index = torch.tensor(rows, dtype=torch.long)
+    return replace(
+        full, q=case.q[index], block_tables=case.block_tables[index], query_pos=full.query_pos[index],
+        head_weights=full.head_weights[index], mask_prefix=full.mask_prefix[index], window=full.window[index],
+        sink_tokens=full.sink_tokens[index],
+    )
+
+
+# (dtype, lens, Hq, Hkv, head_dim, block_size, splits, captured rows, top_k, head_top_k)
+FUSED_CASES = [
+    pytest.param(torch.float32, [37, 1, 100, 64], 8, 2, 32, 16, 3, [2, 0], 8, 4, id="gqa4-3splits"),
+    pytest.param(torch.float16, [130, 48, 5], 9, 3, 64, 8, 4, [1, 2, 0], 5, 0, id="fp16-gqa3-all-rows"),
+    pytest.param(torch.float32, [40, 17], 8, 1, 32, 32, 16, [1], 0, 6, id="gqa8-more-splits-than-blocks"),
+    pytest.param(torch.float16, [70, 33, 90], 4, 4, 64, 16, 1, [2], 3, 2, id="fp16-mha-1split"),
+    pytest.param(torch.float32, [50, 20], 4, 2, 32, 16, 2, [], 4, 4, id="no-captured-rows"),
+]
+
+
+@pytest.mark.parametrize(
+    "dtype, lens, num_heads, num_kv_heads, head_dim, block_size, num_splits, rows, top_k, head_top_k", FUSED_CASES
+)
+def test_fused_decode_capture(
+    seed: int, dtype: torch.dtype, lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
+    block_size: int, num_splits: int, rows: list[int], top_k: int, head_top_k: int,
+) -> None:
+    """Fused decode: attention equals the plain kernel's for every row, capture equals the reference."""
+    case = make_case(seed, lens, num_heads, num_kv_heads, head_dim, block_size, dtype)
+    req = decode_request(case, rows, random.Random(seed), top_k, head_top_k)
+    args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale)
+    plain_out, plain_lse = paged_decode_attention(*args, num_splits=num_splits)
+    out, lse, result = paged_decode_attention(
+        *args, num_splits=num_splits, capture=req, capture_rows=torch.tensor(rows, dtype=torch.int32)
+    )
+    assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse), f"seed={seed}"
+    index = torch.tensor(rows, dtype=torch.long)
+    unmasked = req.mask_prefix == 0  # there the capture's lse over U is the attention's lse
+    assert_close(result.lse[unmasked], plain_lse[index][unmasked], TOLERANCES[dtype][0], "lse vs attention", seed)
+    case_rows = replace(case, q=case.q[index], keys=[case.keys[r] for r in rows])
+    check_result(result, case_rows, req, seed)
+
+
+def test_fused_decode_with_rope_runs_capture_separately(seed: int) -> None:
+    """De-rotated capture cannot share the attention's logits: plain attention + standalone capture."""
+    case = make_case(seed, [33, 60], 4, 2, 32, 16, torch.float32)
+    rope = RotaryEmbedding(32, 64, theta=10000.0, scaling=None, dtype=torch.float32)
+    req = replace(decode_request(case, [1], random.Random(seed), 4, 0), rope_cos=rope.cos, rope_sin=rope.sin)
+    args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale)
+    plain_out, _ = paged_decode_attention(*args, num_splits=2)
+    out, _, result = paged_decode_attention(*args, num_splits=2, capture=req, capture_rows=torch.tensor([1]))
+    assert torch.equal(out, plain_out)
+    check_result(result, replace(case, q=case.q[1:], keys=case.keys[1:]), req, seed)
+
+
+def test_capture_api_contract(seed: int) -> None:
+    """No capture keeps the 2-tuple; empty requests work; bad requests fail before launch."""
+    case = make_case(seed, [20], 4, 2, 32, 8, torch.float32)
+    args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale)
+    assert len(paged_decode_attention(*args)) == 2
+    req = make_request(case, random.Random(seed), 3, 2)
+    empty = replace(req, q=req.q[:0], block_tables=req.block_tables[:0], query_pos=req.query_pos[:0],
+                    head_weights=req.head_weights[:0], mask_prefix=req.mask_prefix[:0], window=req.window[:0],
+                    sink_tokens=req.sink_tokens[:0])
+    result = attention_capture(case.k_cache, empty, case.scale)
+    assert result.lse.shape == (0, 4) and result.topk_pos.shape == (0, 3) and result.head_topk_pos.shape == (0, 4, 2)
+    with pytest.raises(ValueError):
+        attention_capture(case.k_cache, replace(req, top_k=65), case.scale)
+    with pytest.raises(ValueError):
+        attention_capture(case.k_cache, replace(req, query_pos=req.query_pos.long()), case.scale)
+    with pytest.raises(ValueError):
+        attention_capture(case.k_cache, replace(req, q=req.q.half()), case.scale)
+    with pytest.raises(ValueError):
+        paged_decode_attention(*args, capture=req)
+
+
+@triton.jit
+def _bins_and_keys_kernel(dist_ptr, bins_ptr, values_ptr, positions_ptr, keys_ptr, out_values_ptr,
+                          out_positions_ptr, N: tl.constexpr):
+    """Test harness: distance bins, packed keys and their unpacking for N inputs."""
+    offs = tl.arange(0, N)
+    tl.store(bins_ptr + offs, _distance_bins(tl.load(dist_ptr + offs)))
+    keys = _pack_keys(tl.load(values_ptr + offs), tl.load(positions_ptr + offs), offs >= 0)
+    tl.store(keys_ptr + offs, keys)
+    values, positions = _unpack_keys(keys)
+    tl.store(out_values_ptr + offs, values)
+    tl.store(out_positions_ptr + offs, positions)
+
+
+def test_distance_bins_and_key_packing() -> None:
+    """Bins match ``distance_bin`` at every edge; keys sort like (value desc, position asc) and round-trip."""
+    edges = [0, 1, 2, 3, 4, 7, 8, 255, 256, 32767, 32768, 32769, (1 << 24) + 1, (1 << 31) - 1]
+    dist = torch.tensor(edges + [5] * (32 - len(edges)), dtype=torch.int32)
+    values = torch.tensor(
+        [float("-inf"), -3.5, -1e-30, 0.0, -0.0, 1e-30, 0.25, 0.25, 7.0, float("inf")] + [1.0] * 22
+    )
+    positions = torch.tensor([3, 9, 1, 5, 4, 8, 2, 6, 0, 7] + list(range(100, 122)), dtype=torch.int32)
+    bins = torch.empty(32, dtype=torch.int32)
+    keys = torch.empty(32, dtype=torch.int64)
+    out_values, out_positions = torch.empty(32), torch.empty(32, dtype=torch.int32)
+    _bins_and_keys_kernel[(1,)](dist, bins, values, positions, keys, out_values, out_positions, N=32)
+    assert torch.equal(bins.long(), distance_bin(dist.long()))
+    assert torch.equal(out_values, torch.where(values == 0, 0.0, values)) and torch.equal(out_positions, positions)
+    expected = sorted(range(32), key=lambda i: (-float(values[i]), int(positions[i])))
+    assert torch.argsort(keys, descending=True, stable=True).tolist() == expected
