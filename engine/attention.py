@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from attnscope.engine.capture_plan import LayerCapture, StepCapture, capture_request, row_block_tables
 from attnscope.kernels.capture_reference import capture_rows_ref
 from attnscope.kernels.full_attention import full_attention_rows
-from attnscope.kernels.reference import gather_paged_kv, paged_decode_attention_ref
+from attnscope.kernels.reference import gather_paged_kv
 
 
 @dataclass
@@ -89,14 +89,22 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query per sequence ``[B, Hq, D]`` over its paged keys: Triton on CUDA, torch twin elsewhere."""
+    """One query per sequence ``[B, Hq, D]`` over its paged keys: Triton on CUDA, SDPA on gathered keys elsewhere."""
     if q.is_cuda:
         from attnscope.kernels.paged_decode import paged_decode_attention
 
         out, _ = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
-    else:
-        out, _ = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return out
+        return out
+    lengths = context_lens.tolist()
+    longest = max(lengths)
+    keys = gather_paged_kv(k_cache, block_tables, longest).transpose(1, 2)
+    values = gather_paged_kv(v_cache, block_tables, longest).transpose(1, 2)
+    mask = None
+    if min(lengths) != longest:
+        mask = (torch.arange(longest) < context_lens[:, None]).view(len(lengths), 1, 1, longest)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+                                         scale=scale, enable_gqa=True)
+    return out.squeeze(2)
 
 
 def _fusable(group: LayerCapture, batch: AttentionBatch, q: torch.Tensor) -> bool:

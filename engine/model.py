@@ -24,18 +24,16 @@ from attnscope.engine.layers import (
     VocabParallelEmbedding,
 )
 from attnscope.engine.parallel import SINGLE_DEVICE, TensorParallel, partition_heads
-from attnscope.engine.rope import RotaryEmbedding
+from attnscope.engine.rope import RotaryEmbedding, rotate
 from attnscope.engine.weights import expected_tensor_shapes
 
 
 class Attention(nn.Module):
     """Self-attention of one layer over this rank's heads."""
 
-    def __init__(self, config: ModelConfig, layer: int, tp: TensorParallel, rope: RotaryEmbedding,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, layer: int, tp: TensorParallel, dtype: torch.dtype) -> None:
         super().__init__()
         self.layer = layer
-        self.rope = rope
         self.heads = partition_heads(config.num_heads, config.num_kv_heads, tp.size, tp.rank)
         self.head_dim = config.head_dim
         self.scale = config.head_dim ** -0.5
@@ -45,8 +43,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        """Project, rotate, attend over the cache, project back."""
+    def forward(self, rotary: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """Project, rotate by the tokens' ``(cos, sin)``, attend over the cache, project back."""
         n = x.shape[0]
         q, k, v = self.qkv_proj(x)
         q = q.view(n, -1, self.head_dim)
@@ -55,7 +53,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q_unrotated = q
-        q, k = self.rope(positions, q, k)
+        q, k = rotate(q, *rotary), rotate(k, *rotary)
         out = paged_attention(q, k, v, self.layer, batch, self.scale, q_unrotated)
         return self.o_proj(out.reshape(n, -1))
 
@@ -77,17 +75,16 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention and MLP with residual connections."""
 
-    def __init__(self, config: ModelConfig, layer: int, tp: TensorParallel, rope: RotaryEmbedding,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, layer: int, tp: TensorParallel, dtype: torch.dtype) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = Attention(config, layer, tp, rope, dtype)
+        self.self_attn = Attention(config, layer, tp, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, tp, dtype)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+    def forward(self, rotary: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """One transformer block."""
-        x = x + self.self_attn(positions, self.input_layernorm(x), batch)
+        x = x + self.self_attn(rotary, self.input_layernorm(x), batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -103,11 +100,10 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.tp = tp
         self.heads = partition_heads(config.num_heads, config.num_kv_heads, tp.size, tp.rank)
-        rope = RotaryEmbedding(config.head_dim, max_positions or config.max_position_embeddings, config.rope_theta,
-                               config.rope_scaling, dtype)
-        self.rope = rope
+        self.rope = RotaryEmbedding(config.head_dim, max_positions or config.max_position_embeddings,
+                                    config.rope_theta, config.rope_scaling, dtype)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, tp, rope, dtype) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, tp, dtype) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp, dtype)
 
@@ -115,8 +111,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """Final normalised hidden states ``[N, hidden]`` of a step's flattened tokens."""
         x = self.embed_tokens(input_ids)
+        rotary = self.rope.angles(positions)
         for layer in self.layers:
-            x = layer(positions, x, batch)
+            x = layer(rotary, x, batch)
         return self.norm(x)
 
     @torch.inference_mode()
