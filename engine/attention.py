@@ -142,14 +142,29 @@ def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch:
 
 def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
                          scale: float, group: LayerCapture) -> torch.Tensor:
-    """Decode attention of the step's decode rows with the group's capture statistics in the same pass."""
+    """Decode attention of the step's decode rows, the group's capture statistics in the same pass.
+
+    Only the captured rows run the capture kernel; the others run the plain decode kernel,
+    so requests without capture pay nothing for sharing the batch.
+    """
     from attnscope.kernels.paged_decode import paged_decode_attention
 
     decode_q = q[batch.decode_start :]
-    rows = torch.tensor([r.token_index - batch.decode_start for r in group.rows], device=q.device)
-    out, _, group.result = paged_decode_attention(
-        decode_q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, scale,
-        capture=capture_request(group, q, None), capture_rows=rows)
+    tables, lengths = batch.decode_block_tables, batch.decode_context_lens
+    rows = [r.token_index - batch.decode_start for r in group.rows]
+    request = capture_request(group, q, None)
+    if len(rows) == decode_q.shape[0]:
+        out, _, group.result = paged_decode_attention(decode_q, k_cache, v_cache, tables, lengths, scale,
+                                                      capture=request, capture_rows=torch.tensor(rows, device=q.device))
+        return out
+    taken = set(rows)
+    others = torch.tensor([i for i in range(decode_q.shape[0]) if i not in taken], device=q.device)
+    captured = torch.tensor(rows, device=q.device)
+    out = torch.empty_like(decode_q)
+    out[others] = paged_decode_attention(decode_q[others], k_cache, v_cache, tables[others], lengths[others], scale)[0]
+    out[captured], _, group.result = paged_decode_attention(
+        decode_q[captured], k_cache, v_cache, tables[captured], lengths[captured], scale,
+        capture=request, capture_rows=torch.arange(len(rows), device=q.device))
     return out
 
 
