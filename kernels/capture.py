@@ -50,8 +50,15 @@ from attnscope.kernels.paged_decode import (
 TOPK_SLOTS = 64  # running top-k width of every program (>= MAX_TOP_K, >= the key tile width)
 STAT_WIDTH = 32  # per (row, head, split) partial: hist at 0..15, then m, l_U, l_S, l_C, e_C at 16..20
 MAX_PASS_B_SPLITS = 256
-# Launch widths (sm_90, Triton 3.9 ptxas): 4 warps spill the fused and Pass B kernels, 8 do not.
-FUSED_NUM_WARPS = 8
+# Launch widths. Registers per thread on sm_90 (Triton 3.6 ptxas, bf16, D=128, group 4, tile 64,
+# strides specialised like at run time): plain decode kernel 113 at 4 warps (4 CTAs/SM); fused
+# kernel without per-head top-k 167 at 4 warps, 128 and no spills with maxnreg=128 -- the plain
+# kernel's 4 CTAs of 4 warps per SM, so uncaptured rows run at the plain kernel's occupancy; with
+# per-head top-k 224 at 4 warps (180 at 8), no spills either way.
+FUSED_NUM_WARPS = 4
+FUSED_MAXNREG = 128
+FUSED_HEAD_TOPK_NUM_WARPS = 4
+FUSED_HEAD_TOPK_MAXNREG = None
 PASS_A_NUM_WARPS = 4
 PASS_B_NUM_WARPS = 8
 
@@ -266,8 +273,9 @@ def _attend_tile(
 ):
     """One key/value tile of the decode online softmax, as in ``_paged_decode_split_kernel``.
 
-    Returns the new running max, sum and output accumulator, and the tile's logits,
-    ``p = exp(logits - m_new)`` and rescale ``alpha = exp(m_i - m_new)`` for capture.
+    Returns the new running max, sum and output accumulator, and for capture the tile's
+    logits, ``shifted = logits - m_new``, ``p = exp(shifted)``, its row sums and the rescale
+    ``alpha = exp(m_i - m_new)`` (values the uncaptured loop does not use are dead code).
     """
     token_valid = tokens < split_end
     physical_block = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_valid, other=0).to(tl.int64)
@@ -279,13 +287,15 @@ def _attend_tile(
     )
     m_new = tl.maximum(m_i, tl.max(logits, axis=1))
     alpha = tl.exp(m_i - m_new)
-    p = tl.exp(logits - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    shifted = logits - m_new[:, None]
+    p = tl.exp(shifted)
+    p_sum = tl.sum(p, axis=1)
+    l_i = l_i * alpha + p_sum
     v_rows = physical_block * stride_vb + slot * stride_vt + kv_head * stride_vh
     dims = tl.arange(0, HEAD_DIM)
     v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=token_valid[:, None], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc, logits, p, alpha
+    return m_new, l_i, acc, logits, shifted, p, p_sum, alpha
 
 
 @triton.jit
@@ -295,68 +305,78 @@ def _capture_tile(
     l_c,
     e_c,
     hist,
-    best,
-    logits,
+    shifted,
     p,
+    p_sum,
     m_old,
     m_new,
     alpha,
+    tile_start,
     tokens,
+    split_end,
     pos,
     u_lo,
-    w_lo,
     c_lo,
-    head_top_k,
-    GROUP_PAD: tl.constexpr,
-    LOG_GROUP_PAD: tl.constexpr,
     TILE_N: tl.constexpr,
-    HEAD_TOPK: tl.constexpr,
 ):
-    """Pass A accumulators after one key tile, rescaled from running max ``m_old`` to ``m_new``.
+    """Pass A statistics after one key tile, rescaled from running max ``m_old`` to ``m_new``.
 
-    ``p = exp(logits - m_new)``, ``alpha = exp(m_old - m_new)``. ``e_c`` is kept relative to
-    the running max, so its rescale adds ``(m_old - m_new) * l_c``.
+    ``shifted = logits - m_new``, ``p = exp(shifted)``, ``p_sum`` its row sums, ``alpha =
+    exp(m_old - m_new)``. ``e_c`` is kept relative to the running max, so its rescale adds
+    ``(m_old - m_new) * l_c``. A tile wholly inside ``C`` (most tiles: past the mask prefix
+    and the sinks, not the last partial tile) needs no masks: ``l_U`` and ``l_C`` grow by
+    ``p_sum``. Only boundary tiles build the set masks (and the sink sum when they reach
+    below ``c_lo``). The histogram loops over the bins the tile covers -- distance bins are
+    monotone in position, so a tile at distance >= 2 TILE_N spans one or two -- and a
+    one-bin tile adds its row sums with no per-key work.
     """
-    in_u = (tokens >= u_lo) & (tokens <= pos)
-    in_c = in_u & (tokens >= c_lo)
-    in_s = in_u & (tokens < c_lo)
-    p_c = tl.where(in_c[None, :], p, 0.0)
-    l_u = l_u * alpha + tl.sum(tl.where(in_u[None, :], p, 0.0), axis=1)
-    l_s = l_s * alpha + tl.sum(tl.where(in_s[None, :], p, 0.0), axis=1)
     shift = tl.where(l_c > 0.0, m_old - m_new, 0.0) * l_c
-    centred = tl.where(in_c[None, :], logits - m_new[:, None], 0.0)
-    e_c = alpha * (e_c + shift) + tl.sum(p_c * centred, axis=1)
-    l_c = l_c * alpha + tl.sum(p_c, axis=1)
-    bins = _distance_bins(pos - tokens)
-    one_hot = (bins[:, None] == tl.arange(0, 16)[None, :]).to(tl.float32)  # [TILE_N, 16]
-    hist = hist * alpha[:, None] + tl.dot(p_c, one_hot, input_precision="ieee")
-    if HEAD_TOPK:
-        in_w = in_u & (tokens >= w_lo)
-        keys = _pack_keys(logits, tokens[None, :], in_w[None, :])
-        best = _update_topk(best, keys, head_top_k, GROUP_PAD, LOG_GROUP_PAD, TILE_N)
-    return l_u, l_s, l_c, e_c, hist, best
+    tile_last = tile_start + (TILE_N - 1)
+    l_s = l_s * alpha
+    if (tile_start >= c_lo) & (tile_last <= pos) & (tile_last < split_end):  # every key valid and in C
+        p_c = p
+        c_sum = p_sum
+        l_u = l_u * alpha + p_sum
+        e_tile = tl.sum(p * shifted, axis=1)
+    else:
+        in_u = (tokens >= u_lo) & (tokens <= pos)
+        in_c = in_u & (tokens >= c_lo)
+        p_c = tl.where(in_c[None, :], p, 0.0)
+        c_sum = tl.sum(p_c, axis=1)
+        l_u = l_u * alpha + tl.sum(tl.where(in_u[None, :], p, 0.0), axis=1)
+        e_tile = tl.sum(p_c * tl.where(in_c[None, :], shifted, 0.0), axis=1)
+        if tile_start < c_lo:
+            l_s += tl.sum(tl.where((in_u & (tokens < c_lo))[None, :], p, 0.0), axis=1)
+    e_c = alpha * (e_c + shift) + e_tile
+    l_c = l_c * alpha + c_sum
+    cols = tl.arange(0, 16)
+    hist = hist * alpha[:, None]
+    bin_lo = _distance_bins(pos - tl.minimum(tile_last, pos))
+    bin_hi = _distance_bins(pos - tile_start)
+    if bin_lo == bin_hi:
+        hist += tl.where(cols[None, :] == bin_lo, c_sum[:, None], 0.0)
+    else:
+        bins = _distance_bins(pos - tokens)
+        for b in range(bin_lo, bin_hi + 1):
+            bin_sum = tl.sum(tl.where(bins[None, :] == b, p_c, 0.0), axis=1)
+            hist += tl.where(cols[None, :] == b, bin_sum[:, None], 0.0)
+    return l_u, l_s, l_c, e_c, hist
 
 
 @triton.jit
-def _store_capture_split(
-    stats_ptr,
-    head_keys_ptr,
-    stats_base,
-    keys_base,
-    heads,
-    row_valid,
-    m,
-    l_u,
-    l_s,
-    l_c,
-    e_c,
-    hist,
-    best,
-    stride_sh,
-    stride_kh,
-    HEAD_TOPK: tl.constexpr,
+def _head_topk_tile(
+    best, logits, tokens, pos, u_lo, w_lo, head_top_k, GROUP_PAD: tl.constexpr, LOG_GROUP_PAD: tl.constexpr,
+    TILE_N: tl.constexpr,
 ):
-    """Write one split's Pass A partials (and per-head top-k keys) for a KV group's heads."""
+    """Merge a tile's logits over ``W`` into the per-head running top-k ``best``."""
+    in_w = (tokens >= w_lo) & (tokens <= pos)  # w_lo >= u_lo
+    keys = _pack_keys(logits, tokens[None, :], in_w[None, :])
+    return _update_topk(best, keys, head_top_k, GROUP_PAD, LOG_GROUP_PAD, TILE_N)
+
+
+@triton.jit
+def _store_capture_split(stats_ptr, stats_base, heads, row_valid, m, l_u, l_s, l_c, e_c, hist, stride_sh):
+    """Write one split's Pass A partials for a KV group's heads."""
     stat_rows = stats_ptr + stats_base + heads * stride_sh
     bins = tl.arange(0, 16)
     tl.store(stat_rows[:, None] + bins[None, :], hist, mask=row_valid[:, None])
@@ -365,10 +385,14 @@ def _store_capture_split(
     tl.store(stat_rows + 18, l_s, mask=row_valid)
     tl.store(stat_rows + 19, l_c, mask=row_valid)
     tl.store(stat_rows + 20, e_c, mask=row_valid)
-    if HEAD_TOPK:
-        slots = tl.arange(0, SLOTS)
-        key_rows = head_keys_ptr + keys_base + heads * stride_kh
-        tl.store(key_rows[:, None] + slots[None, :], best, mask=row_valid[:, None])
+
+
+@triton.jit
+def _store_head_keys(head_keys_ptr, keys_base, heads, row_valid, best, stride_kh):
+    """Write one split's per-head top-k keys for a KV group's heads."""
+    slots = tl.arange(0, SLOTS)
+    key_rows = head_keys_ptr + keys_base + heads * stride_kh
+    tl.store(key_rows[:, None] + slots[None, :], best, mask=row_valid[:, None])
 
 
 # ----------------------------------------------------------------------------- Pass A kernels
@@ -432,7 +456,8 @@ def _capture_split_kernel(
     l_c = tl.zeros([GROUP_PAD], dtype=tl.float32)
     e_c = tl.zeros([GROUP_PAD], dtype=tl.float32)
     hist = tl.zeros([GROUP_PAD, 16], dtype=tl.float32)
-    best = tl.full([GROUP_PAD, SLOTS], EMPTY_KEY, tl.int64)
+    if HEAD_TOPK:
+        best = tl.full([GROUP_PAD, SLOTS], EMPTY_KEY, tl.int64)
 
     block_table_row = block_tables_ptr + row * stride_btr
     for tile_start in range(split_start, split_end, TILE_N):
@@ -446,17 +471,21 @@ def _capture_split_kernel(
         )
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
         alpha = tl.exp(m_i - m_new)
-        p = tl.exp(logits - m_new[:, None])
-        l_u, l_s, l_c, e_c, hist, best = _capture_tile(
-            l_u, l_s, l_c, e_c, hist, best, logits, p, m_i, m_new, alpha, tokens, pos, u_lo, w_lo, c_lo,
-            head_top_k, GROUP_PAD, LOG_GROUP_PAD, TILE_N, HEAD_TOPK,
+        shifted = logits - m_new[:, None]
+        p = tl.exp(shifted)
+        l_u, l_s, l_c, e_c, hist = _capture_tile(
+            l_u, l_s, l_c, e_c, hist, shifted, p, tl.sum(p, axis=1), m_i, m_new, alpha, tile_start, tokens,
+            split_end, pos, u_lo, c_lo, TILE_N,
         )
+        if HEAD_TOPK:
+            best = _head_topk_tile(best, logits, tokens, pos, u_lo, w_lo, head_top_k, GROUP_PAD, LOG_GROUP_PAD, TILE_N)
         m_i = m_new
 
     _store_capture_split(
-        stats_ptr, head_keys_ptr, row * stride_sr + split * stride_ss, row * stride_kr + split * stride_ks,
-        heads, row_valid, m_i, l_u, l_s, l_c, e_c, hist, best, stride_sh, stride_khd, HEAD_TOPK,
+        stats_ptr, row * stride_sr + split * stride_ss, heads, row_valid, m_i, l_u, l_s, l_c, e_c, hist, stride_sh
     )
+    if HEAD_TOPK:
+        _store_head_keys(head_keys_ptr, row * stride_kr + split * stride_ks, heads, row_valid, best, stride_khd)
 
 
 @triton.jit
@@ -536,7 +565,7 @@ def _fused_decode_capture_kernel(
     if cap < 0:
         for tile_start in range(split_start, split_end, TILE_N):
             tokens = tile_start + tile_offsets
-            m_new, l_i, acc, logits, p, alpha = _attend_tile(
+            m_new, l_i, acc, logits, shifted, p, p_sum, alpha = _attend_tile(
                 q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_row, tokens, split_end, kv_head,
                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
                 HEAD_DIM, BLOCK_SIZE, DOT_PRECISION,
@@ -549,23 +578,29 @@ def _fused_decode_capture_kernel(
         l_c = tl.zeros([GROUP_PAD], dtype=tl.float32)
         e_c = tl.zeros([GROUP_PAD], dtype=tl.float32)
         hist = tl.zeros([GROUP_PAD, 16], dtype=tl.float32)
-        best = tl.full([GROUP_PAD, SLOTS], EMPTY_KEY, tl.int64)
+        if HEAD_TOPK:
+            best = tl.full([GROUP_PAD, SLOTS], EMPTY_KEY, tl.int64)
         for tile_start in range(split_start, split_end, TILE_N):
             tokens = tile_start + tile_offsets
-            m_new, l_i, acc, logits, p, alpha = _attend_tile(
+            m_new, l_i, acc, logits, shifted, p, p_sum, alpha = _attend_tile(
                 q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_row, tokens, split_end, kv_head,
                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
                 HEAD_DIM, BLOCK_SIZE, DOT_PRECISION,
             )
-            l_u, l_s, l_c, e_c, hist, best = _capture_tile(
-                l_u, l_s, l_c, e_c, hist, best, logits, p, m_i, m_new, alpha, tokens, pos, u_lo, w_lo, c_lo,
-                head_top_k, GROUP_PAD, LOG_GROUP_PAD, TILE_N, HEAD_TOPK,
+            l_u, l_s, l_c, e_c, hist = _capture_tile(
+                l_u, l_s, l_c, e_c, hist, shifted, p, p_sum, m_i, m_new, alpha, tile_start, tokens, split_end,
+                pos, u_lo, c_lo, TILE_N,
             )
+            if HEAD_TOPK:
+                best = _head_topk_tile(
+                    best, logits, tokens, pos, u_lo, w_lo, head_top_k, GROUP_PAD, LOG_GROUP_PAD, TILE_N
+                )
             m_i = m_new
         _store_capture_split(
-            stats_ptr, head_keys_ptr, cap * stride_sr + split * stride_ss, cap * stride_kr + split * stride_ks,
-            heads, row_valid, m_i, l_u, l_s, l_c, e_c, hist, best, stride_sh, stride_khd, HEAD_TOPK,
+            stats_ptr, cap * stride_sr + split * stride_ss, heads, row_valid, m_i, l_u, l_s, l_c, e_c, hist, stride_sh
         )
+        if HEAD_TOPK:
+            _store_head_keys(head_keys_ptr, cap * stride_kr + split * stride_ks, heads, row_valid, best, stride_khd)
 
     has_tokens = l_i > 0.0
     safe_l = tl.where(has_tokens, l_i, 1.0)
@@ -987,7 +1022,8 @@ def paged_decode_attention_capture(
         TILE_N=_tile_tokens(head_dim),
         DOT_PRECISION=_dot_precision(q.dtype),
         HEAD_TOPK=capture.head_top_k > 0,
-        num_warps=FUSED_NUM_WARPS,
+        num_warps=FUSED_HEAD_TOPK_NUM_WARPS if capture.head_top_k else FUSED_NUM_WARPS,
+        maxnreg=FUSED_HEAD_TOPK_MAXNREG if capture.head_top_k else FUSED_MAXNREG,
     )
     if num_splits > 1:
         _combine_splits_kernel[(batch, num_heads)](
