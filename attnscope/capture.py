@@ -56,6 +56,12 @@ class CaptureParams(BaseModel):
             return tuple(sorted(set(value)))
         return value
 
+    @field_validator("fingerprint_max_steps", mode="before")
+    @classmethod
+    def _zero_is_unlimited(cls, value: Any) -> Any:
+        """0 means no early exit, as the reference servers' flag says."""
+        return None if value == 0 else value
+
     @field_validator("head_ids", mode="before")
     @classmethod
     def _parse_heads(cls, value: Any) -> Any:

@@ -15,9 +15,10 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence as SequenceOf
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from attnscope.capture import CaptureParams
 from attnscope.engine.block_manager import BlockManager
@@ -42,6 +43,9 @@ from attnscope.engine.stop import StopStringText
 from attnscope.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from attnscope.engine.weights import LoadedCheckpoint, default_model_path, load_checkpoint
 from attnscope.sampling import SamplingParams
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class InvalidRequestError(ValueError):
@@ -176,7 +180,7 @@ class LLMEngine:
         the full mode). Raises ``InvalidRequestError`` (naming the field) for anything the
         engine cannot serve; nothing is queued then.
         """
-        params = _validate_params(params)
+        params = _validated(SamplingParams, params, "")
         ids = self._prompt_ids(prompt, prompt_token_ids, messages)
         capture = self._validate_capture(capture, len(ids), params)
         request_id = request_id or uuid.uuid4().hex
@@ -231,13 +235,7 @@ class LLMEngine:
         """Capture parameters checked against the model and limits (``InvalidRequestError`` naming the field)."""
         if capture is None:
             return None
-        if not isinstance(capture, CaptureParams):
-            try:
-                capture = CaptureParams(**capture)
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                name = ".".join(str(p) for p in err["loc"]) or "capture"
-                raise InvalidRequestError(f"invalid capture.{name}: {err['msg']}", f"capture.{name}") from exc
+        capture = _validated(CaptureParams, capture, "capture.")
         try:
             capture.resolve_layers(self.model_config.num_layers)
         except ValueError as exc:
@@ -471,15 +469,15 @@ class LLMEngine:
             return self.blocks.usage
 
 
-def _validate_params(params: SamplingParams | dict | None) -> SamplingParams:
-    """Sampling parameters as a validated model; invalid values raise ``InvalidRequestError`` naming the field."""
-    if isinstance(params, SamplingParams):
-        return params
+def _validated(model: type[ModelT], value: ModelT | dict | None, prefix: str) -> ModelT:
+    """``value`` as a validated ``model``; the first invalid field raises ``InvalidRequestError`` naming it."""
+    if isinstance(value, model):
+        return value
     try:
-        return SamplingParams(**(params or {}))
+        return model(**(value or {}))
     except ValidationError as exc:
         err = exc.errors()[0]
-        name = ".".join(str(p) for p in err["loc"]) or "params"
+        name = prefix + ".".join(str(p) for p in err["loc"])
         raise InvalidRequestError(f"invalid {name}: {err['msg']}", name) from exc
 
 
