@@ -1,0 +1,1 @@
+"""attnscope.actors: Ray actors (engine rank workers, the clustering actor)."""

@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m attnscope.examples needle|codename``."""
