@@ -13,20 +13,24 @@ torch twin with the same API. Two passes over the keys, both split-K over positi
   de-rotated logits, which differ from the attention's). A combine kernel merges the
   splits per head into ``lse_U``, ``H_h = log l_C - e_C / l_C``, ``hist_h = hist_C / l_C``
   and ``l_S / l_U`` and sums them with the head weights.
-* Pass B (grid ``(rows, splits)``, only when ``top_k > 0``) needs every head's final
-  ``lse_U``: it recomputes each selected KV group's logits of the split's ``W`` positions,
-  forms ``p̄[j] = sum_h w_h exp(s_h[j] - lse_h)`` and keeps an exact running top-k.
+* Pass B (grid ``(rows, Hkv, splits)``, only when ``top_k > 0``) needs every head's final
+  ``lse_U``: each program recomputes its KV group's logits of the split's ``W`` positions and
+  ``atomic_add``s the group's ``sum_h w_h exp(s_h[j] - lse_h)`` into a dense float32
+  ``p̄ [rows, T]``. A pack kernel turns ``p̄`` into sortable int64 keys (positions outside
+  ``W`` get the empty key) and ``torch.topk`` over the keys picks the exact top-k.
 
-Running top-k are exact: each (value, position) is packed into one int64 key that sorts like
+Top-k are exact: each (value, position) is packed into one int64 key that sorts like
 (value descending, position ascending) -- the float32 bits made order-preserving in the high
-word, ``2^31 - 1 - position`` in the low word. A program keeps its ``TOPK_SLOTS`` best keys
-sorted descending; a tile is merged by a bitonic sort of the tile (ascending), the
-elementwise max with the running best (a bitonic sequence holding exactly the top
-``TOPK_SLOTS`` of the union) and one bitonic merge. The compare-exchanges are ``tl.min``/
-``tl.max`` over the axes of a ``[2, 2, ...]`` view, which also keeps the Triton interpreter
-fast (its ``tl.sort`` reduces with a Python-level xor). A tile with no key above the running
-k-th is skipped. Per-split candidates are merged by a small kernel the same way, exact since
-the union of per-split top-k holds the global top-k.
+word, ``2^31 - 1 - position`` in the low word. The per-head running top-k of Pass A keeps a
+program's ``TOPK_SLOTS`` best keys sorted descending; a tile is merged by a bitonic sort of the
+tile (ascending), the elementwise max with the running best (a bitonic sequence holding exactly
+the top ``TOPK_SLOTS`` of the union) and one bitonic merge. The compare-exchanges are
+``tl.min``/``tl.max`` over the axes of a ``[2, 2, ...]`` view, which also keeps the Triton
+interpreter fast (its ``tl.sort`` reduces with a Python-level xor). A tile with no key above
+the running k-th is skipped. Per-split candidates are merged by a small kernel the same way,
+exact since the union of per-split top-k holds the global top-k. Pass B needs no merge: the
+keys of all of ``W`` go through one ``torch.topk`` (a radix select on the device, no sort of
+``W`` and no host sync).
 """
 
 from __future__ import annotations
@@ -50,17 +54,21 @@ from attnscope.kernels.paged_decode import (
 TOPK_SLOTS = 64  # running top-k width of every program (>= MAX_TOP_K, >= the key tile width)
 STAT_WIDTH = 32  # per (row, head, split) partial: hist at 0..15, then m, l_U, l_S, l_C, e_C at 16..20
 MAX_PASS_B_SPLITS = 256
+PACK_BLOCK = 1024  # positions per program of the Pass B pack kernel
 # Launch widths. Registers per thread on sm_90 (Triton 3.6 ptxas, bf16, D=128, group 4, tile 64,
 # strides specialised like at run time): plain decode kernel 113 at 4 warps (4 CTAs/SM); fused
 # kernel without per-head top-k 167 at 4 warps, 128 and no spills with maxnreg=128 -- the plain
 # kernel's 4 CTAs of 4 warps per SM, so uncaptured rows run at the plain kernel's occupancy; with
-# per-head top-k 224 at 4 warps (180 at 8), no spills either way.
+# per-head top-k 224 at 4 warps (180 at 8), no spills either way. Pass B (``_mean_probs_kernel``):
+# 60 at 4 warps, 21 KiB shared, no spills; with ROPE (float32 de-rotated keys, IEEE dots) 255 and
+# spills at 4 warps, 166 and none at 8 warps.
 FUSED_NUM_WARPS = 4
 FUSED_MAXNREG = 128
 FUSED_HEAD_TOPK_NUM_WARPS = 4
 FUSED_HEAD_TOPK_MAXNREG = None
 PASS_A_NUM_WARPS = 4
-PASS_B_NUM_WARPS = 8
+PASS_B_NUM_WARPS = 4
+PASS_B_ROPE_NUM_WARPS = 8
 
 SLOTS = tl.constexpr(TOPK_SLOTS)
 LOG_SLOTS = tl.constexpr(6)
@@ -676,7 +684,7 @@ def _combine_capture_kernel(
 
 
 @triton.jit
-def _mean_topk_kernel(
+def _mean_probs_kernel(
     q_ptr,
     k_cache_ptr,
     block_tables_ptr,
@@ -688,11 +696,9 @@ def _mean_topk_kernel(
     lse_ptr,
     cos_ptr,
     sin_ptr,
-    keys_ptr,
+    p_bar_ptr,
     scale,
-    num_kv_heads,
     num_splits,
-    top_k,
     stride_qr,
     stride_qh,
     stride_kb,
@@ -702,8 +708,7 @@ def _mean_topk_kernel(
     stride_rope,
     stride_wr,
     stride_lr,
-    stride_kr,
-    stride_ks,
+    stride_pr,
     GROUP_SIZE: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -712,43 +717,65 @@ def _mean_topk_kernel(
     DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
 ):
-    """Pass B of one (row, split): running top-k of ``p̄`` over the split's share of ``W``.
+    """Pass B of one (row, KV group, split): add the group's share of ``p̄`` over the split's share of ``W``.
 
-    KV groups whose heads all have weight 0 are skipped (no read of their keys).
+    ``p_bar[row, j] += sum_{h in group} w_h exp(s_h[j] - lse_h)`` by float atomics (one per
+    position and group). A group whose heads all have weight 0 reads nothing.
     """
     row = tl.program_id(0)
-    split = tl.program_id(1)
-    pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
-    split_start, split_end = _split_range(w_lo, pos + 1, split, num_splits, TILE_N)
-
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     rows = tl.arange(0, GROUP_PAD)
     row_valid = rows < GROUP_SIZE
-    tile_offsets = tl.arange(0, TILE_N)
-    best = tl.full([1, SLOTS], EMPTY_KEY, tl.int64)
-    block_table_row = block_tables_ptr + row * stride_btr
-    for tile_start in range(split_start, split_end, TILE_N):
-        tokens = tile_start + tile_offsets
-        token_valid = tokens < split_end
-        physical_block = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_valid, other=0).to(tl.int64)
-        slot_rows = physical_block * stride_kb + (tokens % BLOCK_SIZE) * stride_kt
-        p_bar = tl.zeros([TILE_N], dtype=tl.float32)
-        for kv_head in range(num_kv_heads):
-            heads = kv_head * GROUP_SIZE + rows
-            weights = tl.load(head_weights_ptr + row * stride_wr + heads, mask=row_valid, other=0.0)
-            if tl.sum(weights, axis=0) > 0.0:
-                q_a, q_b = _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM, ROPE)
-                logits = _key_logits(
-                    q_a, q_b, k_cache_ptr, slot_rows + kv_head * stride_kh, tokens, token_valid, cos_ptr,
-                    sin_ptr, stride_rope, scale, HEAD_DIM, ROPE, DOT_PRECISION,
-                )
-                lse = tl.load(lse_ptr + row * stride_lr + heads, mask=row_valid, other=0.0)
-                lse = tl.where(lse == float("-inf"), 0.0, lse)
-                probs = tl.exp(logits - lse[:, None])
-                p_bar += tl.sum(weights[:, None] * probs, axis=0)
-        keys = _pack_keys(p_bar[None, :], tokens[None, :], token_valid[None, :])
-        best = _update_topk(best, keys, top_k, 1, 0, TILE_N)
+    heads = kv_head * GROUP_SIZE + rows
+    weights = tl.load(head_weights_ptr + row * stride_wr + heads, mask=row_valid, other=0.0)
+    if tl.max(tl.abs(weights), axis=0) > 0.0:
+        pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
+        split_start, split_end = _split_range(w_lo, pos + 1, split, num_splits, TILE_N)
+        q_a, q_b = _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM, ROPE)
+        lse = tl.load(lse_ptr + row * stride_lr + heads, mask=row_valid, other=0.0)
+        lse = tl.where(lse == float("-inf"), 0.0, lse)
+        tile_offsets = tl.arange(0, TILE_N)
+        block_table_row = block_tables_ptr + row * stride_btr
+        p_bar_row = p_bar_ptr + row * stride_pr
+        for tile_start in range(split_start, split_end, TILE_N):
+            tokens = tile_start + tile_offsets
+            token_valid = tokens < split_end
+            physical_block = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_valid, other=0).to(tl.int64)
+            k_rows = physical_block * stride_kb + (tokens % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
+            logits = _key_logits(
+                q_a, q_b, k_cache_ptr, k_rows, tokens, token_valid, cos_ptr, sin_ptr, stride_rope, scale,
+                HEAD_DIM, ROPE, DOT_PRECISION,
+            )
+            group_sum = tl.sum(weights[:, None] * tl.exp(logits - lse[:, None]), axis=0)
+            tl.atomic_add(p_bar_row + tokens, group_sum, mask=token_valid, sem="relaxed")
+
+
+@triton.jit
+def _pack_mean_probs_kernel(
+    p_bar_ptr, keys_ptr, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr, width, stride_pr, stride_kr,
+    BLOCK: tl.constexpr,
+):
+    """Keys of ``p̄`` for ``torch.topk``: ``(p̄[j], j)`` packed for ``j`` in ``W``, the empty key elsewhere."""
+    row = tl.program_id(0)
+    positions = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = positions < width
+    pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
+    values = tl.load(p_bar_ptr + row * stride_pr + positions, mask=inside, other=0.0)
+    keys = _pack_keys(values, positions, (positions >= w_lo) & (positions <= pos))
+    tl.store(keys_ptr + row * stride_kr + positions, keys, mask=inside)
+
+
+@triton.jit
+def _unpack_topk_kernel(keys_ptr, pos_ptr, value_ptr, kept, k, stride_kr, stride_or):
+    """Positions (``-1`` for empty keys) and values (0 for empty) of one row's ``kept`` best keys, padded to ``k``."""
+    row = tl.program_id(0)
     slots = tl.arange(0, SLOTS)
-    tl.store(keys_ptr + row * stride_kr + split * stride_ks + slots[None, :], best)
+    keys = tl.load(keys_ptr + row * stride_kr + slots, mask=slots < kept, other=EMPTY_KEY)
+    values, positions = _unpack_keys(keys)
+    empty = keys == EMPTY_KEY
+    tl.store(pos_ptr + row * stride_or + slots, tl.where(empty, -1, positions), mask=slots < k)
+    tl.store(value_ptr + row * stride_or + slots, tl.where(empty, 0.0, values), mask=slots < k)
 
 
 @triton.jit
@@ -846,9 +873,9 @@ def _rope_args(req: CaptureRequest, k_cache: torch.Tensor) -> tuple[torch.Tensor
     return req.rope_cos, req.rope_sin, req.rope_cos.stride(0), True
 
 
-def _pass_b_splits(rows: int, max_len: int, device: torch.device) -> int:
-    """Pass B split count: about two programs per SM, >= MIN_TOKENS_PER_SPLIT tokens a split."""
-    wanted = triton.cdiv(2 * _num_sms(device), max(rows, 1))
+def _pass_b_splits(rows: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
+    """Pass B split count: about four programs per SM (``rows * Hkv * splits``), >= MIN_TOKENS_PER_SPLIT tokens a split."""
+    wanted = triton.cdiv(4 * _num_sms(device), max(rows * num_kv_heads, 1))
     useful = triton.cdiv(max(max_len, 1), MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, useful, MAX_PASS_B_SPLITS))
 
@@ -884,21 +911,35 @@ def _finish(
 def _mean_topk(
     k_cache: torch.Tensor, req: CaptureRequest, scale: float, lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass B: head-mean top-k positions and ``p̄`` of every row, given the rows' final ``lse``."""
+    """Pass B: head-mean top-k positions and ``p̄`` of every row, given the rows' final ``lse``.
+
+    ``p̄`` is summed densely over the table width ``T = max_blocks * block_size`` (no host
+    sync to find the longest row): a float32 ``[R, T]`` buffer (4 bytes per position, 4 MiB
+    for one row of a 1M-token table) plus int64 keys ``[R, T]`` for the selection (8 bytes
+    per position) -- 12 bytes per row and table position of temporary device memory.
+    ``torch.topk`` of the keys ranks by ``p̄`` descending, then position ascending; ranks
+    past ``|W|`` are position -1 / value 0. The float atomics sum the KV groups in run-time
+    order: values may differ in the last bit between runs when three or more groups have
+    weight, and exact ties then hold only up to that bit.
+    """
     rows, num_heads, head_dim = req.q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    max_len = req.block_tables.shape[1] * block_size
-    num_splits = _pass_b_splits(rows, max_len, k_cache.device)
-    keys = torch.empty((rows, num_splits, TOPK_SLOTS), dtype=torch.int64, device=k_cache.device)
+    width = req.block_tables.shape[1] * block_size
+    k = req.top_k
+    device = k_cache.device
+    pos = torch.empty((rows, k), dtype=torch.int32, device=device)
+    prob = torch.empty((rows, k), dtype=torch.float32, device=device)
     if not rows:
-        return _final_topk(keys, req.top_k, 0.0)
+        return pos, prob
+    p_bar = torch.zeros((rows, width), dtype=torch.float32, device=device)
+    num_splits = _pass_b_splits(rows, num_kv_heads, width, device)
     cos, sin, stride_rope, rope = _rope_args(req, k_cache)
-    _mean_topk_kernel[(rows, num_splits)](
+    _mean_probs_kernel[(rows, num_kv_heads, num_splits)](
         req.q, k_cache, req.block_tables, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
-        req.head_weights, lse, cos, sin, keys, scale, num_kv_heads, num_splits, req.top_k,
+        req.head_weights, lse, cos, sin, p_bar, scale, num_splits,
         req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
-        req.head_weights.stride(0), lse.stride(0), keys.stride(0), keys.stride(1),
+        req.head_weights.stride(0), lse.stride(0), p_bar.stride(0),
         GROUP_SIZE=group,
         GROUP_PAD=_group_pad(group),
         HEAD_DIM=head_dim,
@@ -906,9 +947,21 @@ def _mean_topk(
         TILE_N=_tile_tokens(head_dim),
         DOT_PRECISION=_dot_precision(req.q.dtype),
         ROPE=rope,
-        num_warps=PASS_B_NUM_WARPS,
+        num_warps=PASS_B_ROPE_NUM_WARPS if rope else PASS_B_NUM_WARPS,
     )
-    return _final_topk(keys, req.top_k, 0.0)
+    kept = min(k, width)
+    if kept:
+        keys = torch.empty((rows, width), dtype=torch.int64, device=device)
+        _pack_mean_probs_kernel[(rows, triton.cdiv(width, PACK_BLOCK))](
+            p_bar, keys, req.query_pos, req.mask_prefix, req.window, req.sink_tokens, width,
+            p_bar.stride(0), keys.stride(0),
+            BLOCK=PACK_BLOCK,
+        )
+        best = torch.topk(keys, kept, dim=1, sorted=True).values
+    else:
+        best = torch.empty((rows, 1), dtype=torch.int64, device=device)
+    _unpack_topk_kernel[(rows,)](best, pos, prob, kept, k, best.stride(0), pos.stride(0))
+    return pos, prob
 
 
 def attention_capture(
