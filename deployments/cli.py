@@ -1,11 +1,15 @@
-"""The ``attnscope`` command line: ``generate`` one completion, or ``chat`` interactively."""
+"""The ``attnscope`` command line: ``serve`` the HTTP API, ``generate`` one completion, or ``chat`` interactively."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
+from pydantic import ValidationError
+
+from attnscope.deployments.application import AppArgs
 from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.llm_engine import InvalidRequestError, LLMEngine
 from attnscope.engine.weights import ModelLoadError
@@ -30,10 +34,62 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="per-request seed for reproducible sampling")
 
 
+_ENGINE_FLAGS = ("model", "device", "dtype", "max_model_len")
+_CLI_DEFAULTS = {"engine_num_cpus": "the cluster's CPUs shared among the engine replicas"}
+
+
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``serve``: the engine flags, then one per ``AppArgs`` field (help and defaults from its model)."""
+    _engine_args(parser)
+    for name, info in AppArgs.model_fields.items():
+        if name in _ENGINE_FLAGS:
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = _CLI_DEFAULTS.get(name, info.get_default(call_default_factory=True))
+        text = info.description or ""
+        if "default" not in text and default not in (None, False):
+            text += f" (default: {','.join(default) if isinstance(default, list) else default})"
+        if info.annotation is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=text)
+        else:
+            parser.add_argument(flag, default=None, help=text)
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count(),
+                        help="CPUs of the local Ray cluster (default: all of this machine's)")
+    parser.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard")
+
+
+def _app_args(args: argparse.Namespace) -> AppArgs:
+    """``AppArgs`` from the flags given; by default the engine gets every CPU of the cluster."""
+    values = {name: getattr(args, name) for name in AppArgs.model_fields if getattr(args, name) is not None}
+    replicas = int(values.get("num_replicas", 1))
+    values.setdefault("engine_num_cpus", max(1, args.num_cpus // max(1, replicas)))
+    return AppArgs.model_validate(values)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """The ``serve`` subcommand."""
+    from attnscope.deployments.launcher import serve_until_interrupted
+
+    try:
+        settings = _app_args(args)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        print(f"attnscope: invalid --{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}",
+              file=sys.stderr)
+        return 2
+    try:
+        serve_until_interrupted(settings, args.num_cpus, dashboard=not args.no_dashboard)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also documents every flag in ``--help``)."""
     parser = argparse.ArgumentParser(prog="attnscope", description="attnscope inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API with attention capture on Ray Serve")
+    _serve_args(serve)
     gen = sub.add_parser("generate", help="generate one completion and print it as it streams")
     _engine_args(gen)
     _sampling_args(gen)
@@ -93,6 +149,8 @@ def _chat(engine: LLMEngine, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``attnscope`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     started = time.perf_counter()
     try:
         engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,

@@ -30,6 +30,7 @@ from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.model_runner import ModelRunner
 from attnscope.engine.outputs import (
     CompletionDelta,
+    EngineStats,
     FinalOutput,
     RequestOutput,
     TokenLogprob,
@@ -181,7 +182,7 @@ class LLMEngine:
         engine cannot serve; nothing is queued then.
         """
         params = _validated(SamplingParams, params, "")
-        ids = self._prompt_ids(prompt, prompt_token_ids, messages)
+        ids = self.tokenize_prompt(prompt, prompt_token_ids, messages)
         capture = self._validate_capture(capture, len(ids), params)
         request_id = request_id or uuid.uuid4().hex
         with self._lock:
@@ -202,9 +203,14 @@ class LLMEngine:
             self._work.notify_all()
         return request_id
 
-    def _prompt_ids(self, prompt: str | None, prompt_token_ids: SequenceOf[int] | None,
-                    messages: list[dict] | None) -> list[int]:
-        """Token ids of exactly one of the three prompt forms, checked against the context limit."""
+    def tokenize_prompt(self, prompt: str | None = None, prompt_token_ids: SequenceOf[int] | None = None,
+                        messages: list[dict] | None = None) -> list[int]:
+        """Token ids of exactly one of the three prompt forms, checked against the context limit.
+
+        ``add_request`` tokenises through here; callers that need the prompt's length
+        first (to size ``max_tokens``, or to mask a system prompt) pass the ids on as
+        ``prompt_token_ids`` and get the same request. Raises ``InvalidRequestError``.
+        """
         given = [x is not None for x in (prompt, prompt_token_ids, messages)]
         if sum(given) != 1:
             raise InvalidRequestError("give exactly one of prompt, prompt_token_ids or messages", "prompt")
@@ -251,7 +257,10 @@ class LLMEngine:
         return capture
 
     def abort(self, request_id: str) -> None:
-        """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""
+        """Stop a request now and free its KV blocks; unknown or finished ids are ignored.
+
+        A request nobody streams yet is forgotten at once: no one will read its outputs.
+        """
         with self._lock:
             req = self._requests.get(request_id)
             if req is None:
@@ -260,6 +269,8 @@ class LLMEngine:
                 if not choice.seq.finished:
                     self._finish(choice, "abort")
             self._publish(req)
+            if req.wake is None:
+                self._requests.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         """True while any request is queued or running."""
@@ -386,7 +397,7 @@ class LLMEngine:
         else:
             for rid, req in reqs.items():
                 while not req.done.wait(0.05):
-                    self._raise_if_failed()
+                    self.raise_if_failed()
                 with self._lock:
                     collected[rid] = list(req.outputs)
                     self._requests.pop(rid, None)
@@ -427,7 +438,7 @@ class LLMEngine:
                     if req.wake is not None and req.loop is not None:
                         req.loop.call_soon_threadsafe(req.wake.set)
 
-    def _raise_if_failed(self) -> None:
+    def raise_if_failed(self) -> None:
         """Re-raise a failure of the background loop in the caller."""
         if self._error is not None:
             raise RuntimeError("the engine loop failed") from self._error
@@ -455,7 +466,7 @@ class LLMEngine:
                     finished = out.finished
                     yield out
                 if not finished:
-                    self._raise_if_failed()
+                    self.raise_if_failed()
                     await req.wake.wait()
         finally:
             if not finished:
@@ -467,6 +478,18 @@ class LLMEngine:
         """Fraction of KV blocks held by live sequences."""
         with self._lock:
             return self.blocks.usage
+
+    def stats(self) -> EngineStats:
+        """Load figures for health checks and operators: KV usage, queue lengths, capturing requests."""
+        with self._lock:
+            live = [r for r in self._requests.values() if not r.finished]
+            return EngineStats(
+                kv_usage=self.blocks.usage,
+                num_running=len(self.scheduler.running),
+                num_waiting=len(self.scheduler.waiting),
+                num_requests=len(live),
+                capture_sessions=sum(1 for r in live if r.choices[0].seq.capture is not None),
+            )
 
 
 def _validated(model: type[ModelT], value: ModelT | dict | None, prefix: str) -> ModelT:

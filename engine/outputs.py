@@ -62,6 +62,17 @@ class RequestOutput:
 
 
 @dataclass
+class EngineStats:
+    """A snapshot of the engine's load."""
+
+    kv_usage: float
+    num_running: int
+    num_waiting: int
+    num_requests: int
+    capture_sessions: int
+
+
+@dataclass
 class Completion:
     """The whole text and tokens of one finished choice (built by ``LLMEngine.generate``)."""
 

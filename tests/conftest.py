@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded default model is loaded once per test session."""
+"""Shared fixtures: the embedded default model is loaded once per test session, and so is the Ray cluster."""
 
 from __future__ import annotations
 
@@ -35,3 +35,13 @@ def hf_smollm(smollm_path):
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm_path.parent), gguf_file=smollm_path.name, dtype=torch.float32, attn_implementation="eager"
     ).eval()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session (2 CPUs, a small object store, no dashboard)."""
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -144,6 +144,24 @@ def test_abandoned_stream_aborts_and_frees_blocks(smollm_path):
     assert engine.kv_usage() == 0.0
 
 
+def test_abort_before_streaming_forgets_the_request_and_stats_follow(smollm_path):
+    engine = LLMEngine(EngineConfig(model=str(smollm_path), device="cpu", kv_cache_memory_gib=0.1))
+    engine.start()
+    try:
+        rid = engine.add_request("Count slowly:", params={"temperature": 0.0, "max_tokens": 200, "ignore_eos": True},
+                                 capture={"mode": "fingerprint"})
+        stats = engine.stats()
+        assert (stats.num_requests, stats.capture_sessions) == (1, 1)
+        assert stats.num_running + stats.num_waiting == 1
+        engine.abort(rid)
+        stats = engine.stats()
+        assert (stats.num_requests, stats.num_running, stats.num_waiting, stats.kv_usage) == (0, 0, 0, 0.0)
+        with pytest.raises(KeyError):
+            asyncio.run(anext(engine.stream(rid)))
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [

@@ -1,0 +1,114 @@
+"""The Serve application: its settings (``AppArgs``) and builder (``build_app``).
+
+``build_app`` is a Serve app builder: ``serve run attnscope.deployments:build_app key=value …``,
+or ``import_path: attnscope.deployments:build_app`` with ``args:`` in a Serve config.
+``attnscope.deployments:app`` is the application built from the defaults and
+``ATTNSCOPE_<FIELD>`` environment variables (``serve run attnscope.deployments:app``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from ray.serve import Application
+
+from attnscope.capture import MAX_TOP_K, CaptureParams
+from attnscope.deployments.engine_deployment import EngineDeployment
+from attnscope.deployments.ingress import OpenAIIngress
+from attnscope.engine.engine_config import EngineConfig
+from attnscope.engine.weights import default_model_path
+
+ENV_PREFIX = "ATTNSCOPE_"
+
+
+class AppArgs(BaseModel):
+    """Everything that configures one attnscope application: engine, replicas, capture and guardrails."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(None, description="HF checkpoint folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    served_model_name: str | None = Field(None, description="model name clients send (default: the checkpoint's file or folder name)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the engine runs")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="float32 on CPU, bfloat16 on CUDA when auto")
+    max_model_len: int | None = Field(None, ge=2, description="context limit in tokens (default: the model's, capped by the KV cache)")
+    kv_cache_memory_gib: float = Field(2.0, gt=0, description="CPU: memory for the KV cache in GiB")
+    num_kv_blocks: int | None = Field(None, ge=1, description="KV-cache blocks of 16 tokens; overrides the memory-based sizing")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=0.98, description="CUDA: fraction of free memory for the KV cache")
+    max_num_seqs: int = Field(64, ge=1, description="sequences running at once per engine")
+    num_threads: int | None = Field(None, ge=1, description="CPU: torch threads per engine (default: its reserved CPUs)")
+    num_replicas: int = Field(1, ge=1, description="engine replicas (one model copy each)")
+    num_ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas")
+    engine_num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per engine replica")
+    engine_num_gpus: float | None = Field(None, ge=0, description="GPUs per engine replica (default: 1 for device cuda, "
+                                                                   "or auto where CUDA is visible to the builder; else 0)")
+    return_attention_tokens: bool = Field(False, description="capture attention on every request unless it opts out")
+    attention_tokens_top_k: int = Field(10, ge=1, le=MAX_TOP_K, description="top_k_attention of requests that set none")
+    attention_capture_layers: str = Field("last", description="capture layers of requests that set none: last, auto or ids like 0,10,20")
+    attention_fingerprint_mode: bool = Field(False, description="capture 20-float fingerprints when a request names no mode")
+    attention_sketch_mode: bool = Field(False, description="capture per-layer sketches when a request names no mode")
+    attention_mask_system_prompt: bool = Field(False, description="hide the system prompt's positions from every capture")
+    attention_api_key: str | None = Field(None, description="API key required for capture (plain generation stays open)")
+    attention_max_concurrent_capture: int | None = Field(None, ge=1, description="cluster-wide limit on open capture sessions (none when unset)")
+    attention_cors_origins: list[str] = Field(default_factory=lambda: ["*"], description="allowed CORS origins, comma-separated")
+    attention_disable_in_production: bool = Field(False, description="refuse all capture requests (production deployments)")
+    host: str = Field("127.0.0.1", description="HTTP host (attnscope serve)")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (attnscope serve)")
+
+    @field_validator("attention_capture_layers")
+    @classmethod
+    def _valid_layers(cls, value: str) -> str:
+        """Reject a malformed layer list when the app is built, not on the first request."""
+        CaptureParams(layers=value)
+        return value
+
+    @field_validator("attention_cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        """Accept a comma-separated string (flags, environment, ``key=value`` builder args)."""
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AppArgs:
+        """Defaults overridden by ``ATTNSCOPE_<FIELD>`` environment variables (e.g. ``ATTNSCOPE_ATTENTION_API_KEY``)."""
+        environ = os.environ if environ is None else environ
+        return cls.model_validate({name: environ[ENV_PREFIX + name.upper()] for name in cls.model_fields
+                                   if ENV_PREFIX + name.upper() in environ})
+
+    def model_name(self) -> str:
+        """The name clients use for the served model."""
+        if self.served_model_name:
+            return self.served_model_name
+        path = Path(self.model) if self.model else default_model_path()
+        return path.name.removesuffix(".gguf")
+
+    def engine_config(self) -> EngineConfig:
+        """The engine settings of every replica."""
+        return EngineConfig(model=self.model, device=self.device, dtype=self.dtype, max_model_len=self.max_model_len,
+                            kv_cache_memory_gib=self.kv_cache_memory_gib, num_kv_blocks=self.num_kv_blocks,
+                            gpu_memory_utilization=self.gpu_memory_utilization, max_num_seqs=self.max_num_seqs,
+                            num_threads=self.num_threads or max(1, round(self.engine_num_cpus)))
+
+    def gpus_per_replica(self) -> float:
+        """GPUs Ray reserves for each engine replica (without one, Ray hides the GPUs from it)."""
+        if self.engine_num_gpus is not None:
+            return self.engine_num_gpus
+        if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available()):
+            return 1.0
+        return 0.0
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The attnscope application: the OpenAI ingress in front of ``num_replicas`` engine replicas."""
+    settings = AppArgs.model_validate(args)
+    engine = EngineDeployment.options(
+        num_replicas=settings.num_replicas,
+        ray_actor_options={"num_cpus": settings.engine_num_cpus, "num_gpus": settings.gpus_per_replica()},
+    ).bind(settings.engine_config())
+    return OpenAIIngress.options(num_replicas=settings.num_ingress_replicas).bind(settings, engine)

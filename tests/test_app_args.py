@@ -1,0 +1,44 @@
+"""Application settings: from flags, builder arguments and the environment, validated when the app is built."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+from ray.serve import Application
+
+from attnscope.deployments import app as env_app
+from attnscope.deployments.application import AppArgs, build_app
+from attnscope.deployments.cli import _app_args, build_parser
+
+
+def test_the_package_exports_an_application_built_from_the_environment():
+    assert isinstance(env_app, Application)
+    args = AppArgs.from_env({"ATTNSCOPE_ATTENTION_API_KEY": "k", "ATTNSCOPE_ATTENTION_MAX_CONCURRENT_CAPTURE": "3",
+                             "ATTNSCOPE_RETURN_ATTENTION_TOKENS": "true", "ATTNSCOPE_ATTENTION_CORS_ORIGINS": "http://a, http://b",
+                             "UNRELATED": "x"})
+    assert (args.attention_api_key, args.attention_max_concurrent_capture, args.return_attention_tokens) == ("k", 3, True)
+    assert args.attention_cors_origins == ["http://a", "http://b"]
+
+
+def test_builder_arguments_are_validated():
+    assert isinstance(build_app({"num_kv_blocks": "64", "attention_capture_layers": "0,5"}), Application)
+    for bad in ({"attention_capture_layers": "0,x"}, {"attention_tokens_top_k": 65}, {"no_such_flag": 1},
+                {"attention_max_concurrent_capture": 0}):
+        with pytest.raises(ValidationError):
+            build_app(bad)
+
+
+def test_serve_flags_become_app_args():
+    args = build_parser().parse_args([
+        "serve", "--port", "9000", "--num-cpus", "4", "--num-replicas", "2", "--return-attention-tokens",
+        "--attention-tokens-top-k", "5", "--attention-capture-layers", "auto", "--attention-fingerprint-mode",
+        "--attention-api-key", "s", "--attention-max-concurrent-capture", "8", "--attention-cors-origins", "http://x",
+        "--attention-disable-in-production", "--attention-mask-system-prompt", "--device", "cpu"])
+    settings = _app_args(args)
+    assert (settings.port, settings.num_replicas, settings.engine_num_cpus) == (9000, 2, 2.0)
+    assert settings.return_attention_tokens and settings.attention_fingerprint_mode and settings.attention_mask_system_prompt
+    assert (settings.attention_tokens_top_k, settings.attention_capture_layers) == (5, "auto")
+    assert (settings.attention_api_key, settings.attention_max_concurrent_capture) == ("s", 8)
+    assert settings.attention_cors_origins == ["http://x"] and settings.attention_disable_in_production
+    assert settings.engine_config().num_threads == 2 and settings.gpus_per_replica() == 0.0
+    assert not _app_args(build_parser().parse_args(["serve"])).return_attention_tokens
