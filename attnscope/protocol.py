@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from attnscope.capture import CaptureFieldError, CaptureParams
+from attnscope.deltas import merge_delta
 from attnscope.sampling import SamplingParams
 
 
@@ -273,15 +274,7 @@ def merge_deltas(deltas: list[ChoiceDelta], n: int) -> list[ChoiceDelta]:
     """Whole choices from their streamed deltas, in index order."""
     whole = [ChoiceDelta(index=i) for i in range(n)]
     for d in deltas:
-        c = whole[d.index]
-        c.text += d.text
-        c.token_ids.extend(d.token_ids)
-        if d.logprobs is not None:
-            c.logprobs = (c.logprobs or []) + d.logprobs
-        if d.attention_tokens is not None:
-            c.attention_tokens = (c.attention_tokens or []) + d.attention_tokens
-        c.attn_capture_data = d.attn_capture_data or c.attn_capture_data
-        c.finish_reason = d.finish_reason or c.finish_reason
+        merge_delta(whole[d.index], d)
     return whole
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from attnscope.deltas import merge_delta
+
 
 @dataclass
 class TopLogprob:
@@ -100,14 +102,5 @@ class FinalOutput:
         completions = [Completion(index=i) for i in range(n)]
         for out in outputs:
             for d in out.deltas:
-                c = completions[d.index]
-                c.text += d.text
-                c.token_ids.extend(d.token_ids)
-                if d.logprobs is not None:
-                    c.logprobs = (c.logprobs or []) + d.logprobs
-                if d.attention_tokens is not None:
-                    c.attention_tokens = (c.attention_tokens or []) + d.attention_tokens
-                if d.attn_capture_data is not None:
-                    c.attn_capture_data = d.attn_capture_data
-                c.finish_reason = d.finish_reason or c.finish_reason
+                merge_delta(completions[d.index], d)
         return cls(request_id, prompt_token_ids, completions, outputs[-1].usage)
