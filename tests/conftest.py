@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 
 import torch
 
@@ -45,3 +46,11 @@ def ray_cluster():
     ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test (or ATTNSCOPE_TEST_SEED), printed so failures are reproducible."""
+    value = int(os.environ.get("ATTNSCOPE_TEST_SEED", secrets.randbits(31)))
+    print(f"seed={value}  (rerun with ATTNSCOPE_TEST_SEED={value})")
+    return value

@@ -17,7 +17,6 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import math  # noqa: E402
 import random  # noqa: E402
-import secrets  # noqa: E402
 from dataclasses import dataclass, replace  # noqa: E402
 
 import pytest  # noqa: E402
@@ -55,14 +54,6 @@ class Case:
     context_lens: torch.Tensor
     keys: list[torch.Tensor]
     scale: float
-
-
-@pytest.fixture
-def seed() -> int:
-    """A fresh seed per test (or ATTNSCOPE_TEST_SEED), printed so failures are reproducible."""
-    value = int(os.environ.get("ATTNSCOPE_TEST_SEED", secrets.randbits(31)))
-    print(f"seed={value}  (rerun with ATTNSCOPE_TEST_SEED={value})")
-    return value
 
 
 def make_case(

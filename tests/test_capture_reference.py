@@ -10,9 +10,7 @@ rerun one with ATTNSCOPE_TEST_SEED=<seed>.
 from __future__ import annotations
 
 import math
-import os
 import random
-import secrets
 from dataclasses import dataclass
 
 import pytest
@@ -28,14 +26,6 @@ from attnscope.kernels.capture_reference import (
     entropy_norm,
     fingerprint_v1,
 )
-
-
-@pytest.fixture
-def seed() -> int:
-    """A fresh seed per test (or ATTNSCOPE_TEST_SEED), printed so failures are reproducible."""
-    value = int(os.environ.get("ATTNSCOPE_TEST_SEED", secrets.randbits(31)))
-    print(f"seed={value}  (rerun with ATTNSCOPE_TEST_SEED={value})")
-    return value
 
 
 @dataclass

@@ -14,7 +14,6 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import math  # noqa: E402
 import random  # noqa: E402
-import secrets  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
@@ -45,14 +44,6 @@ class PagedCase:
     def inputs(self) -> tuple:
         """Positional arguments shared by the kernel and the reference."""
         return self.q, self.k_cache, self.v_cache, self.block_tables, self.context_lens, self.scale
-
-
-@pytest.fixture
-def seed() -> int:
-    """A fresh seed per test (or ATTNSCOPE_TEST_SEED), printed so failures are reproducible."""
-    value = int(os.environ.get("ATTNSCOPE_TEST_SEED", secrets.randbits(31)))
-    print(f"seed={value}  (rerun with ATTNSCOPE_TEST_SEED={value})")
-    return value
 
 
 def make_case(
