@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from attnscope.engine.capture_plan import LayerCapture, StepCapture, capture_request, row_block_tables
+from attnscope.engine.capture_plan import LayerCapture, StepCapture, row_block_tables
 from attnscope.kernels.capture_reference import capture_rows_ref
 from attnscope.kernels.full_attention import full_attention_rows
 from attnscope.kernels.reference import gather_paged_kv
@@ -125,7 +125,8 @@ def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch:
         if fused is None and _fusable(group, batch, q):
             fused = group
             continue
-        request = capture_request(group, q_unrotated, batch.rope) if group.derotate else capture_request(group, q, None)
+        rope = batch.rope if group.derotate else None
+        request = batch.capture.request(group, q_unrotated if group.derotate else q, rope)
         if q.is_cuda:
             from attnscope.kernels.capture import attention_capture
 
@@ -152,7 +153,7 @@ def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     decode_q = q[batch.decode_start :]
     tables, lengths = batch.decode_block_tables, batch.decode_context_lens
     rows = [r.token_index - batch.decode_start for r in group.rows]
-    request = capture_request(group, q, None)
+    request = batch.capture.request(group, q, None)
     if len(rows) == decode_q.shape[0]:
         out, _, group.result = paged_decode_attention(decode_q, k_cache, v_cache, tables, lengths, scale,
                                                       capture=request, capture_rows=torch.tensor(rows, device=q.device))

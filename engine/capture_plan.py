@@ -6,7 +6,7 @@ results for their layer; the engine turns them into wire records after the step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -51,6 +51,7 @@ class StepCapture:
 
     layers: dict[int, list[LayerCapture]] = field(default_factory=dict)
     full: dict[int, FullCapture] = field(default_factory=dict)
+    _settings: dict[tuple, tuple[torch.Tensor, CaptureRequest]] = field(default_factory=dict)
 
     def add(self, row: CaptureRow) -> None:
         """Register a row in every layer its request captures."""
@@ -69,6 +70,20 @@ class StepCapture:
             group.rows.append(row)
             group.top_k = max(group.top_k, need_k)
 
+    def request(self, group: LayerCapture, q: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None) -> CaptureRequest:
+        """The kernel request of a group: its rows' queries, tables and per-row settings.
+
+        Layers capturing the same rows share one copy of the per-row tensors, built at
+        the first of them, so only the queries are gathered per layer.
+        """
+        key = (tuple(id(r) for r in group.rows), group.top_k)
+        if key not in self._settings:
+            self._settings[key] = _row_settings(group, q.device)
+        index, template = self._settings[key]
+        return replace(template, q=q[index], rope_cos=rope[0] if rope is not None else None,
+                       rope_sin=rope[1] if rope is not None else None)
+
     @property
     def empty(self) -> bool:
         """True when nothing is captured this step."""
@@ -82,26 +97,22 @@ def row_block_tables(rows: list[CaptureRow], device: torch.device) -> torch.Tens
                         dtype=torch.int32, device=device)
 
 
-def capture_request(group: LayerCapture, q: torch.Tensor,
-                    rope: tuple[torch.Tensor, torch.Tensor] | None) -> CaptureRequest:
-    """The kernel request of a group: its rows' queries, tables and per-row settings."""
-    device = q.device
+def _row_settings(group: LayerCapture, device: torch.device) -> tuple[torch.Tensor, CaptureRequest]:
+    """The rows' token indices and a request holding everything but the queries (built once per step)."""
     rows = group.rows
-    tables = row_block_tables(rows, device)
 
     def ints(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32, device=device)
 
     params = [r.seq.capture.params for r in rows]
-    return CaptureRequest(
-        q=q[torch.tensor([r.token_index for r in rows], device=device)],
-        block_tables=tables,
+    template = CaptureRequest(
+        q=torch.empty(0, device=device),
+        block_tables=row_block_tables(rows, device),
         query_pos=ints([r.position for r in rows]),
         head_weights=torch.stack([r.seq.capture.head_weights for r in rows]).to(device),
         mask_prefix=ints([p.mask_prefix for p in params]),
         window=ints([p.window for p in params]),
         sink_tokens=ints([p.sink_tokens for p in params]),
         top_k=group.top_k,
-        rope_cos=rope[0] if rope is not None else None,
-        rope_sin=rope[1] if rope is not None else None,
     )
+    return torch.tensor([r.token_index for r in rows], device=device), template
