@@ -4,6 +4,13 @@ The engine is driven step by step: ``step()`` schedules, runs the model once, sa
 detokenises and returns what each request produced. ``generate()`` drives it to
 completion for a batch of prompts; ``start()`` runs the step loop on a background
 thread so ``stream()`` can serve many concurrent requests from asyncio code.
+
+Two locks keep an asyncio caller from ever waiting for a model step: the step lock is
+held by ``step()`` for the whole step (scheduler, KV blocks, model), while the short
+state lock guards only the request table, the inbox of new sequences and aborts, and
+each request's output queue. ``add_request`` and ``abort`` put work in the inbox, which
+the next step moves into the scheduler; ``stream`` drains its queue under the state
+lock alone.
 """
 
 from __future__ import annotations
@@ -84,6 +91,14 @@ class _Request:
     wake: asyncio.Event | None = None
     loop: asyncio.AbstractEventLoop | None = None
 
+    def notify(self) -> None:
+        """Wake the request's stream consumer, if one is still listening (its event loop may be gone)."""
+        if self.wake is not None and self.loop is not None and not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(self.wake.set)
+            except RuntimeError:
+                pass
+
     @property
     def finished(self) -> bool:
         """True when every choice has ended."""
@@ -122,9 +137,13 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs), self.blocks)
         self.sampler = Sampler()
         self._requests: dict[str, _Request] = {}
+        self._inbox: list[_Request] = []
+        self._active: dict[str, _Request] = {}
+        self._aborts: list[_Request] = []
         self._seq_ids = itertools.count()
         self._lock = threading.RLock()
-        self._work = threading.Condition(self._lock)
+        self._state = threading.Lock()
+        self._work = threading.Condition(self._state)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._error: BaseException | None = None
@@ -185,21 +204,21 @@ class LLMEngine:
         ids = self.tokenize_prompt(prompt, prompt_token_ids, messages)
         capture = self._validate_capture(capture, len(ids), params)
         request_id = request_id or uuid.uuid4().hex
-        with self._lock:
+        choices = []
+        for index in range(params.n):
+            seed = None if params.seed is None else params.seed + index
+            seq = Sequence(next(self._seq_ids), request_id, index, list(ids), params,
+                           make_generator(seed, self.device))
+            if capture is not None:
+                seq.capture = SequenceCapture.create(capture, self.model_config.num_layers,
+                                                     self.model_config.num_heads, self.think_tags)
+            choices.append(_Choice(seq, IncrementalDetokenizer(self.tokenizer, list(ids)), StopStringText(params.stop)))
+        with self._state:
             if request_id in self._requests:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
-            choices = []
-            for index in range(params.n):
-                seed = None if params.seed is None else params.seed + index
-                seq = Sequence(next(self._seq_ids), request_id, index, list(ids), params,
-                               make_generator(seed, self.device))
-                if capture is not None:
-                    seq.capture = SequenceCapture.create(capture, self.model_config.num_layers,
-                                                         self.model_config.num_heads, self.think_tags)
-                choices.append(_Choice(seq, IncrementalDetokenizer(self.tokenizer, list(ids)), StopStringText(params.stop)))
-                self.scheduler.add(seq)
             self._requests[request_id] = _Request(request_id, list(ids), params, choices,
                                                   retain=self._thread is not None)
+            self._inbox.append(self._requests[request_id])
             self._work.notify_all()
         return request_id
 
@@ -257,31 +276,57 @@ class LLMEngine:
         return capture
 
     def abort(self, request_id: str) -> None:
-        """Stop a request now and free its KV blocks; unknown or finished ids are ignored.
+        """Stop a request and free its KV blocks; unknown or finished ids are ignored.
 
-        A request nobody streams yet is forgotten at once: no one will read its outputs.
+        Never waits for a running step: the abort is applied at once when no step runs,
+        else at the start of the next one. A request nobody streams yet is then forgotten:
+        no one will read its outputs.
         """
-        with self._lock:
+        with self._state:
             req = self._requests.get(request_id)
             if req is None:
                 return
+            self._aborts.append(req)
+            self._work.notify_all()
+        if self._lock.acquire(blocking=False):
+            try:
+                self._take_inbox()
+            finally:
+                self._lock.release()
+
+    def _take_inbox(self) -> None:
+        """Move new sequences into the scheduler and apply pending aborts (step lock held)."""
+        with self._state:
+            for req in self._inbox:
+                self._active[req.request_id] = req
+                for choice in req.choices:
+                    self.scheduler.add(choice.seq)
+            self._inbox.clear()
+            aborts, self._aborts = self._aborts, []
+        for req in aborts:
             for choice in req.choices:
                 if not choice.seq.finished:
                     self._finish(choice, "abort")
             self._publish(req)
-            if req.wake is None:
-                self._requests.pop(request_id, None)
+            with self._state:
+                if req.wake is None and self._requests.get(req.request_id) is req:
+                    del self._requests[req.request_id]
 
     def has_unfinished(self) -> bool:
         """True while any request is queued or running."""
-        with self._lock:
-            return self.scheduler.has_work()
+        with self._state:
+            return self._has_work()
+
+    def _has_work(self) -> bool:
+        """True while sequences wait in the inbox or the scheduler, or aborts are pending (state lock held)."""
+        return bool(self._inbox or self._aborts) or self.scheduler.has_work()
 
     # ----------------------------------------------------------------- stepping
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling + model step; the outputs it produced, one per advanced request."""
         with self._lock:
+            self._take_inbox()
             plan = self.scheduler.schedule()
             if not plan.chunks:
                 return []
@@ -291,7 +336,7 @@ class LLMEngine:
                 by_id = {c.seq.seq_id: c.seq for c in plan.chunks}
                 for seq_id, records in step_records(captured).items():
                     seq = by_id[seq_id]
-                    self._requests[seq.request_id].choices[seq.index].pending_attention.extend(records)
+                    self._active[seq.request_id].choices[seq.index].pending_attention.extend(records)
             sampling = [c.seq for c in plan.chunks if c.samples]
             result = self.sampler.sample(logits, SamplingInputs(
                 params=[s.params for s in sampling],
@@ -304,7 +349,7 @@ class LLMEngine:
                 self.blocks.mark_computed(chunk.seq.seq_id, chunk.seq.all_token_ids, chunk.seq.num_computed_tokens)
             touched: dict[str, _Request] = {}
             for row, seq in enumerate(sampling):
-                req = self._requests[seq.request_id]
+                req = self._active[seq.request_id]
                 lp = None
                 if result.logprobs[row] is not None:
                     lp = self._token_logprob(result.token_ids[row], result.logprobs[row], result.top_logprobs[row])
@@ -364,14 +409,16 @@ class LLMEngine:
         if not deltas:
             return None
         out = RequestOutput(req.request_id, deltas, req.finished, req.usage())
-        if req.retain:
-            req.outputs.append(out)
-        elif req.finished:
-            del self._requests[req.request_id]
         if req.finished:
-            req.done.set()
-        if req.wake is not None and req.loop is not None:
-            req.loop.call_soon_threadsafe(req.wake.set)
+            self._active.pop(req.request_id, None)
+        with self._state:
+            if req.retain:
+                req.outputs.append(out)
+            elif req.finished:
+                self._requests.pop(req.request_id, None)
+            if req.finished:
+                req.done.set()
+            req.notify()
         return out
 
     # ------------------------------------------------------------ driving modes
@@ -387,7 +434,8 @@ class LLMEngine:
             raise InvalidRequestError("give exactly one of prompts, prompt_token_ids or messages", "prompt")
         kind, items = given[0]
         rids = [self.add_request(**{kind: item}, params=params, capture=capture) for item in items]
-        reqs = {rid: self._requests[rid] for rid in rids}
+        with self._state:
+            reqs = {rid: self._requests[rid] for rid in rids}
         collected: dict[str, list[RequestOutput]] = {rid: [] for rid in rids}
         if self._thread is None:
             while not all(r.done.is_set() for r in reqs.values()):
@@ -398,14 +446,14 @@ class LLMEngine:
             for rid, req in reqs.items():
                 while not req.done.wait(0.05):
                     self.raise_if_failed()
-                with self._lock:
+                with self._state:
                     collected[rid] = list(req.outputs)
                     self._requests.pop(rid, None)
         return [FinalOutput.collect(rid, reqs[rid].prompt_token_ids, collected[rid], reqs[rid].params.n) for rid in rids]
 
     def start(self) -> None:
         """Run the step loop on a background thread (idempotent)."""
-        with self._lock:
+        with self._state:
             if self._thread is None:
                 self._stopping = False
                 self._thread = threading.Thread(target=self._loop, name="attnscope-engine", daemon=True)
@@ -413,7 +461,7 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the background loop; running requests stay queued."""
-        with self._lock:
+        with self._state:
             self._stopping = True
             self._work.notify_all()
             thread, self._thread = self._thread, None
@@ -424,19 +472,18 @@ class LLMEngine:
         """Step while there is work; sleep on the condition otherwise."""
         try:
             while True:
-                with self._lock:
-                    while not self._stopping and not self.scheduler.has_work():
+                with self._state:
+                    while not self._stopping and not self._has_work():
                         self._work.wait()
                     if self._stopping:
                         return
                 self.step()
         except BaseException as exc:  # surfaced to every waiting consumer
             self._error = exc
-            with self._lock:
+            with self._state:
                 for req in list(self._requests.values()):
                     req.done.set()
-                    if req.wake is not None and req.loop is not None:
-                        req.loop.call_soon_threadsafe(req.wake.set)
+                    req.notify()
 
     def raise_if_failed(self) -> None:
         """Re-raise a failure of the background loop in the caller."""
@@ -449,7 +496,7 @@ class LLMEngine:
         Needs ``start()`` to have been called before ``add_request``, so the request keeps
         its outputs until they are read here.
         """
-        with self._lock:
+        with self._state:
             req = self._requests.get(request_id)
             if req is None or not req.retain:
                 raise KeyError(f"request {request_id!r} is unknown or was not added while the engine loop ran")
@@ -458,7 +505,7 @@ class LLMEngine:
         finished = False
         try:
             while not finished:
-                with self._lock:
+                with self._state:
                     batch = list(req.outputs)
                     req.outputs.clear()
                     req.wake.clear()
@@ -469,24 +516,27 @@ class LLMEngine:
                     self.raise_if_failed()
                     await req.wake.wait()
         finally:
+            with self._state:
+                req.loop = None
             if not finished:
                 self.abort(request_id)
-            with self._lock:
-                self._requests.pop(request_id, None)
+            with self._state:
+                if self._requests.get(request_id) is req:
+                    del self._requests[request_id]
 
     def kv_usage(self) -> float:
         """Fraction of KV blocks held by live sequences."""
-        with self._lock:
+        with self._state:
             return self.blocks.usage
 
     def stats(self) -> EngineStats:
         """Load figures for health checks and operators: KV usage, queue lengths, capturing requests."""
-        with self._lock:
+        with self._state:
             live = [r for r in self._requests.values() if not r.finished]
             return EngineStats(
                 kv_usage=self.blocks.usage,
                 num_running=len(self.scheduler.running),
-                num_waiting=len(self.scheduler.waiting),
+                num_waiting=len(self.scheduler.waiting) + sum(len(r.choices) for r in self._inbox),
                 num_requests=len(live),
                 capture_sessions=sum(1 for r in live if r.choices[0].seq.capture is not None),
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -11,6 +12,16 @@ from attnscope.engine.llm_engine import InvalidRequestError, LLMEngine
 from attnscope.engine.weights import ModelLoadError
 
 GREEDY = {"temperature": 0.0, "max_tokens": 24}
+
+def _eventually(condition, timeout: float = 5.0) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass (aborts land at the next step boundary)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
 
 PROMPTS = [
     "The capital of Italy is",
@@ -138,10 +149,35 @@ def test_abandoned_stream_aborts_and_frees_blocks(smollm_path):
 
     try:
         assert asyncio.run(read_two_then_leave()) == 2
-        assert not engine.has_unfinished()
+        assert _eventually(lambda: not engine.has_unfinished())
     finally:
         engine.shutdown()
     assert engine.kv_usage() == 0.0
+
+
+def test_new_requests_and_stats_never_wait_for_a_running_step(smollm_path):
+    engine = LLMEngine(EngineConfig(model=str(smollm_path), device="cpu", kv_cache_memory_gib=0.1,
+                                    max_num_batched_tokens=1200))
+    vocab = engine.model_config.vocab_size
+    long_prompts = [[(7 * i + 13 * j) % (vocab - 1000) + 1000 for i in range(1100)] for j in range(2)]
+    engine.start()
+    try:
+        started = time.perf_counter()
+        engine.add_request(prompt_token_ids=long_prompts[0], params={"max_tokens": 1})
+        assert _eventually(lambda: not engine.has_unfinished(), timeout=60)
+        step_seconds = time.perf_counter() - started
+        engine.add_request(prompt_token_ids=long_prompts[1], params={"max_tokens": 1})
+        time.sleep(step_seconds / 3)
+        assert engine.has_unfinished()
+        started = time.perf_counter()
+        engine.add_request("Hello", params={"max_tokens": 1})
+        stats = engine.stats()
+        waited = time.perf_counter() - started
+        assert stats.num_requests == 2
+        assert waited < step_seconds / 4, (waited, step_seconds)
+        assert _eventually(lambda: not engine.has_unfinished(), timeout=60)
+    finally:
+        engine.shutdown()
 
 
 def test_abort_before_streaming_forgets_the_request_and_stats_follow(smollm_path):
@@ -154,6 +190,7 @@ def test_abort_before_streaming_forgets_the_request_and_stats_follow(smollm_path
         assert (stats.num_requests, stats.capture_sessions) == (1, 1)
         assert stats.num_running + stats.num_waiting == 1
         engine.abort(rid)
+        assert _eventually(lambda: engine.stats().num_requests == 0)
         stats = engine.stats()
         assert (stats.num_requests, stats.num_running, stats.num_waiting, stats.kv_usage) == (0, 0, 0, 0.0)
         with pytest.raises(KeyError):
