@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve import Application
 
+from attnscope.actors.capture_limiter import CaptureLimiter
 from attnscope.capture import MAX_TOP_K, CaptureParams
 from attnscope.deployments.engine_deployment import EngineDeployment
 from attnscope.deployments.ingress import OpenAIIngress
@@ -54,6 +55,8 @@ class AppArgs(BaseModel):
     attention_mask_system_prompt: bool = Field(False, description="hide the system prompt's positions from every capture")
     attention_api_key: str | None = Field(None, description="API key required for capture (plain generation stays open)")
     attention_max_concurrent_capture: int | None = Field(None, ge=1, description="cluster-wide limit on open capture sessions (none when unset)")
+    attention_capture_lease_s: float = Field(30.0, gt=0, description="seconds a dead ingress replica's capture "
+                                                                      "sessions keep their slots")
     attention_cors_origins: list[str] = Field(default_factory=lambda: ["*"], description="allowed CORS origins, comma-separated")
     attention_disable_in_production: bool = Field(False, description="refuse all capture requests (production deployments)")
     host: str = Field("127.0.0.1", description="HTTP host (attnscope serve)")
@@ -105,10 +108,17 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """The attnscope application: the OpenAI ingress in front of ``num_replicas`` engine replicas."""
+    """The attnscope application: the OpenAI ingress in front of ``num_replicas`` engine replicas.
+
+    With ``attention_max_concurrent_capture`` set, a ``CaptureLimiter`` deployment keeps
+    the cluster-wide count of open capture sessions.
+    """
     settings = AppArgs.model_validate(args)
     engine = EngineDeployment.options(
         num_replicas=settings.num_replicas,
         ray_actor_options={"num_cpus": settings.engine_num_cpus, "num_gpus": settings.gpus_per_replica()},
     ).bind(settings.engine_config())
-    return OpenAIIngress.options(num_replicas=settings.num_ingress_replicas).bind(settings, engine)
+    limiter = None
+    if settings.attention_max_concurrent_capture is not None:
+        limiter = CaptureLimiter.bind(settings.attention_capture_lease_s)
+    return OpenAIIngress.options(num_replicas=settings.num_ingress_replicas).bind(settings, engine, limiter)

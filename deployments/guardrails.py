@@ -7,22 +7,27 @@
 - Server defaults (``return_attention_tokens``, top-k, layers, fingerprint/sketch mode)
   fill the capture fields a request leaves out; a request may override them.
 - ``attention_max_concurrent_capture``: a cluster-wide limit kept by the
-  ``CaptureLimiter`` actor; over it, HTTP 429 with ``Retry-After``.
+  ``CaptureLimiter`` deployment; over it, HTTP 429 with ``Retry-After``. Each ingress
+  replica renews its lease there every ``attention_capture_lease_s / 3`` seconds, so the
+  sessions of a replica that died are freed within ``attention_capture_lease_s``.
 - ``attention_mask_system_prompt``: the mask covers the chat template's rendering of the
   leading system messages (a request may only ask for a larger mask).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import itertools
+import logging
+import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import jinja2
-from ray.exceptions import RayActorError
+from ray.exceptions import RayError
+from ray.serve.handle import DeploymentHandle
 
-from attnscope.actors.capture_limiter import limiter_handle
 from attnscope.capture import CaptureParams
 from attnscope.deployments.errors import ApiError
 from attnscope.deployments.messages import ModelInfo
@@ -36,14 +41,17 @@ if TYPE_CHECKING:
 MODE_FIELDS = ("attention_sketch_mode", "attention_fingerprint_mode", "attention_fingerprint_only")
 RETRY_AFTER_S = 1
 
+logger = logging.getLogger(__name__)
+
 
 class Guardrails:
     """The capture policy of one ingress replica."""
 
-    def __init__(self, args: AppArgs, limiter_name: str) -> None:
+    def __init__(self, args: AppArgs, limiter: DeploymentHandle | None) -> None:
         self.args = args
-        self._limiter_name = limiter_name
-        self._limiter: Any = None
+        self._limiter = limiter
+        self._owner = uuid.uuid4().hex
+        self._lease_task: asyncio.Task | None = None
 
     def capture_for(self, request: ChatCompletionRequest | CompletionRequest, headers: Mapping[str, str],
                     info: ModelInfo) -> CaptureParams | None:
@@ -107,27 +115,27 @@ class Guardrails:
     async def acquire(self, session_id: str) -> None:
         """Open a capture session under the cluster-wide limit; ``ApiError`` 429 when it is reached."""
         limit = self.args.attention_max_concurrent_capture
-        if limit is None:
+        if limit is None or self._limiter is None:
             return
-        try:
-            granted = await self._limiter_actor().acquire.remote(session_id, limit)
-        except RayActorError:  # its owner replica went away: the next replica to ask recreates it
-            self._limiter = None
-            granted = await self._limiter_actor().acquire.remote(session_id, limit)
-        if not granted:
+        if self._lease_task is None:
+            self._lease_task = asyncio.get_running_loop().create_task(self._keep_lease())
+        if not await self._limiter.acquire.remote(session_id, self._owner, limit):
             raise ApiError(429, f"too many concurrent attention-capture sessions (limit {limit}); retry later",
                            None, "capture_limit_exceeded", {"Retry-After": str(RETRY_AFTER_S)})
 
     def release(self, session_id: str) -> None:
         """Close a capture session (fire and forget: it runs from cancelled tasks too)."""
-        if self.args.attention_max_concurrent_capture is not None:
-            self._limiter_actor().release.remote(session_id)
+        if self._limiter is not None:
+            self._limiter.release.remote(session_id)
 
-    def _limiter_actor(self) -> Any:
-        """The limiter actor of this application, found or created by name."""
-        if self._limiter is None:
-            self._limiter = limiter_handle(self._limiter_name)
-        return self._limiter
+    async def _keep_lease(self) -> None:
+        """Renew this replica's lease on its capture sessions for as long as the replica lives."""
+        while True:
+            await asyncio.sleep(self.args.attention_capture_lease_s / 3)
+            try:
+                await self._limiter.renew.remote(self._owner)
+            except RayError as exc:  # the limiter is restarting; the next renewal reaches the new one
+                logger.warning("capture lease renewal failed: %s", exc)
 
 
 def _asking_field(fields: dict[str, Any]) -> str | None:

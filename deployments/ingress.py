@@ -57,12 +57,12 @@ class OpenAIIngress:
     No CPU is reserved: the ingress waits on I/O and leaves the cores to the engine.
     """
 
-    def __init__(self, args: AppArgs, engine: DeploymentHandle) -> None:
+    def __init__(self, args: AppArgs, engine: DeploymentHandle, limiter: DeploymentHandle | None = None) -> None:
         self.args = args
         self.engine = engine
         self.model_name = args.model_name()
         self.created = now()
-        self.guardrails = Guardrails(args, f"capture-limiter-{serve.get_replica_context().app_name}")
+        self.guardrails = Guardrails(args, limiter)
         self._info: ModelInfo | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:

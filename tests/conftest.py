@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 
 import torch
 
@@ -40,11 +41,18 @@ def hf_smollm(smollm_path):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster for the whole session (2 CPUs, a small object store, no dashboard)."""
+    """One local Ray cluster for the whole session (2 CPUs, a small object store, the dashboard on a free port).
+
+    Yields the dashboard's address (``serve deploy --address`` needs it).
+    """
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
-    yield ray
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dashboard_port = s.getsockname()[1]
+    context = ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=True,
+                       dashboard_host="127.0.0.1", dashboard_port=dashboard_port, log_to_driver=False)
+    yield f"http://{context.dashboard_url}"
     ray.shutdown()
 
 

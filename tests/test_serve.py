@@ -4,6 +4,8 @@ Three applications share one Serve instance on the session's Ray cluster, each w
 own engine on the embedded model (CPU, 64 KV blocks): ``open`` (no guardrails),
 ``guarded`` (API key, one concurrent capture, system-prompt masking, capture on by
 default with top-k 3, one CORS origin) and ``prod`` (capture disabled in production).
+Two more live only for their test: ``lease`` (an ingress replica is killed) and ``yaml``
+(deployed by ``serve deploy`` from the shipped ``deploy/serve-config.yaml``).
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ import gzip
 import http.client
 import json
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import openai
 import pytest
 import ray
+import yaml
 from ray import serve
 
-from attnscope.actors.capture_limiter import NAMESPACE
 from attnscope.deployments.application import build_app
 from attnscope.engine.tokenizer import Tokenizer
 from attnscope.engine.weights import load_checkpoint
@@ -32,6 +37,7 @@ from attnscope.engine.weights import load_checkpoint
 pytestmark = pytest.mark.slow
 
 ENGINE = {"device": "cpu", "num_kv_blocks": 64, "engine_num_cpus": 0.5, "num_threads": 2}
+ROOT = Path(__file__).resolve().parent.parent
 KEY = "attn-secret"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = {"temperature": 0.0, "max_tokens": 6}
@@ -123,7 +129,7 @@ def _engine_stats(app: str) -> dict:
 
 
 def _open_capture_sessions(app: str) -> int:
-    return ray.get(ray.get_actor(f"capture-limiter-{app}", namespace=NAMESPACE).count.remote())
+    return serve.get_deployment_handle("CaptureLimiter", app_name=app).count.remote().result()
 
 
 def _await_no_capture_sessions(app: str, within_s: float) -> None:
@@ -456,3 +462,58 @@ def test_capture_disabled_in_production(prod_url, model):
         assert status == 400 and body["error"]["param"] == param and body["error"]["code"] == "capture_disabled"
     plain = _client(prod_url).chat.completions.create(model=model, messages=CHAT, **GREEDY)
     assert "Paris" in plain.choices[0].message.content
+
+
+def _named_actors(fragment: str) -> list[dict]:
+    return [a for a in ray.util.list_named_actors(all_namespaces=True) if fragment in a["name"]]
+
+
+def test_a_dead_ingress_replicas_capture_sessions_free_when_its_lease_lapses(serve_port, model):
+    lease_s = 2.0
+    url = _deploy(serve_port, "lease", "/lease", engine_num_cpus=0.25, attention_max_concurrent_capture=1,
+                  attention_capture_lease_s=lease_s)
+    request = {"model": model, "messages": CHAT, **GREEDY, "return_attention_tokens": True}
+    try:
+        conn, resp = _open_stream(url, "/v1/chat/completions", {**request, "max_tokens": 900, "ignore_eos": True})
+        next(_events(resp))
+        assert _open_capture_sessions("lease") == 1
+        (ingress,) = _named_actors("lease#OpenAIIngress")
+        ray.kill(ray.get_actor(ingress["name"], namespace=ingress["namespace"]), no_restart=False)
+        conn.close()
+        killed = time.monotonic()
+        _await_no_capture_sessions("lease", within_s=lease_s + 5)
+        assert time.monotonic() - killed > lease_s / 2  # freed by the lapsed lease, not by a release
+        deadline = time.monotonic() + 60
+        while (status := _http(url, "/v1/chat/completions", request)[0]) != 200:
+            assert status in (500, 502, 503) and time.monotonic() < deadline  # the replica restarts
+            time.sleep(0.5)
+    finally:
+        serve.delete("lease")
+
+
+def test_serve_deploy_from_the_shipped_config(ray_cluster, serve_port, model, tmp_path):
+    config = yaml.safe_load((ROOT / "deploy" / "serve-config.yaml").read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": serve_port}
+    (app,) = config["applications"]
+    app.update(name="yaml", route_prefix="/yaml")
+    app["args"].update(device="cpu", num_kv_blocks=64, engine_num_cpus=0.25, num_threads=2)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve_cli = Path(sys.executable).with_name("serve")
+    done = subprocess.run([str(serve_cli), "deploy", str(path), "--address", ray_cluster],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    try:
+        deadline = time.monotonic() + 120
+        while (state := serve.status().applications.get("yaml")) is None or state.status != "RUNNING":
+            assert state is None or state.status in ("NOT_STARTED", "DEPLOYING"), state
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{serve_port}/yaml"
+        status, _, caps = _http(url, "/v1/attention/capabilities")
+        assert status == 200 and caps["guardrails"]["max_concurrent_capture"] == 16
+        out = _client(url).chat.completions.create(model=model, messages=CHAT, **GREEDY,
+                                                   extra_body={"return_attention_tokens": True})
+        assert out.choices[0].message.content and out.choices[0].model_extra["attention_tokens"]
+    finally:
+        serve.delete("yaml")
