@@ -13,11 +13,13 @@ torch twin with the same API. Two passes over the keys, both split-K over positi
   de-rotated logits, which differ from the attention's). A combine kernel merges the
   splits per head into ``lse_U``, ``H_h = log l_C - e_C / l_C``, ``hist_h = hist_C / l_C``
   and ``l_S / l_U`` and sums them with the head weights.
-* Pass B (grid ``(rows, Hkv, splits)``, only when ``top_k > 0``) needs every head's final
-  ``lse_U``: each program recomputes its KV group's logits of the split's ``W`` positions and
-  ``atomic_add``s the group's ``sum_h w_h exp(s_h[j] - lse_h)`` into a dense float32
-  ``p̄ [rows, T]``. A pack kernel turns ``p̄`` into sortable int64 keys (positions outside
-  ``W`` get the empty key) and ``torch.topk`` over the keys picks the exact top-k.
+* Pass B (only when ``top_k > 0``) needs every head's final ``lse_U``. Pass A also records
+  each head's largest logit per key tile (tiles aligned to multiples of ``TILE_N``); with
+  ``lse`` they bound ``p̄`` per tile from above and below, and only the tiles whose upper
+  bound reaches a floor under the ``k``-th value are re-read (see :func:`_mean_topk`), each
+  by one program summing ``p̄ = sum_h w_h exp(s_h[j] - lse_h)`` over all KV groups in a fixed
+  order and keeping its chunk's top-k keys; ``torch.topk`` over the chunks picks the exact
+  top-k.
 
 Top-k are exact: each (value, position) is packed into one int64 key that sorts like
 (value descending, position ascending) -- the float32 bits made order-preserving in the high
@@ -28,9 +30,8 @@ the top ``TOPK_SLOTS`` of the union) and one bitonic merge. The compare-exchange
 ``tl.min``/``tl.max`` over the axes of a ``[2, 2, ...]`` view, which also keeps the Triton
 interpreter fast (its ``tl.sort`` reduces with a Python-level xor). A tile with no key above
 the running k-th is skipped. Per-split candidates are merged by a small kernel the same way,
-exact since the union of per-split top-k holds the global top-k. Pass B needs no merge: the
-keys of all of ``W`` go through one ``torch.topk`` (a radix select on the device, no sort of
-``W`` and no host sync).
+exact since the union of per-split top-k holds the global top-k. Pass B's chunk keys go
+through one ``torch.topk`` (a radix select on the device, no host sync).
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ from attnscope.kernels.paged_decode import (
 
 TOPK_SLOTS = 64  # running top-k width of every program (>= MAX_TOP_K, >= the key tile width)
 STAT_WIDTH = 32  # per (row, head, split) partial: hist at 0..15, then m, l_U, l_S, l_C, e_C at 16..20
-MAX_PASS_B_SPLITS = 256
-PACK_BLOCK = 1024  # positions per program of the Pass B pack kernel
+MAX_TILES_PER_PROGRAM = 128  # Pass B: key tiles one program may re-read
+BOUNDS_BLOCK = 256  # Pass B: tiles per program of the bounds kernel
+FLOOR_MIN_TILES_PER_K = 4  # Pass B: seek a floor (round 1) only when there are more tiles than this times k
 # Launch widths. Registers per thread on sm_90 (Triton 3.6 ptxas, bf16, D=128, group 4, tile 64,
 # strides specialised like at run time): plain decode kernel 113 at 4 warps (4 CTAs/SM); fused
 # kernel without per-head top-k 167 at 4 warps, 128 and no spills with maxnreg=128 -- the plain
@@ -282,8 +284,9 @@ def _attend_tile(
     """One key/value tile of the decode online softmax, as in ``_paged_decode_split_kernel``.
 
     Returns the new running max, sum and output accumulator, and for capture the tile's
-    logits, ``shifted = logits - m_new``, ``p = exp(shifted)``, its row sums and the rescale
-    ``alpha = exp(m_i - m_new)`` (values the uncaptured loop does not use are dead code).
+    logits, their per-head maximum, ``shifted = logits - m_new``, ``p = exp(shifted)``, its
+    row sums and the rescale ``alpha = exp(m_i - m_new)`` (values the uncaptured loop does
+    not use are dead code).
     """
     token_valid = tokens < split_end
     physical_block = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_valid, other=0).to(tl.int64)
@@ -293,7 +296,8 @@ def _attend_tile(
         q, q, k_cache_ptr, k_rows, tokens, token_valid, k_cache_ptr, k_cache_ptr, 0, scale,
         HEAD_DIM, False, DOT_PRECISION,
     )
-    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    tile_max = tl.max(logits, axis=1)
+    m_new = tl.maximum(m_i, tile_max)
     alpha = tl.exp(m_i - m_new)
     shifted = logits - m_new[:, None]
     p = tl.exp(shifted)
@@ -303,7 +307,7 @@ def _attend_tile(
     dims = tl.arange(0, HEAD_DIM)
     v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=token_valid[:, None], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc, logits, shifted, p, p_sum, alpha
+    return m_new, l_i, acc, logits, tile_max, shifted, p, p_sum, alpha
 
 
 @triton.jit
@@ -396,6 +400,12 @@ def _store_capture_split(stats_ptr, stats_base, heads, row_valid, m, l_u, l_s, l
 
 
 @triton.jit
+def _store_tile_max(tile_max_ptr, row_base, heads, row_valid, tile_start, tile_max, stride_th, TILE_N: tl.constexpr):
+    """Record each head's largest logit of the key tile starting at ``tile_start`` (a multiple of ``TILE_N``)."""
+    tl.store(tile_max_ptr + row_base + heads * stride_th + tile_start // TILE_N, tile_max, mask=row_valid)
+
+
+@triton.jit
 def _store_head_keys(head_keys_ptr, keys_base, heads, row_valid, best, stride_kh):
     """Write one split's per-head top-k keys for a KV group's heads."""
     slots = tl.arange(0, SLOTS)
@@ -419,6 +429,7 @@ def _capture_split_kernel(
     sin_ptr,
     stats_ptr,
     head_keys_ptr,
+    tile_max_ptr,
     scale,
     num_splits,
     head_top_k,
@@ -435,6 +446,8 @@ def _capture_split_kernel(
     stride_kr,
     stride_khd,
     stride_ks,
+    stride_tr,
+    stride_th,
     GROUP_SIZE: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     LOG_GROUP_PAD: tl.constexpr,
@@ -444,13 +457,18 @@ def _capture_split_kernel(
     DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
     HEAD_TOPK: tl.constexpr,
+    TILE_MAX: tl.constexpr,
 ):
-    """Standalone Pass A of one (row, KV group, split) over the split's share of ``U``."""
+    """Standalone Pass A of one (row, KV group, split) over the split's share of ``U``.
+
+    Splits cover ``U`` in whole tiles aligned to multiples of ``TILE_N`` (the tiles of
+    the tile-max record; key positions below ``U`` are masked like every other outside key).
+    """
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
-    split_start, split_end = _split_range(u_lo, pos + 1, split, num_splits, TILE_N)
+    split_start, split_end = _split_range((u_lo // TILE_N) * TILE_N, pos + 1, split, num_splits, TILE_N)
 
     rows = tl.arange(0, GROUP_PAD)
     row_valid = rows < GROUP_SIZE
@@ -477,7 +495,10 @@ def _capture_split_kernel(
             q_a, q_b, k_cache_ptr, k_rows, tokens, token_valid, cos_ptr, sin_ptr, stride_rope, scale,
             HEAD_DIM, ROPE, DOT_PRECISION,
         )
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        tile_max = tl.max(logits, axis=1)
+        if TILE_MAX:
+            _store_tile_max(tile_max_ptr, row * stride_tr, heads, row_valid, tile_start, tile_max, stride_th, TILE_N)
+        m_new = tl.maximum(m_i, tile_max)
         alpha = tl.exp(m_i - m_new)
         shifted = logits - m_new[:, None]
         p = tl.exp(shifted)
@@ -512,6 +533,7 @@ def _fused_decode_capture_kernel(
     sink_tokens_ptr,
     stats_ptr,
     head_keys_ptr,
+    tile_max_ptr,
     scale,
     num_splits,
     head_top_k,
@@ -536,6 +558,8 @@ def _fused_decode_capture_kernel(
     stride_kr,
     stride_khd,
     stride_ks,
+    stride_tr,
+    stride_th,
     GROUP_SIZE: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     LOG_GROUP_PAD: tl.constexpr,
@@ -544,6 +568,7 @@ def _fused_decode_capture_kernel(
     TILE_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HEAD_TOPK: tl.constexpr,
+    TILE_MAX: tl.constexpr,
 ):
     """``_paged_decode_split_kernel`` plus Pass A in the same tile loop for captured sequences.
 
@@ -573,7 +598,7 @@ def _fused_decode_capture_kernel(
     if cap < 0:
         for tile_start in range(split_start, split_end, TILE_N):
             tokens = tile_start + tile_offsets
-            m_new, l_i, acc, logits, shifted, p, p_sum, alpha = _attend_tile(
+            m_new, l_i, acc, logits, tile_max, shifted, p, p_sum, alpha = _attend_tile(
                 q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_row, tokens, split_end, kv_head,
                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
                 HEAD_DIM, BLOCK_SIZE, DOT_PRECISION,
@@ -590,7 +615,7 @@ def _fused_decode_capture_kernel(
             best = tl.full([GROUP_PAD, SLOTS], EMPTY_KEY, tl.int64)
         for tile_start in range(split_start, split_end, TILE_N):
             tokens = tile_start + tile_offsets
-            m_new, l_i, acc, logits, shifted, p, p_sum, alpha = _attend_tile(
+            m_new, l_i, acc, logits, tile_max, shifted, p, p_sum, alpha = _attend_tile(
                 q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_row, tokens, split_end, kv_head,
                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
                 HEAD_DIM, BLOCK_SIZE, DOT_PRECISION,
@@ -599,6 +624,8 @@ def _fused_decode_capture_kernel(
                 l_u, l_s, l_c, e_c, hist, shifted, p, p_sum, m_i, m_new, alpha, tile_start, tokens, split_end,
                 pos, u_lo, c_lo, TILE_N,
             )
+            if TILE_MAX:
+                _store_tile_max(tile_max_ptr, cap * stride_tr, heads, row_valid, tile_start, tile_max, stride_th, TILE_N)
             if HEAD_TOPK:
                 best = _head_topk_tile(
                     best, logits, tokens, pos, u_lo, w_lo, head_top_k, GROUP_PAD, LOG_GROUP_PAD, TILE_N
@@ -684,7 +711,57 @@ def _combine_capture_kernel(
 
 
 @triton.jit
-def _mean_probs_kernel(
+def _tile_bounds_kernel(
+    tile_max_ptr,
+    head_weights_ptr,
+    lse_ptr,
+    query_pos_ptr,
+    mask_prefix_ptr,
+    window_ptr,
+    sink_tokens_ptr,
+    upper_ptr,
+    lower_ptr,
+    num_heads,
+    num_tiles,
+    stride_tr,
+    stride_th,
+    stride_wr,
+    stride_lr,
+    stride_br,
+    TILE_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Bounds on ``p̄`` per key tile of one row, from each head's tile maximum ``M_h(t)``.
+
+    Upper: every ``j`` of tile ``t`` has ``p̄[j] <= sum_h w_h exp(M_h(t) - lse_h)``. Lower
+    (tiles wholly inside ``W``): the position where the best head peaks has ``p̄ >=
+    max_h w_h exp(M_h(t) - lse_h)``, other heads adding >= 0, so each such tile holds one
+    position at least that likely. Tiles outside ``W`` get upper -1; partial tiles lower 0.
+    """
+    row = tl.program_id(0)
+    tiles = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
+    first = tiles * TILE_N
+    last = first + (TILE_N - 1)
+    valid = (tiles < num_tiles) & (first <= pos) & (last >= w_lo)
+    interior = (first >= w_lo) & (last <= pos)
+    upper = tl.zeros([BLOCK_T], dtype=tl.float32)
+    lower = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for head in range(num_heads):
+        weight = tl.load(head_weights_ptr + row * stride_wr + head)
+        lse = tl.load(lse_ptr + row * stride_lr + head)
+        if (weight > 0.0) & (lse > float("-inf")):
+            peak = tl.load(tile_max_ptr + row * stride_tr + head * stride_th + tiles, mask=valid, other=float("-inf"))
+            mass = weight * tl.exp(peak - lse)
+            upper += mass
+            lower = tl.maximum(lower, mass)
+    inside = tiles < num_tiles
+    tl.store(upper_ptr + row * stride_br + tiles, tl.where(valid, upper, -1.0), mask=inside)
+    tl.store(lower_ptr + row * stride_br + tiles, tl.where(valid & interior, lower, 0.0), mask=inside)
+
+
+@triton.jit
+def _tile_mean_topk_kernel(
     q_ptr,
     k_cache_ptr,
     block_tables_ptr,
@@ -696,9 +773,15 @@ def _mean_probs_kernel(
     lse_ptr,
     cos_ptr,
     sin_ptr,
-    p_bar_ptr,
+    tile_ids_ptr,
+    upper_ptr,
+    floor_key_ptr,
+    keys_ptr,
+    recomputed_ptr,
     scale,
-    num_splits,
+    num_listed,
+    num_kv_heads,
+    top_k,
     stride_qr,
     stride_qh,
     stride_kb,
@@ -708,62 +791,80 @@ def _mean_probs_kernel(
     stride_rope,
     stride_wr,
     stride_lr,
-    stride_pr,
+    stride_ir,
+    stride_br,
+    stride_kr,
+    stride_kc,
     GROUP_SIZE: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
+    TILES_PER_PROGRAM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
+    LISTED: tl.constexpr,
+    FLOORED: tl.constexpr,
 ):
-    """Pass B of one (row, KV group, split): add the group's share of ``p̄`` over the split's share of ``W``.
+    """Exact ``p̄`` over the candidate key tiles of one row's chunk, reduced to the chunk's top-k keys.
 
-    ``p_bar[row, j] += sum_{h in group} w_h exp(s_h[j] - lse_h)`` by float atomics (one per
-    position and group). A group whose heads all have weight 0 reads nothing.
+    The chunk is ``TILES_PER_PROGRAM`` entries of the tile list (``tile_ids[row]`` when
+    ``LISTED``, else tiles ``0 .. num_listed - 1``). A tile is recomputed -- its keys re-read
+    for every KV group with a head of nonzero weight, ``p̄[j] = sum_h w_h exp(s_h[j] -
+    lse_h)`` summed over heads in a fixed order -- only when its upper bound reaches the
+    row's floor (``FLOORED``: the value of ``floor_key[row]``, less a 1e-3 relative margin for
+    the bound's rounding; else any tile inside ``W``). Positions outside ``W`` get the empty
+    key. ``recomputed[row]`` counts the tiles re-read.
     """
     row = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    rows = tl.arange(0, GROUP_PAD)
-    row_valid = rows < GROUP_SIZE
-    heads = kv_head * GROUP_SIZE + rows
-    weights = tl.load(head_weights_ptr + row * stride_wr + heads, mask=row_valid, other=0.0)
-    if tl.max(tl.abs(weights), axis=0) > 0.0:
-        pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
-        split_start, split_end = _split_range(w_lo, pos + 1, split, num_splits, TILE_N)
-        q_a, q_b = _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM, ROPE)
-        lse = tl.load(lse_ptr + row * stride_lr + heads, mask=row_valid, other=0.0)
-        lse = tl.where(lse == float("-inf"), 0.0, lse)
+    chunk = tl.program_id(1)
+    pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
+    entries = chunk * TILES_PER_PROGRAM + tl.arange(0, TILES_PER_PROGRAM)
+    listed = entries < num_listed
+    if LISTED:
+        tile_ids = tl.load(tile_ids_ptr + row * stride_ir + entries, mask=listed, other=0).to(tl.int32)
+    else:
+        tile_ids = entries
+    upper = tl.load(upper_ptr + row * stride_br + tile_ids, mask=listed, other=-1.0)
+    floor = 0.0
+    if FLOORED:
+        floor_key = tl.load(floor_key_ptr + row)
+        floor_value, _ = _unpack_keys(floor_key)
+        floor = tl.where(floor_key == EMPTY_KEY, 0.0, floor_value * (1.0 - 1e-3))
+    wanted = listed & (upper >= 0.0) & (upper >= floor)
+    best = tl.full([1, SLOTS], EMPTY_KEY, tl.int64)
+    num_wanted = tl.sum(wanted.to(tl.int32), axis=0)
+    if num_wanted > 0:
+        rows = tl.arange(0, GROUP_PAD)
+        row_valid = rows < GROUP_SIZE
         tile_offsets = tl.arange(0, TILE_N)
         block_table_row = block_tables_ptr + row * stride_btr
-        p_bar_row = p_bar_ptr + row * stride_pr
-        for tile_start in range(split_start, split_end, TILE_N):
-            tokens = tile_start + tile_offsets
-            token_valid = tokens < split_end
-            physical_block = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_valid, other=0).to(tl.int64)
-            k_rows = physical_block * stride_kb + (tokens % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
-            logits = _key_logits(
-                q_a, q_b, k_cache_ptr, k_rows, tokens, token_valid, cos_ptr, sin_ptr, stride_rope, scale,
-                HEAD_DIM, ROPE, DOT_PRECISION,
-            )
-            group_sum = tl.sum(weights[:, None] * tl.exp(logits - lse[:, None]), axis=0)
-            tl.atomic_add(p_bar_row + tokens, group_sum, mask=token_valid, sem="relaxed")
-
-
-@triton.jit
-def _pack_mean_probs_kernel(
-    p_bar_ptr, keys_ptr, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr, width, stride_pr, stride_kr,
-    BLOCK: tl.constexpr,
-):
-    """Keys of ``p̄`` for ``torch.topk``: ``(p̄[j], j)`` packed for ``j`` in ``W``, the empty key elsewhere."""
-    row = tl.program_id(0)
-    positions = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = positions < width
-    pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
-    values = tl.load(p_bar_ptr + row * stride_pr + positions, mask=inside, other=0.0)
-    keys = _pack_keys(values, positions, (positions >= w_lo) & (positions <= pos))
-    tl.store(keys_ptr + row * stride_kr + positions, keys, mask=inside)
+        for i in range(TILES_PER_PROGRAM):
+            tile = tl.sum(tl.where(tl.arange(0, TILES_PER_PROGRAM) == i, tile_ids, 0), axis=0)
+            take = tl.sum(tl.where(tl.arange(0, TILES_PER_PROGRAM) == i, wanted.to(tl.int32), 0), axis=0)
+            if take > 0:
+                tokens = tile * TILE_N + tile_offsets
+                in_w = (tokens >= w_lo) & (tokens <= pos)
+                physical_block = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=in_w, other=0).to(tl.int64)
+                p_bar = tl.zeros([TILE_N], dtype=tl.float32)
+                for kv_head in range(num_kv_heads):
+                    heads = kv_head * GROUP_SIZE + rows
+                    weights = tl.load(head_weights_ptr + row * stride_wr + heads, mask=row_valid, other=0.0)
+                    if tl.max(weights, axis=0) > 0.0:
+                        q_a, q_b = _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM, ROPE)
+                        lse = tl.load(lse_ptr + row * stride_lr + heads, mask=row_valid, other=0.0)
+                        lse = tl.where(lse == float("-inf"), 0.0, lse)
+                        k_rows = physical_block * stride_kb + (tokens % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
+                        logits = _key_logits(
+                            q_a, q_b, k_cache_ptr, k_rows, tokens, in_w, cos_ptr, sin_ptr, stride_rope, scale,
+                            HEAD_DIM, ROPE, DOT_PRECISION,
+                        )
+                        p_bar += tl.sum(weights[:, None] * tl.exp(logits - lse[:, None]), axis=0)
+                keys = _pack_keys(p_bar[None, :], tokens[None, :], in_w[None, :])
+                best = _update_topk(best, keys, top_k, 1, 0, TILE_N)
+        tl.atomic_add(recomputed_ptr + row, num_wanted, sem="relaxed")
+    slots = tl.arange(0, SLOTS)
+    tl.store(keys_ptr + row * stride_kr + chunk * stride_kc + slots[None, :], best)
 
 
 @triton.jit
@@ -843,14 +944,20 @@ def _check_request(k_cache: torch.Tensor, req: CaptureRequest) -> None:
             raise ValueError("rope tables cover fewer positions than the rows attend")
 
 
-def _empty_partials(rows: int, num_heads: int, num_splits: int, head_top_k: int, device: torch.device):
-    """Pass A partial buffers: stats ``[R, Hq, S, STAT_WIDTH]`` and per-head keys (a 1-element dummy when unused)."""
+def _empty_partials(rows: int, num_heads: int, num_splits: int, req: CaptureRequest, num_tiles: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass A outputs: stats ``[R, Hq, S, STAT_WIDTH]``, per-head keys ``[R, Hq, S, TOPK_SLOTS]`` and tile
+    maxima ``[R, Hq, num_tiles]`` (the last two 1-element dummies when their top-k is 0)."""
     stats = torch.empty((rows, num_heads, num_splits, STAT_WIDTH), dtype=torch.float32, device=device)
-    if head_top_k:
+    if req.head_top_k:
         keys = torch.empty((rows, num_heads, num_splits, TOPK_SLOTS), dtype=torch.int64, device=device)
     else:
         keys = torch.empty((1, 1, 1, 1), dtype=torch.int64, device=device)
-    return stats, keys
+    if req.top_k:
+        tile_max = torch.empty((rows, num_heads, num_tiles), dtype=torch.float32, device=device)
+    else:
+        tile_max = torch.empty((1, 1, 1), dtype=torch.float32, device=device)
+    return stats, keys, tile_max
 
 
 def _final_topk(keys: torch.Tensor, k: int, empty_value: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -866,6 +973,11 @@ def _final_topk(keys: torch.Tensor, k: int, empty_value: float) -> tuple[torch.T
     return pos.view(*lead, k), values.view(*lead, k)
 
 
+def _num_key_tiles(block_tables: torch.Tensor, block_size: int, head_dim: int) -> int:
+    """Key tiles of ``TILE_N`` positions covering the block tables' width."""
+    return triton.cdiv(block_tables.shape[1] * block_size, _tile_tokens(head_dim))
+
+
 def _rope_args(req: CaptureRequest, k_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
     """Kernel arguments for de-rotation: tables (``k_cache`` as unused dummies), row stride, flag."""
     if req.rope_cos is None:
@@ -873,15 +985,15 @@ def _rope_args(req: CaptureRequest, k_cache: torch.Tensor) -> tuple[torch.Tensor
     return req.rope_cos, req.rope_sin, req.rope_cos.stride(0), True
 
 
-def _pass_b_splits(rows: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
-    """Pass B split count: about four programs per SM (``rows * Hkv * splits``), >= MIN_TOKENS_PER_SPLIT tokens a split."""
-    wanted = triton.cdiv(4 * _num_sms(device), max(rows * num_kv_heads, 1))
-    useful = triton.cdiv(max(max_len, 1), MIN_TOKENS_PER_SPLIT)
-    return max(1, min(wanted, useful, MAX_PASS_B_SPLITS))
+def _tiles_per_program(rows: int, num_listed: int, device: torch.device) -> int:
+    """Tiles per Pass B program: about four programs per SM over ``rows * num_listed`` tiles (a power of two, <= 128)."""
+    wanted = triton.cdiv(max(rows * num_listed, 1), 4 * _num_sms(device))
+    return min(MAX_TILES_PER_PROGRAM, triton.next_power_of_2(wanted))
 
 
 def _finish(
-    k_cache: torch.Tensor, req: CaptureRequest, scale: float, stats: torch.Tensor, head_keys: torch.Tensor
+    k_cache: torch.Tensor, req: CaptureRequest, scale: float, stats: torch.Tensor, head_keys: torch.Tensor,
+    tile_max: torch.Tensor,
 ) -> CaptureResult:
     """Combine Pass A partials, merge per-head top-k, and run Pass B when ``top_k > 0``."""
     rows, num_heads, head_dim = req.q.shape
@@ -900,68 +1012,89 @@ def _finish(
             *stats.stride()[:3], req.head_weights.stride(0),
             SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
         )
-    head_pos = head_logit = topk_pos = topk_prob = None
+    head_pos = head_logit = topk_pos = topk_prob = recomputed = None
     if req.head_top_k:
         head_pos, head_logit = _final_topk(head_keys, req.head_top_k, float("-inf"))
     if req.top_k:
-        topk_pos, topk_prob = _mean_topk(k_cache, req, scale, lse)
-    return CaptureResult(lse, hist, entropy, sink_mass, num_stat, topk_pos, topk_prob, head_pos, head_logit)
+        topk_pos, topk_prob, recomputed = _mean_topk(k_cache, req, scale, lse, tile_max)
+    return CaptureResult(lse, hist, entropy, sink_mass, num_stat, topk_pos, topk_prob, head_pos, head_logit,
+                         recomputed)
 
 
 def _mean_topk(
-    k_cache: torch.Tensor, req: CaptureRequest, scale: float, lse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass B: head-mean top-k positions and ``p̄`` of every row, given the rows' final ``lse``.
+    k_cache: torch.Tensor, req: CaptureRequest, scale: float, lse: torch.Tensor, tile_max: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass B: exact head-mean top-k positions and ``p̄`` of every row, re-reading only candidate key tiles.
 
-    ``p̄`` is summed densely over the table width ``T = max_blocks * block_size`` (no host
-    sync to find the longest row): a float32 ``[R, T]`` buffer (4 bytes per position, 4 MiB
-    for one row of a 1M-token table) plus int64 keys ``[R, T]`` for the selection (8 bytes
-    per position) -- 12 bytes per row and table position of temporary device memory.
-    ``torch.topk`` of the keys ranks by ``p̄`` descending, then position ascending; ranks
-    past ``|W|`` are position -1 / value 0. The float atomics sum the KV groups in run-time
-    order: values may differ in the last bit between runs when three or more groups have
-    weight, and exact ties then hold only up to that bit.
+    From Pass A's per-head tile maxima and the final ``lse``, ``_tile_bounds_kernel`` bounds
+    ``p̄`` per tile from above and below. Round 1 recomputes ``p̄`` exactly on the ``k`` tiles
+    with the best lower bounds; the ``k``-th best value found there is a floor under the
+    true ``k``-th value. Round 2 recomputes every tile whose upper bound reaches that floor
+    (with a relative margin for rounding) and keeps each chunk's top-k keys; ``torch.topk``
+    over the chunks' keys gives the answer -- exact, ties broken by position, since a
+    skipped tile holds only values below the true ``k``-th. How many tiles are re-read
+    depends on the attention: peaked rows re-read a few tiles, flat ones (where no tile's
+    bound falls below the floor) all of ``W``. Returns ``(pos, prob, recomputed_tiles)``;
+    ranks past ``|W|`` are position -1 / value 0. Temporary memory per row: 4 bytes per
+    head and tile (Pass A's maxima), 8 per tile for the bounds, 512 per program's chunk keys.
+    No host sync.
     """
     rows, num_heads, head_dim = req.q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    width = req.block_tables.shape[1] * block_size
+    num_tiles = tile_max.shape[2]
+    tile_n = _tile_tokens(head_dim)
     k = req.top_k
     device = k_cache.device
     pos = torch.empty((rows, k), dtype=torch.int32, device=device)
     prob = torch.empty((rows, k), dtype=torch.float32, device=device)
+    recomputed = torch.zeros((rows,), dtype=torch.int32, device=device)
     if not rows:
-        return pos, prob
-    p_bar = torch.zeros((rows, width), dtype=torch.float32, device=device)
-    num_splits = _pass_b_splits(rows, num_kv_heads, width, device)
-    cos, sin, stride_rope, rope = _rope_args(req, k_cache)
-    _mean_probs_kernel[(rows, num_kv_heads, num_splits)](
-        req.q, k_cache, req.block_tables, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
-        req.head_weights, lse, cos, sin, p_bar, scale, num_splits,
-        req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
-        req.head_weights.stride(0), lse.stride(0), p_bar.stride(0),
-        GROUP_SIZE=group,
-        GROUP_PAD=_group_pad(group),
-        HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size,
-        TILE_N=_tile_tokens(head_dim),
-        DOT_PRECISION=_dot_precision(req.q.dtype),
-        ROPE=rope,
-        num_warps=PASS_B_ROPE_NUM_WARPS if rope else PASS_B_NUM_WARPS,
+        return pos, prob, recomputed
+    upper = torch.empty((rows, num_tiles), dtype=torch.float32, device=device)
+    lower = torch.empty_like(upper)
+    _tile_bounds_kernel[(rows, triton.cdiv(num_tiles, BOUNDS_BLOCK))](
+        tile_max, req.head_weights, lse, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
+        upper, lower, num_heads, num_tiles, tile_max.stride(0), tile_max.stride(1), req.head_weights.stride(0),
+        lse.stride(0), upper.stride(0),
+        TILE_N=tile_n, BLOCK_T=BOUNDS_BLOCK,
     )
-    kept = min(k, width)
-    if kept:
-        keys = torch.empty((rows, width), dtype=torch.int64, device=device)
-        _pack_mean_probs_kernel[(rows, triton.cdiv(width, PACK_BLOCK))](
-            p_bar, keys, req.query_pos, req.mask_prefix, req.window, req.sink_tokens, width,
-            p_bar.stride(0), keys.stride(0),
-            BLOCK=PACK_BLOCK,
+    cos, sin, stride_rope, rope = _rope_args(req, k_cache)
+
+    def chunk_topk(tile_ids: torch.Tensor | None, num_listed: int, floor_key: torch.Tensor | None) -> torch.Tensor:
+        """The sorted top-k keys of ``p̄`` over the listed tiles that reach ``floor_key``."""
+        per_program = _tiles_per_program(rows, num_listed, device)
+        num_chunks = triton.cdiv(num_listed, per_program)
+        keys = torch.empty((rows, num_chunks, TOPK_SLOTS), dtype=torch.int64, device=device)
+        ids = upper if tile_ids is None else tile_ids
+        _tile_mean_topk_kernel[(rows, num_chunks)](
+            req.q, k_cache, req.block_tables, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
+            req.head_weights, lse, cos, sin, ids, upper, keys if floor_key is None else floor_key, keys,
+            recomputed, scale, num_listed, num_kv_heads, k,
+            req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
+            req.head_weights.stride(0), lse.stride(0), ids.stride(0), upper.stride(0), keys.stride(0),
+            keys.stride(1),
+            GROUP_SIZE=group,
+            GROUP_PAD=_group_pad(group),
+            HEAD_DIM=head_dim,
+            BLOCK_SIZE=block_size,
+            TILE_N=tile_n,
+            TILES_PER_PROGRAM=per_program,
+            DOT_PRECISION=_dot_precision(req.q.dtype),
+            ROPE=rope,
+            LISTED=tile_ids is not None,
+            FLOORED=floor_key is not None,
+            num_warps=PASS_B_ROPE_NUM_WARPS if rope else PASS_B_NUM_WARPS,
         )
-        best = torch.topk(keys, kept, dim=1, sorted=True).values
-    else:
-        best = torch.empty((rows, 1), dtype=torch.int64, device=device)
-    _unpack_topk_kernel[(rows,)](best, pos, prob, kept, k, best.stride(0), pos.stride(0))
-    return pos, prob
+        return torch.topk(keys.view(rows, -1), k, dim=1, sorted=True).values
+
+    floor_key = None
+    if num_tiles > FLOOR_MIN_TILES_PER_K * k:
+        seeds = torch.topk(lower, k, dim=1, sorted=False).indices
+        floor_key = chunk_topk(seeds, k, None)[:, k - 1].contiguous()
+    best = chunk_topk(None, num_tiles, floor_key)
+    _unpack_topk_kernel[(rows,)](best, pos, prob, k, k, best.stride(0), pos.stride(0))
+    return pos, prob, recomputed
 
 
 def attention_capture(
@@ -981,14 +1114,16 @@ def attention_capture(
     if num_splits is None:
         max_len = req.block_tables.shape[1] * block_size
         num_splits = default_num_splits(rows, num_kv_heads, max_len, _num_sms(k_cache.device))
-    stats, head_keys = _empty_partials(rows, num_heads, num_splits, req.head_top_k, k_cache.device)
+    stats, head_keys, tile_max = _empty_partials(rows, num_heads, num_splits, req,
+                                                 _num_key_tiles(req.block_tables, block_size, head_dim),
+                                                 k_cache.device)
     cos, sin, stride_rope, rope = _rope_args(req, k_cache)
     if rows:
         _capture_split_kernel[(rows, num_kv_heads, num_splits)](
             req.q, k_cache, req.block_tables, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
-            cos, sin, stats, head_keys, scale, num_splits, req.head_top_k,
+            cos, sin, stats, head_keys, tile_max, scale, num_splits, req.head_top_k,
             req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
-            *stats.stride()[:3], *head_keys.stride()[:3],
+            *stats.stride()[:3], *head_keys.stride()[:3], *tile_max.stride()[:2],
             GROUP_SIZE=group,
             GROUP_PAD=_group_pad(group),
             LOG_GROUP_PAD=_group_pad(group).bit_length() - 1,
@@ -998,9 +1133,10 @@ def attention_capture(
             DOT_PRECISION="ieee" if rope else _dot_precision(req.q.dtype),
             ROPE=rope,
             HEAD_TOPK=req.head_top_k > 0,
+            TILE_MAX=req.top_k > 0,
             num_warps=PASS_A_NUM_WARPS,
         )
-    return _finish(k_cache, req, scale, stats, head_keys)
+    return _finish(k_cache, req, scale, stats, head_keys, tile_max)
 
 
 def paged_decode_attention_capture(
@@ -1059,14 +1195,15 @@ def paged_decode_attention_capture(
     capture_slot[capture_rows.to(device=q.device, dtype=torch.long)] = torch.arange(
         rows, dtype=torch.int32, device=q.device
     )
-    stats, head_keys = _empty_partials(rows, num_heads, num_splits, capture.head_top_k, q.device)
+    stats, head_keys, tile_max = _empty_partials(rows, num_heads, num_splits, capture,
+                                                 _num_key_tiles(block_tables, block_size, head_dim), q.device)
 
     _fused_decode_capture_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, capture_slot,
-        capture.query_pos, capture.mask_prefix, capture.window, capture.sink_tokens, stats, head_keys,
+        capture.query_pos, capture.mask_prefix, capture.window, capture.sink_tokens, stats, head_keys, tile_max,
         scale, num_splits, capture.head_top_k,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        *part_out_strides, *part_lse_strides, *stats.stride()[:3], *head_keys.stride()[:3],
+        *part_out_strides, *part_lse_strides, *stats.stride()[:3], *head_keys.stride()[:3], *tile_max.stride()[:2],
         GROUP_SIZE=group,
         GROUP_PAD=_group_pad(group),
         LOG_GROUP_PAD=_group_pad(group).bit_length() - 1,
@@ -1075,6 +1212,7 @@ def paged_decode_attention_capture(
         TILE_N=_tile_tokens(head_dim),
         DOT_PRECISION=_dot_precision(q.dtype),
         HEAD_TOPK=capture.head_top_k > 0,
+        TILE_MAX=capture.top_k > 0,
         num_warps=FUSED_HEAD_TOPK_NUM_WARPS if capture.head_top_k else FUSED_NUM_WARPS,
         maxnreg=FUSED_HEAD_TOPK_MAXNREG if capture.head_top_k else FUSED_MAXNREG,
     )
@@ -1085,4 +1223,4 @@ def paged_decode_attention_capture(
             HEAD_DIM=head_dim,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
         )
-    return out, lse, _finish(k_cache, capture, scale, stats, head_keys)
+    return out, lse, _finish(k_cache, capture, scale, stats, head_keys, tile_max)

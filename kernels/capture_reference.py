@@ -65,7 +65,9 @@ class CaptureResult:
     by ``p̄`` descending, then position ascending; ``head_topk_pos``/``head_topk_logit``
     ``[R, Hq, head_top_k]`` (``-1`` / ``-inf`` padded) rank ``W`` by each head's logit
     the same way, for every head. Positions are cache (logical) positions ``j``; the
-    top-k fields are ``None`` when their ``k`` is 0.
+    top-k fields are ``None`` when their ``k`` is 0. ``recomputed_tiles`` ``[R]`` int32:
+    how many key tiles the Triton head-mean top-k re-read per row (``None`` from the
+    reference and when ``top_k`` is 0).
     """
 
     lse: torch.Tensor
@@ -77,6 +79,7 @@ class CaptureResult:
     topk_prob: torch.Tensor | None
     head_topk_pos: torch.Tensor | None
     head_topk_logit: torch.Tensor | None
+    recomputed_tiles: torch.Tensor | None = None
 
 
 def distance_bin(d: torch.Tensor) -> torch.Tensor:

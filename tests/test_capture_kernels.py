@@ -326,6 +326,63 @@ def test_attention_capture_derotates_keys(seed: int) -> None:
     check_result(attention_capture(case.k_cache, req, case.scale, num_splits=3), case, req, seed)
 
 
+def plant_peaks(case: Case, row: int, positions: list[int], strength: float) -> None:
+    """Make ``positions`` of ``row`` attract every query head: each KV head's key there points along its group's
+    mean query, scaled to ``strength`` (like the sink and retrieved tokens of a trained model's attention)."""
+    num_heads, head_dim = case.q.shape[1:]
+    num_kv_heads = case.k_cache.shape[2]
+    block_size = case.k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    direction = case.q[row].float().view(num_kv_heads, group, head_dim).mean(dim=1)
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    for j in positions:
+        key = (strength * direction).to(case.k_cache.dtype)
+        case.keys[row][j] = key
+        case.k_cache[int(case.block_tables[row, j // block_size]), j % block_size] = key
+
+
+def tiles_in_window(req: CaptureRequest, row: int, tile: int) -> int:
+    """Key tiles of ``tile`` positions that hold a position of ``W`` for ``row``."""
+    pos, window = int(req.query_pos[row]), int(req.window[row])
+    lo = int(req.mask_prefix[row]) if window == 0 else max(int(req.mask_prefix[row]), pos - window + 1)
+    return 0 if lo > pos else pos // tile - lo // tile + 1
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["standalone", "fused"])
+def test_head_mean_topk_rereads_only_candidate_tiles_and_stays_exact(seed: int, fused: bool) -> None:
+    """Peaked rows: Pass B re-reads a few key tiles, not all of ``W``; flat rows re-read what they must; both exact."""
+    rng = random.Random(seed)
+    case = make_case(seed, [1500, 1300, 900], 8, 2, 32, 16, torch.float32)
+    peaks = [0, *rng.sample(range(1, 1290), 5), 1297]
+    plant_peaks(case, 0, [0, 3, *rng.sample(range(5, 1490), 4)], strength=30.0)
+    plant_peaks(case, 1, peaks, strength=30.0)  # row 2 stays flat (random keys)
+    lens = case.context_lens.tolist()
+    req = make_request(case, rng, 4, 0, query_pos=[n - 1 for n in lens], mask_prefix=[0, 2, 0],
+                       window=[0, 0, 700], sink_tokens=[1, 0, 0])
+    if fused:
+        args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale)
+        _, _, result = paged_decode_attention(*args, num_splits=3, capture=req,
+                                              capture_rows=torch.arange(3, dtype=torch.int32))
+    else:
+        result = attention_capture(case.k_cache, req, case.scale, num_splits=3)
+    check_result(result, case, req, seed)
+    in_window = [tiles_in_window(req, row, 64) for row in range(3)]
+    recomputed = result.recomputed_tiles.tolist()
+    assert recomputed[0] <= 3 * req.top_k < in_window[0], (recomputed, in_window)
+    assert recomputed[1] <= 3 * req.top_k < in_window[1], (recomputed, in_window)
+    assert set(result.topk_pos[1].tolist()) <= set(peaks[1:])  # position 0 is masked
+    assert recomputed[2] <= req.top_k + in_window[2]
+
+
+def test_ties_across_many_tiles_rank_lower_position_first(seed: int) -> None:
+    """Exact ties spread over more tiles than the floor search looks at still rank by position."""
+    case = make_case(seed, [1000], 4, 2, 32, 16, torch.float32, key_alphabet=3)
+    req = make_request(case, random.Random(seed), 3, 0, query_pos=[999], mask_prefix=[0], window=[0], sink_tokens=[0])
+    result = attention_capture(case.k_cache, req, case.scale)
+    assert result.topk_pos[0].tolist() == exact_tie_ranking(case, req, 0)[:3], f"seed={seed}"
+    check_result(result, case, req, seed)
+
+
 def decode_request(case: Case, rows: list[int], rng: random.Random, top_k: int, head_top_k: int) -> CaptureRequest:
     """A capture request for the decode rows ``rows`` of ``case`` (query at the last position)."""
     full = make_request(case, rng, top_k, head_top_k, query_pos=[n - 1 for n in case.context_lens.tolist()])
