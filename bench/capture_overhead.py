@@ -7,7 +7,11 @@
 2. Timing at Llama-8B attention shapes (Hq=32, Hkv=8, D=128, bf16, block_size 16) for
    B in {1, 8, 32} and L in {2K, 32K, 128K} (one layer, every row the same length):
    (a) plain decode, (a0) the fused kernel with no row flagged, (b) fused decode + Pass A
-   fingerprint statistics for all rows, (c) + head-mean top-32 (Pass A + B), (c_head) Pass A
+   fingerprint statistics for all rows, (c) + head-mean top-32 (Pass A + B) on random keys
+   ("flat" attention: no key tile can be ruled out, so Pass B re-reads all of K) and
+   (c_peaked) on keys with a trained model's profile (a sink at position 0, the 16 most
+   recent and 16 scattered positions attract every head: logits 14 / 10 / 11 against a bulk
+   of N(0, 1)), with the fraction of key tiles Pass B re-read, (c_head) Pass A
    with per-head top-8, (f) our standalone capture pass (top-32), (d) the separate-pass
    baseline of the reference systems (gather K, scores for all heads, logsumexp, softmax,
    head mean, ``torch.topk(32)``; timed alone and after the plain decode), (e) torch SDPA
@@ -99,6 +103,36 @@ def capture_request(q: torch.Tensor, table: torch.Tensor, query_pos: list[int], 
     return CaptureRequest(q=q, block_tables=table, query_pos=ints(query_pos), head_weights=weights.to(DEVICE),
                           mask_prefix=ints(mask), window=ints(window), sink_tokens=ints(sinks),
                           top_k=top_k, head_top_k=head_top_k)
+
+
+def plant_peaks(q: torch.Tensor, k_cache: torch.Tensor, table: torch.Tensor, length: int,
+                gen: torch.Generator):
+    """Give every row a trained model's attention profile; returns a function restoring the keys.
+
+    At the sink (position 0), the 16 most recent positions and 16 random others, each KV
+    head's key points along its query group's mean direction, scaled so the group's mean
+    logit is 14, 10 and 11 (the random bulk has logits of about N(0, 1)).
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    grouped = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    direction = grouped.mean(dim=2)
+    direction = direction / direction.norm(dim=-1, keepdim=True)  # [B, Hkv, D]
+    gain = (grouped * direction[:, :, None]).sum(-1).mean(-1) * head_dim**-0.5  # logit per unit key length
+    scattered = torch.randint(1, length - 17, (batch, 16), generator=gen, device=DEVICE)
+    recent = torch.arange(length - 16, length, device=DEVICE).expand(batch, 16)
+    positions = torch.cat([torch.zeros((batch, 1), dtype=torch.long, device=DEVICE), recent, scattered], dim=1)
+    logits = torch.tensor([14.0] + [10.0] * 16 + [11.0] * 16, device=DEVICE)
+    blocks = torch.gather(table.long(), 1, positions // BLOCK_SIZE)
+    offsets = positions % BLOCK_SIZE
+    saved = k_cache[blocks, offsets].clone()
+    keys = logits[None, :, None, None] / gain[:, None, :, None] * direction[:, None]  # [B, 33, Hkv, D]
+    k_cache[blocks, offsets] = keys.to(k_cache.dtype)
+
+    def restore() -> None:
+        k_cache[blocks, offsets] = saved
+
+    return restore
 
 
 def select_rows(req: CaptureRequest, rows: torch.Tensor) -> CaptureRequest:
@@ -196,6 +230,19 @@ def check_correctness(seed: int, shapes: list[tuple] = CHECK_SHAPES) -> dict:
         report["lse_vs_plain"] = float((lse - plain_lse).abs().max())
         report["ok"] = report["ok"] and report["out_vs_plain"] < 2e-2 and report["lse_vs_plain"] < 1e-3
         checks[f"{name}/fused_decode"] = report
+
+        long_rows = [r for r, n in enumerate(lens) if n > 40]
+        index = torch.tensor(long_rows, device=DEVICE)
+        peaked_q, peaked_table = q[index], table[index]
+        restore = plant_peaks(peaked_q, k_cache, peaked_table, min(lens[r] for r in long_rows), gen)
+        peaked_req = capture_request(peaked_q, peaked_table, [lens[r] - 1 for r in long_rows], TOP_K, 0, None)
+        rows = torch.arange(len(long_rows), device=DEVICE)
+        _, _, result = paged_decode_attention(peaked_q, k_cache, v_cache, peaked_table, context[index], scale,
+                                              capture=peaked_req, capture_rows=rows)
+        report = compare(result, k_cache, peaked_req, scale)
+        report["recomputed_tiles"] = result.recomputed_tiles.tolist()
+        checks[f"{name}/fused_decode_peaked"] = report
+        restore()
     return checks
 
 
@@ -281,6 +328,14 @@ def bench_config(batch: int, length: int, k_cache: torch.Tensor, v_cache: torch.
                                                separate_pass_topk(q, k_cache, table, length, scale)),
     }
     result = {"B": batch, "L": length, "ms": {name: graph_ms(fn, flush) for name, fn in runs.items()}}
+    num_tiles = math.ceil(length / 64)
+    result["pass_b_tiles_reread_fraction"] = {
+        "flat": float(runs["c_fused_stats_top32"]()[2].recomputed_tiles.float().mean()) / num_tiles}
+    restore = plant_peaks(q, k_cache, table, length, gen)
+    result["ms"]["c_fused_stats_top32_peaked"] = graph_ms(runs["c_fused_stats_top32"], flush)
+    result["pass_b_tiles_reread_fraction"]["peaked"] = float(
+        runs["c_fused_stats_top32"]()[2].recomputed_tiles.float().mean()) / num_tiles
+    restore()
     result["ms"]["e_sdpa_contiguous"] = sdpa_ms(q, k_cache, v_cache, table, length, scale, flush)
     result["eager_ms"] = {name: triton.testing.do_bench(runs[name], return_mode="median")
                           for name in ("a_plain", "b_fused_stats", "c_fused_stats_top32")}
@@ -288,11 +343,14 @@ def bench_config(batch: int, length: int, k_cache: torch.Tensor, v_cache: torch.
     result["ratios"] = {
         "fused_stats_over_plain": ms["b_fused_stats"] / ms["a_plain"],
         "fused_top32_over_plain": ms["c_fused_stats_top32"] / ms["a_plain"],
+        "fused_top32_peaked_over_plain": ms["c_fused_stats_top32_peaked"] / ms["a_plain"],
         "fused_no_rows_over_plain": ms["a0_fused_no_rows"] / ms["a_plain"],
         "sdpa_throughput_fraction_fused_stats": ms["e_sdpa_contiguous"] / ms["b_fused_stats"],
         "sdpa_throughput_fraction_fused_top32": ms["e_sdpa_contiguous"] / ms["c_fused_stats_top32"],
         "sdpa_throughput_fraction_plain": ms["e_sdpa_contiguous"] / ms["a_plain"],
         "separate_pass_total_over_fused_top32": ms["d_plain_plus_separate_pass"] / ms["c_fused_stats_top32"],
+        "separate_pass_total_over_fused_top32_peaked": ms["d_plain_plus_separate_pass"]
+        / ms["c_fused_stats_top32_peaked"],
     }
     torch.cuda.empty_cache()
     return result

@@ -526,7 +526,7 @@ def _fused_decode_capture_kernel(
     context_lens_ptr,
     part_out_ptr,
     part_lse_ptr,
-    capture_slot_ptr,
+    capture_rows_ptr,
     query_pos_ptr,
     mask_prefix_ptr,
     window_ptr,
@@ -537,6 +537,7 @@ def _fused_decode_capture_kernel(
     scale,
     num_splits,
     head_top_k,
+    num_capture_rows,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -569,11 +570,13 @@ def _fused_decode_capture_kernel(
     DOT_PRECISION: tl.constexpr,
     HEAD_TOPK: tl.constexpr,
     TILE_MAX: tl.constexpr,
+    ROWS_PAD: tl.constexpr,
 ):
     """``_paged_decode_split_kernel`` plus Pass A in the same tile loop for captured sequences.
 
-    ``capture_slot[seq]`` is the capture row of decode row ``seq`` or -1; uncaptured rows run
-    the plain attention loop. Captured rows reuse each tile's logits and running max.
+    A decode row ``seq`` is captured as capture row ``r`` when ``capture_rows[r] == seq``
+    (found by one vector compare over ``capture_rows``); uncaptured rows run the plain
+    attention loop. Captured rows reuse each tile's logits and running max.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -594,7 +597,9 @@ def _fused_decode_capture_kernel(
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     block_table_row = block_tables_ptr + seq * stride_btb
-    cap = tl.load(capture_slot_ptr + seq)
+    slots = tl.arange(0, ROWS_PAD)
+    captured = tl.load(capture_rows_ptr + slots, mask=slots < num_capture_rows, other=-1)
+    cap = tl.max(tl.where(captured == seq, slots, -1), axis=0)
     if cap < 0:
         for tile_start in range(split_start, split_end, TILE_N):
             tokens = tile_start + tile_offsets
@@ -668,44 +673,45 @@ def _combine_capture_kernel(
     stride_sh,
     stride_ss,
     stride_wr,
+    HEADS_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
-    """Merge one row's per-split Pass A partials per head; sum head statistics with the weights."""
+    """Merge one row's per-split Pass A partials per head; sum head statistics with the weights.
+
+    All heads and splits at once (``[HEADS_PAD, SPLITS_PAD]`` tiles, one load per statistic and
+    bin), so a row costs a few dependent loads, not one round of them per head.
+    """
     row = tl.program_id(0)
+    heads = tl.arange(0, HEADS_PAD)
     splits = tl.arange(0, SPLITS_PAD)
-    split_valid = splits < num_splits
-    bins = tl.arange(0, 16)
-    hist_sum = tl.zeros([16], dtype=tl.float32)
-    entropy_sum = 0.0
-    sink_sum = 0.0
-    for head in range(num_heads):
-        base = stats_ptr + row * stride_sr + head * stride_sh + splits * stride_ss
-        m = tl.load(base + 16, mask=split_valid, other=float("-inf"))
-        l_u = tl.load(base + 17, mask=split_valid, other=0.0)
-        l_s = tl.load(base + 18, mask=split_valid, other=0.0)
-        l_c = tl.load(base + 19, mask=split_valid, other=0.0)
-        e_c = tl.load(base + 20, mask=split_valid, other=0.0)
-        hist = tl.load(base[:, None] + bins[None, :], mask=split_valid[:, None], other=0.0)
-        m_max = tl.max(m, axis=0)
-        shift = tl.where(m_max == float("-inf"), 0.0, m_max)
-        scale = tl.exp(m - shift)  # 0 for empty splits
-        total_u = tl.sum(scale * l_u, axis=0)
-        total_s = tl.sum(scale * l_s, axis=0)
-        total_c = tl.sum(scale * l_c, axis=0)
-        total_e = tl.sum(scale * (e_c + tl.where(l_c > 0.0, m - shift, 0.0) * l_c), axis=0)
-        head_hist = tl.sum(scale[:, None] * hist, axis=0)
-        has_u = total_u > 0.0
-        has_c = total_c > 0.0
-        safe_c = tl.where(has_c, total_c, 1.0)
-        lse = tl.where(has_u, shift + tl.log(tl.where(has_u, total_u, 1.0)), float("-inf"))
-        tl.store(lse_ptr + row * num_heads + head, lse)
-        weight = tl.load(head_weights_ptr + row * stride_wr + head)
-        hist_sum += tl.where(has_c, weight / safe_c, 0.0) * head_hist
-        entropy_sum += tl.where(has_c, weight * (tl.log(safe_c) - total_e / safe_c), 0.0)
-        sink_sum += tl.where(has_u, weight * total_s / tl.where(has_u, total_u, 1.0), 0.0)
-    tl.store(hist_ptr + row * 16 + bins, hist_sum)
-    tl.store(entropy_ptr + row, entropy_sum)
-    tl.store(sink_mass_ptr + row, sink_sum)
+    head_valid = heads < num_heads
+    valid = head_valid[:, None] & (splits < num_splits)[None, :]
+    base = stats_ptr + row * stride_sr + heads[:, None] * stride_sh + splits[None, :] * stride_ss
+    m = tl.load(base + 16, mask=valid, other=float("-inf"))
+    l_u = tl.load(base + 17, mask=valid, other=0.0)
+    l_s = tl.load(base + 18, mask=valid, other=0.0)
+    l_c = tl.load(base + 19, mask=valid, other=0.0)
+    e_c = tl.load(base + 20, mask=valid, other=0.0)
+    m_max = tl.max(m, axis=1)
+    shift = tl.where(m_max == float("-inf"), 0.0, m_max)
+    scale = tl.exp(m - shift[:, None])  # 0 for empty splits
+    total_u = tl.sum(scale * l_u, axis=1)
+    total_s = tl.sum(scale * l_s, axis=1)
+    total_c = tl.sum(scale * l_c, axis=1)
+    total_e = tl.sum(scale * (e_c + tl.where(l_c > 0.0, m - shift[:, None], 0.0) * l_c), axis=1)
+    has_u = total_u > 0.0
+    has_c = total_c > 0.0
+    safe_u = tl.where(has_u, total_u, 1.0)
+    safe_c = tl.where(has_c, total_c, 1.0)
+    lse = tl.where(has_u, shift + tl.log(safe_u), float("-inf"))
+    tl.store(lse_ptr + row * num_heads + heads, lse, mask=head_valid)
+    weight = tl.load(head_weights_ptr + row * stride_wr + heads, mask=head_valid, other=0.0)
+    tl.store(entropy_ptr + row, tl.sum(tl.where(has_c, weight * (tl.log(safe_c) - total_e / safe_c), 0.0), axis=0))
+    tl.store(sink_mass_ptr + row, tl.sum(tl.where(has_u, weight * total_s / safe_u, 0.0), axis=0))
+    hist_weight = tl.where(has_c, weight / safe_c, 0.0)
+    for b in tl.static_range(16):
+        part = tl.load(base + b, mask=valid, other=0.0)
+        tl.store(hist_ptr + row * 16 + b, tl.sum(hist_weight * tl.sum(scale * part, axis=1), axis=0))
     pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
     tl.store(num_stat_ptr + row, tl.maximum(pos + 1 - c_lo, 0))
 
@@ -1010,6 +1016,7 @@ def _finish(
             stats, req.head_weights, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
             lse, hist, entropy, sink_mass, num_stat, num_heads, num_splits,
             *stats.stride()[:3], req.head_weights.stride(0),
+            HEADS_PAD=max(2, triton.next_power_of_2(num_heads)),
             SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
         )
     head_pos = head_logit = topk_pos = topk_prob = recomputed = None
@@ -1168,6 +1175,8 @@ def paged_decode_attention_capture(
     rows = capture.q.shape[0]
     if capture.q.shape[1:] != q.shape[1:] or capture_rows.shape != (rows,):
         raise ValueError(f"capture.q {tuple(capture.q.shape)} / capture_rows do not fit q {tuple(q.shape)}")
+    if capture_rows.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"capture_rows must be int32 or int64, got {capture_rows.dtype}")
     if capture.rope_cos is not None:
         out, lse = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out)
         return out, lse, attention_capture(k_cache, capture, scale)
@@ -1191,17 +1200,14 @@ def paged_decode_attention_capture(
         part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
         part_out_strides = part_out.stride()[:3]
         part_lse_strides = part_lse.stride()
-    capture_slot = torch.full((batch,), -1, dtype=torch.int32, device=q.device)
-    capture_slot[capture_rows.to(device=q.device, dtype=torch.long)] = torch.arange(
-        rows, dtype=torch.int32, device=q.device
-    )
+    capture_rows = capture_rows.to(q.device)
     stats, head_keys, tile_max = _empty_partials(rows, num_heads, num_splits, capture,
                                                  _num_key_tiles(block_tables, block_size, head_dim), q.device)
 
     _fused_decode_capture_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, capture_slot,
+        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, capture_rows,
         capture.query_pos, capture.mask_prefix, capture.window, capture.sink_tokens, stats, head_keys, tile_max,
-        scale, num_splits, capture.head_top_k,
+        scale, num_splits, capture.head_top_k, rows,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         *part_out_strides, *part_lse_strides, *stats.stride()[:3], *head_keys.stride()[:3], *tile_max.stride()[:2],
         GROUP_SIZE=group,
@@ -1213,6 +1219,7 @@ def paged_decode_attention_capture(
         DOT_PRECISION=_dot_precision(q.dtype),
         HEAD_TOPK=capture.head_top_k > 0,
         TILE_MAX=capture.top_k > 0,
+        ROWS_PAD=max(2, triton.next_power_of_2(rows)),
         num_warps=FUSED_HEAD_TOPK_NUM_WARPS if capture.head_top_k else FUSED_NUM_WARPS,
         maxnreg=FUSED_HEAD_TOPK_MAXNREG if capture.head_top_k else FUSED_MAXNREG,
     )
