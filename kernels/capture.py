@@ -31,7 +31,7 @@ the top ``TOPK_SLOTS`` of the union) and one bitonic merge. The compare-exchange
 interpreter fast (its ``tl.sort`` reduces with a Python-level xor). A tile with no key above
 the running k-th is skipped. Per-split candidates are merged by a small kernel the same way,
 exact since the union of per-split top-k holds the global top-k. Pass B's chunk keys go
-through one ``torch.topk`` (a radix select on the device, no host sync).
+are merged the same way (lists with nothing above the running k-th are skipped unread).
 """
 
 from __future__ import annotations
@@ -53,9 +53,10 @@ from attnscope.kernels.paged_decode import (
 )
 
 TOPK_SLOTS = 64  # running top-k width of every program (>= MAX_TOP_K, >= the key tile width)
-STAT_WIDTH = 32  # per (row, head, split) partial: hist at 0..15, then m, l_U, l_S, l_C, e_C at 16..20
+STAT_WIDTH = 21  # per (row, head, split) partial: hist at 0..15, then m, l_U, l_S, l_C, e_C at 16..20
 MAX_TILES_PER_PROGRAM = 128  # Pass B: key tiles one program may re-read
-BOUNDS_BLOCK = 256  # Pass B: tiles per program of the bounds kernel
+BOUNDS_BLOCK = 64  # Pass B: tiles per program of the bounds kernel (all heads at once)
+BOUNDS_NUM_WARPS = 4
 FLOOR_MIN_TILES_PER_K = 4  # Pass B: seek a floor (round 1) only when there are more tiles than this times k
 # Launch widths. Registers per thread on sm_90 (Triton 3.6 ptxas, bf16, D=128, group 4, tile 64,
 # strides specialised like at run time): plain decode kernel 113 at 4 warps (4 CTAs/SM); fused
@@ -168,6 +169,14 @@ def _merge_topk(
         h = _bitonic_stage(h, LOG_ROWS + LOG_SLOTS, stage, 2 if stage < LOG_SLOTS else 0)
     candidates = tl.maximum(best, tl.reshape(h, [ROWS, SLOTS]))
     h = _bitonic_stage(tl.reshape(candidates, [2] * (LOG_ROWS + LOG_SLOTS)), LOG_ROWS + LOG_SLOTS, LOG_SLOTS, 1)
+    return tl.reshape(h, [ROWS, SLOTS])
+
+
+@triton.jit
+def _merge_sorted(best, ascending, ROWS: tl.constexpr, LOG_ROWS: tl.constexpr):
+    """The ``SLOTS`` largest of ``best`` (sorted descending) and ``ascending`` (sorted ascending), sorted descending."""
+    h = tl.reshape(tl.maximum(best, ascending), [2] * (LOG_ROWS + LOG_SLOTS))
+    h = _bitonic_stage(h, LOG_ROWS + LOG_SLOTS, LOG_SLOTS, 1)
     return tl.reshape(h, [ROWS, SLOTS])
 
 
@@ -387,16 +396,16 @@ def _head_topk_tile(
 
 
 @triton.jit
-def _store_capture_split(stats_ptr, stats_base, heads, row_valid, m, l_u, l_s, l_c, e_c, hist, stride_sh):
-    """Write one split's Pass A partials for a KV group's heads."""
+def _store_capture_split(stats_ptr, stats_base, heads, row_valid, m, l_u, l_s, l_c, e_c, hist, stride_sh, stride_sf):
+    """Write one split's Pass A partials for a KV group's heads (statistic ``f`` at ``f * stride_sf``)."""
     stat_rows = stats_ptr + stats_base + heads * stride_sh
     bins = tl.arange(0, 16)
-    tl.store(stat_rows[:, None] + bins[None, :], hist, mask=row_valid[:, None])
-    tl.store(stat_rows + 16, m, mask=row_valid)
-    tl.store(stat_rows + 17, l_u, mask=row_valid)
-    tl.store(stat_rows + 18, l_s, mask=row_valid)
-    tl.store(stat_rows + 19, l_c, mask=row_valid)
-    tl.store(stat_rows + 20, e_c, mask=row_valid)
+    tl.store(stat_rows[:, None] + bins[None, :] * stride_sf, hist, mask=row_valid[:, None])
+    tl.store(stat_rows + 16 * stride_sf, m, mask=row_valid)
+    tl.store(stat_rows + 17 * stride_sf, l_u, mask=row_valid)
+    tl.store(stat_rows + 18 * stride_sf, l_s, mask=row_valid)
+    tl.store(stat_rows + 19 * stride_sf, l_c, mask=row_valid)
+    tl.store(stat_rows + 20 * stride_sf, e_c, mask=row_valid)
 
 
 @triton.jit
@@ -443,6 +452,7 @@ def _capture_split_kernel(
     stride_sr,
     stride_sh,
     stride_ss,
+    stride_sf,
     stride_kr,
     stride_khd,
     stride_ks,
@@ -511,7 +521,8 @@ def _capture_split_kernel(
         m_i = m_new
 
     _store_capture_split(
-        stats_ptr, row * stride_sr + split * stride_ss, heads, row_valid, m_i, l_u, l_s, l_c, e_c, hist, stride_sh
+        stats_ptr, row * stride_sr + split * stride_ss, heads, row_valid, m_i, l_u, l_s, l_c, e_c, hist, stride_sh,
+        stride_sf,
     )
     if HEAD_TOPK:
         _store_head_keys(head_keys_ptr, row * stride_kr + split * stride_ks, heads, row_valid, best, stride_khd)
@@ -556,6 +567,7 @@ def _fused_decode_capture_kernel(
     stride_sr,
     stride_sh,
     stride_ss,
+    stride_sf,
     stride_kr,
     stride_khd,
     stride_ks,
@@ -637,7 +649,8 @@ def _fused_decode_capture_kernel(
                 )
             m_i = m_new
         _store_capture_split(
-            stats_ptr, cap * stride_sr + split * stride_ss, heads, row_valid, m_i, l_u, l_s, l_c, e_c, hist, stride_sh
+            stats_ptr, cap * stride_sr + split * stride_ss, heads, row_valid, m_i, l_u, l_s, l_c, e_c, hist, stride_sh,
+            stride_sf,
         )
         if HEAD_TOPK:
             _store_head_keys(head_keys_ptr, cap * stride_kr + split * stride_ks, heads, row_valid, best, stride_khd)
@@ -672,6 +685,7 @@ def _combine_capture_kernel(
     stride_sr,
     stride_sh,
     stride_ss,
+    stride_sf,
     stride_wr,
     HEADS_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
@@ -687,11 +701,11 @@ def _combine_capture_kernel(
     head_valid = heads < num_heads
     valid = head_valid[:, None] & (splits < num_splits)[None, :]
     base = stats_ptr + row * stride_sr + heads[:, None] * stride_sh + splits[None, :] * stride_ss
-    m = tl.load(base + 16, mask=valid, other=float("-inf"))
-    l_u = tl.load(base + 17, mask=valid, other=0.0)
-    l_s = tl.load(base + 18, mask=valid, other=0.0)
-    l_c = tl.load(base + 19, mask=valid, other=0.0)
-    e_c = tl.load(base + 20, mask=valid, other=0.0)
+    m = tl.load(base + 16 * stride_sf, mask=valid, other=float("-inf"))
+    l_u = tl.load(base + 17 * stride_sf, mask=valid, other=0.0)
+    l_s = tl.load(base + 18 * stride_sf, mask=valid, other=0.0)
+    l_c = tl.load(base + 19 * stride_sf, mask=valid, other=0.0)
+    e_c = tl.load(base + 20 * stride_sf, mask=valid, other=0.0)
     m_max = tl.max(m, axis=1)
     shift = tl.where(m_max == float("-inf"), 0.0, m_max)
     scale = tl.exp(m - shift[:, None])  # 0 for empty splits
@@ -710,7 +724,7 @@ def _combine_capture_kernel(
     tl.store(sink_mass_ptr + row, tl.sum(tl.where(has_u, weight * total_s / safe_u, 0.0), axis=0))
     hist_weight = tl.where(has_c, weight / safe_c, 0.0)
     for b in tl.static_range(16):
-        part = tl.load(base + b, mask=valid, other=0.0)
+        part = tl.load(base + b * stride_sf, mask=valid, other=0.0)
         tl.store(hist_ptr + row * 16 + b, tl.sum(hist_weight * tl.sum(scale * part, axis=1), axis=0))
     pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
     tl.store(num_stat_ptr + row, tl.maximum(pos + 1 - c_lo, 0))
@@ -736,6 +750,7 @@ def _tile_bounds_kernel(
     stride_br,
     TILE_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
 ):
     """Bounds on ``p̄`` per key tile of one row, from each head's tile maximum ``M_h(t)``.
 
@@ -751,16 +766,15 @@ def _tile_bounds_kernel(
     last = first + (TILE_N - 1)
     valid = (tiles < num_tiles) & (first <= pos) & (last >= w_lo)
     interior = (first >= w_lo) & (last <= pos)
-    upper = tl.zeros([BLOCK_T], dtype=tl.float32)
-    lower = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for head in range(num_heads):
-        weight = tl.load(head_weights_ptr + row * stride_wr + head)
-        lse = tl.load(lse_ptr + row * stride_lr + head)
-        if (weight > 0.0) & (lse > float("-inf")):
-            peak = tl.load(tile_max_ptr + row * stride_tr + head * stride_th + tiles, mask=valid, other=float("-inf"))
-            mass = weight * tl.exp(peak - lse)
-            upper += mass
-            lower = tl.maximum(lower, mass)
+    heads = tl.arange(0, HEADS_PAD)
+    weight = tl.load(head_weights_ptr + row * stride_wr + heads, mask=heads < num_heads, other=0.0)
+    lse = tl.load(lse_ptr + row * stride_lr + heads, mask=heads < num_heads, other=float("-inf"))
+    counted = (weight > 0.0) & (lse > float("-inf"))
+    peak = tl.load(tile_max_ptr + row * stride_tr + heads[:, None] * stride_th + tiles[None, :],
+                   mask=counted[:, None] & valid[None, :], other=float("-inf"))
+    mass = tl.where(counted[:, None], weight[:, None] * tl.exp(peak - tl.where(counted, lse, 0.0)[:, None]), 0.0)
+    upper = tl.sum(mass, axis=0)
+    lower = tl.max(mass, axis=0)
     inside = tiles < num_tiles
     tl.store(upper_ptr + row * stride_br + tiles, tl.where(valid, upper, -1.0), mask=inside)
     tl.store(lower_ptr + row * stride_br + tiles, tl.where(valid & interior, lower, 0.0), mask=inside)
@@ -781,7 +795,7 @@ def _tile_mean_topk_kernel(
     sin_ptr,
     tile_ids_ptr,
     upper_ptr,
-    floor_key_ptr,
+    floor_ptr,
     keys_ptr,
     recomputed_ptr,
     scale,
@@ -818,9 +832,9 @@ def _tile_mean_topk_kernel(
     ``LISTED``, else tiles ``0 .. num_listed - 1``). A tile is recomputed -- its keys re-read
     for every KV group with a head of nonzero weight, ``p̄[j] = sum_h w_h exp(s_h[j] -
     lse_h)`` summed over heads in a fixed order -- only when its upper bound reaches the
-    row's floor (``FLOORED``: the value of ``floor_key[row]``, less a 1e-3 relative margin for
-    the bound's rounding; else any tile inside ``W``). Positions outside ``W`` get the empty
-    key. ``recomputed[row]`` counts the tiles re-read.
+    row's floor (``FLOORED``: ``floor[row]`` less a 1e-3 relative margin for the bound's
+    rounding; else any tile inside ``W``). Positions outside ``W`` or below the floor get the
+    empty key. ``recomputed[row]`` counts the tiles re-read.
     """
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -834,9 +848,7 @@ def _tile_mean_topk_kernel(
     upper = tl.load(upper_ptr + row * stride_br + tile_ids, mask=listed, other=-1.0)
     floor = 0.0
     if FLOORED:
-        floor_key = tl.load(floor_key_ptr + row)
-        floor_value, _ = _unpack_keys(floor_key)
-        floor = tl.where(floor_key == EMPTY_KEY, 0.0, floor_value * (1.0 - 1e-3))
+        floor = tl.load(floor_ptr + row) * (1.0 - 1e-3)
     wanted = listed & (upper >= 0.0) & (upper >= floor)
     best = tl.full([1, SLOTS], EMPTY_KEY, tl.int64)
     num_wanted = tl.sum(wanted.to(tl.int32), axis=0)
@@ -866,7 +878,7 @@ def _tile_mean_topk_kernel(
                             HEAD_DIM, ROPE, DOT_PRECISION,
                         )
                         p_bar += tl.sum(weights[:, None] * tl.exp(logits - lse[:, None]), axis=0)
-                keys = _pack_keys(p_bar[None, :], tokens[None, :], in_w[None, :])
+                keys = _pack_keys(p_bar[None, :], tokens[None, :], (in_w & (p_bar >= floor))[None, :])
                 best = _update_topk(best, keys, top_k, 1, 0, TILE_N)
         tl.atomic_add(recomputed_ptr + row, num_wanted, sem="relaxed")
     slots = tl.arange(0, SLOTS)
@@ -874,26 +886,28 @@ def _tile_mean_topk_kernel(
 
 
 @triton.jit
-def _unpack_topk_kernel(keys_ptr, pos_ptr, value_ptr, kept, k, stride_kr, stride_or):
-    """Positions (``-1`` for empty keys) and values (0 for empty) of one row's ``kept`` best keys, padded to ``k``."""
+def _merge_topk_kernel(
+    keys_ptr, pos_ptr, value_ptr, num_lists, k, empty_value, stride_kr, stride_ks, stride_or,
+    LISTS_PAD: tl.constexpr,
+):
+    """Merge one row's top-k key lists (each sorted descending) into its final top-``k`` positions and values.
+
+    A list whose best key does not beat the running ``k``-th is skipped unread. Another is
+    read reversed (ascending); its elementwise max with the running best is a bitonic
+    sequence holding exactly the top ``SLOTS`` of the union, which one bitonic merge sorts.
+    """
     row = tl.program_id(0)
     slots = tl.arange(0, SLOTS)
-    keys = tl.load(keys_ptr + row * stride_kr + slots, mask=slots < kept, other=EMPTY_KEY)
-    values, positions = _unpack_keys(keys)
-    empty = keys == EMPTY_KEY
-    tl.store(pos_ptr + row * stride_or + slots, tl.where(empty, -1, positions), mask=slots < k)
-    tl.store(value_ptr + row * stride_or + slots, tl.where(empty, 0.0, values), mask=slots < k)
-
-
-@triton.jit
-def _merge_topk_kernel(keys_ptr, pos_ptr, value_ptr, num_splits, k, empty_value, stride_kr, stride_ks, stride_or):
-    """Merge one row's per-split top-k keys into its final top-``k`` positions and values."""
-    row = tl.program_id(0)
-    slots = tl.arange(0, SLOTS)
+    lists = tl.arange(0, LISTS_PAD)
+    row_keys = keys_ptr + row * stride_kr
+    firsts = tl.load(row_keys + lists * stride_ks, mask=lists < num_lists, other=EMPTY_KEY)
+    reversed_slots = tl.expand_dims(slots * -1 + (SLOTS - 1), 0)
     best = tl.full([1, SLOTS], EMPTY_KEY, tl.int64)
-    for split in range(num_splits):
-        keys = tl.load(keys_ptr + row * stride_kr + split * stride_ks + slots[None, :])
-        best = _merge_topk(best, keys, 1, 0, SLOTS)
+    for i in range(num_lists):
+        first = tl.max(tl.where(lists == i, firsts, EMPTY_KEY), axis=0)
+        if first > tl.max(_kth_key(best, k, SLOTS), axis=0):
+            ascending = tl.load(row_keys + i * stride_ks + reversed_slots)
+            best = _merge_sorted(best, ascending, 1, 0)
     values, positions = _unpack_keys(best)
     empty = best == EMPTY_KEY
     keep = slots[None, :] < k
@@ -953,8 +967,13 @@ def _check_request(k_cache: torch.Tensor, req: CaptureRequest) -> None:
 def _empty_partials(rows: int, num_heads: int, num_splits: int, req: CaptureRequest, num_tiles: int,
                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pass A outputs: stats ``[R, Hq, S, STAT_WIDTH]``, per-head keys ``[R, Hq, S, TOPK_SLOTS]`` and tile
-    maxima ``[R, Hq, num_tiles]`` (the last two 1-element dummies when their top-k is 0)."""
-    stats = torch.empty((rows, num_heads, num_splits, STAT_WIDTH), dtype=torch.float32, device=device)
+    maxima ``[R, Hq, num_tiles]`` (the last two 1-element dummies when their top-k is 0).
+
+    The stats are a view of a ``[R, STAT_WIDTH, Hq, S]`` buffer, so the combine kernel reads
+    each statistic of all heads and splits as one contiguous block.
+    """
+    stats = torch.empty((rows, STAT_WIDTH, num_heads, num_splits), dtype=torch.float32,
+                        device=device).permute(0, 2, 3, 1)
     if req.head_top_k:
         keys = torch.empty((rows, num_heads, num_splits, TOPK_SLOTS), dtype=torch.int64, device=device)
     else:
@@ -974,7 +993,8 @@ def _final_topk(keys: torch.Tensor, k: int, empty_value: float) -> tuple[torch.T
     values = torch.empty((flat.shape[0], k), dtype=torch.float32, device=keys.device)
     if flat.shape[0]:
         _merge_topk_kernel[(flat.shape[0],)](
-            flat, pos, values, num_splits, k, empty_value, flat.stride(0), flat.stride(1), pos.stride(0)
+            flat, pos, values, num_splits, k, empty_value, flat.stride(0), flat.stride(1), pos.stride(0),
+            LISTS_PAD=max(2, triton.next_power_of_2(num_splits)),
         )
     return pos.view(*lead, k), values.view(*lead, k)
 
@@ -1015,7 +1035,7 @@ def _finish(
         _combine_capture_kernel[(rows,)](
             stats, req.head_weights, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
             lse, hist, entropy, sink_mass, num_stat, num_heads, num_splits,
-            *stats.stride()[:3], req.head_weights.stride(0),
+            *stats.stride(), req.head_weights.stride(0),
             HEADS_PAD=max(2, triton.next_power_of_2(num_heads)),
             SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
         )
@@ -1037,9 +1057,9 @@ def _mean_topk(
     ``p̄`` per tile from above and below. Round 1 recomputes ``p̄`` exactly on the ``k`` tiles
     with the best lower bounds; the ``k``-th best value found there is a floor under the
     true ``k``-th value. Round 2 recomputes every tile whose upper bound reaches that floor
-    (with a relative margin for rounding) and keeps each chunk's top-k keys; ``torch.topk``
-    over the chunks' keys gives the answer -- exact, ties broken by position, since a
-    skipped tile holds only values below the true ``k``-th. How many tiles are re-read
+    (with a relative margin for rounding), keeps each chunk's top-k keys at or above the
+    floor, and ``_merge_topk_kernel`` merges the chunks -- exact, ties broken by position,
+    since a skipped tile or key holds only values below the true ``k``-th. How many tiles are re-read
     depends on the attention: peaked rows re-read a few tiles, flat ones (where no tile's
     bound falls below the floor) all of ``W``. Returns ``(pos, prob, recomputed_tiles)``;
     ranks past ``|W|`` are position -1 / value 0. Temporary memory per row: 4 bytes per
@@ -1053,30 +1073,31 @@ def _mean_topk(
     tile_n = _tile_tokens(head_dim)
     k = req.top_k
     device = k_cache.device
-    pos = torch.empty((rows, k), dtype=torch.int32, device=device)
-    prob = torch.empty((rows, k), dtype=torch.float32, device=device)
     recomputed = torch.zeros((rows,), dtype=torch.int32, device=device)
     if not rows:
-        return pos, prob, recomputed
+        empty = torch.empty((0, k), device=device)
+        return empty.int(), empty, recomputed
     upper = torch.empty((rows, num_tiles), dtype=torch.float32, device=device)
     lower = torch.empty_like(upper)
     _tile_bounds_kernel[(rows, triton.cdiv(num_tiles, BOUNDS_BLOCK))](
         tile_max, req.head_weights, lse, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
         upper, lower, num_heads, num_tiles, tile_max.stride(0), tile_max.stride(1), req.head_weights.stride(0),
         lse.stride(0), upper.stride(0),
-        TILE_N=tile_n, BLOCK_T=BOUNDS_BLOCK,
+        TILE_N=tile_n, BLOCK_T=BOUNDS_BLOCK, HEADS_PAD=max(2, triton.next_power_of_2(num_heads)),
+        num_warps=BOUNDS_NUM_WARPS,
     )
     cos, sin, stride_rope, rope = _rope_args(req, k_cache)
 
-    def chunk_topk(tile_ids: torch.Tensor | None, num_listed: int, floor_key: torch.Tensor | None) -> torch.Tensor:
-        """The sorted top-k keys of ``p̄`` over the listed tiles that reach ``floor_key``."""
+    def chunk_topk(tile_ids: torch.Tensor | None, num_listed: int,
+                   floor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k positions and ``p̄`` (-1 / 0 padded) over the listed tiles whose bound reaches ``floor``."""
         per_program = _tiles_per_program(rows, num_listed, device)
         num_chunks = triton.cdiv(num_listed, per_program)
         keys = torch.empty((rows, num_chunks, TOPK_SLOTS), dtype=torch.int64, device=device)
         ids = upper if tile_ids is None else tile_ids
         _tile_mean_topk_kernel[(rows, num_chunks)](
             req.q, k_cache, req.block_tables, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
-            req.head_weights, lse, cos, sin, ids, upper, keys if floor_key is None else floor_key, keys,
+            req.head_weights, lse, cos, sin, ids, upper, upper if floor is None else floor, keys,
             recomputed, scale, num_listed, num_kv_heads, k,
             req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
             req.head_weights.stride(0), lse.stride(0), ids.stride(0), upper.stride(0), keys.stride(0),
@@ -1090,17 +1111,16 @@ def _mean_topk(
             DOT_PRECISION=_dot_precision(req.q.dtype),
             ROPE=rope,
             LISTED=tile_ids is not None,
-            FLOORED=floor_key is not None,
+            FLOORED=floor is not None,
             num_warps=PASS_B_ROPE_NUM_WARPS if rope else PASS_B_NUM_WARPS,
         )
-        return torch.topk(keys.view(rows, -1), k, dim=1, sorted=True).values
+        return _final_topk(keys, k, 0.0)
 
-    floor_key = None
+    floor = None
     if num_tiles > FLOOR_MIN_TILES_PER_K * k:
         seeds = torch.topk(lower, k, dim=1, sorted=False).indices
-        floor_key = chunk_topk(seeds, k, None)[:, k - 1].contiguous()
-    best = chunk_topk(None, num_tiles, floor_key)
-    _unpack_topk_kernel[(rows,)](best, pos, prob, k, k, best.stride(0), pos.stride(0))
+        floor = chunk_topk(seeds, k, None)[1][:, k - 1].contiguous()
+    pos, prob = chunk_topk(None, num_tiles, floor)
     return pos, prob, recomputed
 
 
@@ -1130,7 +1150,7 @@ def attention_capture(
             req.q, k_cache, req.block_tables, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
             cos, sin, stats, head_keys, tile_max, scale, num_splits, req.head_top_k,
             req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
-            *stats.stride()[:3], *head_keys.stride()[:3], *tile_max.stride()[:2],
+            *stats.stride(), *head_keys.stride()[:3], *tile_max.stride()[:2],
             GROUP_SIZE=group,
             GROUP_PAD=_group_pad(group),
             LOG_GROUP_PAD=_group_pad(group).bit_length() - 1,
@@ -1209,7 +1229,7 @@ def paged_decode_attention_capture(
         capture.query_pos, capture.mask_prefix, capture.window, capture.sink_tokens, stats, head_keys, tile_max,
         scale, num_splits, capture.head_top_k, rows,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        *part_out_strides, *part_lse_strides, *stats.stride()[:3], *head_keys.stride()[:3], *tile_max.stride()[:2],
+        *part_out_strides, *part_lse_strides, *stats.stride(), *head_keys.stride()[:3], *tile_max.stride()[:2],
         GROUP_SIZE=group,
         GROUP_PAD=_group_pad(group),
         LOG_GROUP_PAD=_group_pad(group).bit_length() - 1,
