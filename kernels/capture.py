@@ -62,18 +62,23 @@ FLOOR_MIN_TILES_PER_K = 4  # Pass B: seek a floor (round 1) only when there are 
 # strides specialised like at run time): plain decode kernel 113 at 4 warps (4 CTAs/SM); fused
 # kernel without per-head top-k 167 at 4 warps, 128 and no spills with maxnreg=128 -- the plain
 # kernel's 4 CTAs of 4 warps per SM, so uncaptured rows run at the plain kernel's occupancy; with
-# per-head top-k 224 at 4 warps (180 at 8), no spills either way. Pass B (``_mean_probs_kernel``):
-# 60 at 4 warps, 21 KiB shared, no spills; with ROPE (float32 de-rotated keys, IEEE dots) 255 and
-# spills at 4 warps, 166 and none at 8 warps.
+# per-head top-k 224 at 4 warps (180 at 8), no spills either way. Pass B with ROPE (float32
+# de-rotated keys, IEEE dots) spilled at 4 warps and not at 8. The merge and combine kernels are
+# latency-bound single-row loops: one warp each (measured on an H200, no slower than 2 or 4).
 FUSED_NUM_WARPS = 4
 FUSED_MAXNREG = 128
 FUSED_HEAD_TOPK_NUM_WARPS = 4
 FUSED_HEAD_TOPK_MAXNREG = None
 PASS_A_NUM_WARPS = 4
 PASS_B_NUM_WARPS = 4
+MERGE_NUM_WARPS = 1
+MERGE_FAN_IN = 16  # top-k lists one merge program folds in; more lists take a first merge level
+COMBINE_NUM_WARPS = 1
+HEAD_STATS = 18  # per (row, head) after the combine: weighted entropy, sink mass, then 16 histogram bins
 PASS_B_ROPE_NUM_WARPS = 8
 
 SLOTS = tl.constexpr(TOPK_SLOTS)
+STATS_PER_HEAD = tl.constexpr(HEAD_STATS)
 LOG_SLOTS = tl.constexpr(6)
 # Below every packed key of a non-NaN value: high word 0x80000001, low word 0.
 EMPTY_KEY = tl.constexpr(-9223372032559808512)
@@ -668,18 +673,11 @@ def _fused_decode_capture_kernel(
 
 
 @triton.jit
-def _combine_capture_kernel(
+def _combine_head_kernel(
     stats_ptr,
     head_weights_ptr,
-    query_pos_ptr,
-    mask_prefix_ptr,
-    window_ptr,
-    sink_tokens_ptr,
     lse_ptr,
-    hist_ptr,
-    entropy_ptr,
-    sink_mass_ptr,
-    num_stat_ptr,
+    head_stats_ptr,
     num_heads,
     num_splits,
     stride_sr,
@@ -687,45 +685,66 @@ def _combine_capture_kernel(
     stride_ss,
     stride_sf,
     stride_wr,
-    HEADS_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
-    """Merge one row's per-split Pass A partials per head; sum head statistics with the weights.
-
-    All heads and splits at once (``[HEADS_PAD, SPLITS_PAD]`` tiles, one load per statistic and
-    bin), so a row costs a few dependent loads, not one round of them per head.
-    """
+    """Merge one (row, head)'s per-split Pass A partials: its ``lse``, and its weighted entropy, sink mass and
+    histogram as ``head_stats[row, head] = [w H_h, w l_S / l_U, w hist_h / l_C ...]`` for the head sum."""
     row = tl.program_id(0)
-    heads = tl.arange(0, HEADS_PAD)
+    head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
-    head_valid = heads < num_heads
-    valid = head_valid[:, None] & (splits < num_splits)[None, :]
-    base = stats_ptr + row * stride_sr + heads[:, None] * stride_sh + splits[None, :] * stride_ss
+    valid = splits < num_splits
+    base = stats_ptr + row * stride_sr + head * stride_sh + splits * stride_ss
     m = tl.load(base + 16 * stride_sf, mask=valid, other=float("-inf"))
     l_u = tl.load(base + 17 * stride_sf, mask=valid, other=0.0)
     l_s = tl.load(base + 18 * stride_sf, mask=valid, other=0.0)
     l_c = tl.load(base + 19 * stride_sf, mask=valid, other=0.0)
     e_c = tl.load(base + 20 * stride_sf, mask=valid, other=0.0)
-    m_max = tl.max(m, axis=1)
+    bins = tl.arange(0, 16)
+    hist = tl.load(base[None, :] + bins[:, None] * stride_sf, mask=valid[None, :], other=0.0)
+    m_max = tl.max(m, axis=0)
     shift = tl.where(m_max == float("-inf"), 0.0, m_max)
-    scale = tl.exp(m - shift[:, None])  # 0 for empty splits
-    total_u = tl.sum(scale * l_u, axis=1)
-    total_s = tl.sum(scale * l_s, axis=1)
-    total_c = tl.sum(scale * l_c, axis=1)
-    total_e = tl.sum(scale * (e_c + tl.where(l_c > 0.0, m - shift[:, None], 0.0) * l_c), axis=1)
+    scale = tl.exp(m - shift)  # 0 for empty splits
+    total_u = tl.sum(scale * l_u, axis=0)
+    total_s = tl.sum(scale * l_s, axis=0)
+    total_c = tl.sum(scale * l_c, axis=0)
+    total_e = tl.sum(scale * (e_c + tl.where(l_c > 0.0, m - shift, 0.0) * l_c), axis=0)
+    head_hist = tl.sum(scale[None, :] * hist, axis=1)
     has_u = total_u > 0.0
     has_c = total_c > 0.0
     safe_u = tl.where(has_u, total_u, 1.0)
     safe_c = tl.where(has_c, total_c, 1.0)
-    lse = tl.where(has_u, shift + tl.log(safe_u), float("-inf"))
-    tl.store(lse_ptr + row * num_heads + heads, lse, mask=head_valid)
-    weight = tl.load(head_weights_ptr + row * stride_wr + heads, mask=head_valid, other=0.0)
-    tl.store(entropy_ptr + row, tl.sum(tl.where(has_c, weight * (tl.log(safe_c) - total_e / safe_c), 0.0), axis=0))
-    tl.store(sink_mass_ptr + row, tl.sum(tl.where(has_u, weight * total_s / safe_u, 0.0), axis=0))
-    hist_weight = tl.where(has_c, weight / safe_c, 0.0)
-    for b in tl.static_range(16):
-        part = tl.load(base + b * stride_sf, mask=valid, other=0.0)
-        tl.store(hist_ptr + row * 16 + b, tl.sum(hist_weight * tl.sum(scale * part, axis=1), axis=0))
+    tl.store(lse_ptr + row * num_heads + head, tl.where(has_u, shift + tl.log(safe_u), float("-inf")))
+    weight = tl.load(head_weights_ptr + row * stride_wr + head)
+    out = head_stats_ptr + (row * num_heads + head) * STATS_PER_HEAD
+    tl.store(out, tl.where(has_c, weight * (tl.log(safe_c) - total_e / safe_c), 0.0))
+    tl.store(out + 1, tl.where(has_u, weight * total_s / safe_u, 0.0))
+    tl.store(out + 2 + bins, tl.where(has_c, weight / safe_c, 0.0) * head_hist)
+
+
+@triton.jit
+def _sum_heads_kernel(
+    head_stats_ptr,
+    query_pos_ptr,
+    mask_prefix_ptr,
+    window_ptr,
+    sink_tokens_ptr,
+    hist_ptr,
+    entropy_ptr,
+    sink_mass_ptr,
+    num_stat_ptr,
+    num_heads,
+    HEADS_PAD: tl.constexpr,
+):
+    """One row's weighted head sums of entropy, sink mass and histogram (heads added in a fixed order)."""
+    row = tl.program_id(0)
+    heads = tl.arange(0, HEADS_PAD)
+    cols = tl.arange(0, 32)
+    block = tl.load(head_stats_ptr + (row * num_heads + heads[:, None]) * STATS_PER_HEAD + cols[None, :],
+                    mask=(heads < num_heads)[:, None] & (cols < STATS_PER_HEAD)[None, :], other=0.0)
+    sums = tl.sum(block, axis=0)
+    tl.store(entropy_ptr + row, tl.sum(tl.where(cols == 0, sums, 0.0), axis=0))
+    tl.store(sink_mass_ptr + row, tl.sum(tl.where(cols == 1, sums, 0.0), axis=0))
+    tl.store(hist_ptr + row * 16 + cols - 2, sums, mask=(cols >= 2) & (cols < STATS_PER_HEAD))
     pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
     tl.store(num_stat_ptr + row, tl.maximum(pos + 1 - c_lo, 0))
 
@@ -886,28 +905,48 @@ def _tile_mean_topk_kernel(
 
 
 @triton.jit
-def _merge_topk_kernel(
-    keys_ptr, pos_ptr, value_ptr, num_lists, k, empty_value, stride_kr, stride_ks, stride_or,
-    LISTS_PAD: tl.constexpr,
-):
-    """Merge one row's top-k key lists (each sorted descending) into its final top-``k`` positions and values.
+def _merge_lists(row_keys, stride_ks, first_list, num_lists, k, LISTS_PAD: tl.constexpr):
+    """The top ``SLOTS`` keys, sorted descending, of lists ``first_list ..`` (``num_lists`` of them, each sorted
+    descending) at ``row_keys + list * stride_ks``.
 
     A list whose best key does not beat the running ``k``-th is skipped unread. Another is
     read reversed (ascending); its elementwise max with the running best is a bitonic
     sequence holding exactly the top ``SLOTS`` of the union, which one bitonic merge sorts.
     """
-    row = tl.program_id(0)
     slots = tl.arange(0, SLOTS)
     lists = tl.arange(0, LISTS_PAD)
-    row_keys = keys_ptr + row * stride_kr
-    firsts = tl.load(row_keys + lists * stride_ks, mask=lists < num_lists, other=EMPTY_KEY)
+    firsts = tl.load(row_keys + (first_list + lists) * stride_ks, mask=lists < num_lists, other=EMPTY_KEY)
     reversed_slots = tl.expand_dims(slots * -1 + (SLOTS - 1), 0)
     best = tl.full([1, SLOTS], EMPTY_KEY, tl.int64)
     for i in range(num_lists):
         first = tl.max(tl.where(lists == i, firsts, EMPTY_KEY), axis=0)
         if first > tl.max(_kth_key(best, k, SLOTS), axis=0):
-            ascending = tl.load(row_keys + i * stride_ks + reversed_slots)
+            ascending = tl.load(row_keys + (first_list + i) * stride_ks + reversed_slots)
             best = _merge_sorted(best, ascending, 1, 0)
+    return best
+
+
+@triton.jit
+def _merge_lists_kernel(keys_ptr, out_ptr, num_lists, k, stride_kr, stride_ks, stride_or, stride_os,
+                        FAN_IN: tl.constexpr):
+    """First merge level: lists ``FAN_IN * g ..`` of one row into its sorted list ``g`` of ``out``."""
+    row = tl.program_id(0)
+    group = tl.program_id(1)
+    first = group * FAN_IN
+    best = _merge_lists(keys_ptr + row * stride_kr, stride_ks, first, tl.minimum(num_lists - first, FAN_IN), k, FAN_IN)
+    slots = tl.arange(0, SLOTS)
+    tl.store(out_ptr + row * stride_or + group * stride_os + slots[None, :], best)
+
+
+@triton.jit
+def _merge_topk_kernel(
+    keys_ptr, pos_ptr, value_ptr, num_lists, k, empty_value, stride_kr, stride_ks, stride_or,
+    LISTS_PAD: tl.constexpr,
+):
+    """Merge one row's top-k key lists (each sorted descending) into its final top-``k`` positions and values."""
+    row = tl.program_id(0)
+    slots = tl.arange(0, SLOTS)
+    best = _merge_lists(keys_ptr + row * stride_kr, stride_ks, 0, num_lists, k, LISTS_PAD)
     values, positions = _unpack_keys(best)
     empty = best == EMPTY_KEY
     keep = slots[None, :] < k
@@ -989,12 +1028,21 @@ def _final_topk(keys: torch.Tensor, k: int, empty_value: float) -> tuple[torch.T
     """Final top-``k`` positions (int32) and values (float32) of per-split keys ``[..., S, TOPK_SLOTS]``."""
     lead, num_splits = keys.shape[:-2], keys.shape[-2]
     flat = keys.reshape(-1, num_splits, TOPK_SLOTS)
+    if flat.shape[0] and num_splits > MERGE_FAN_IN:  # a first level in parallel, so no row merges many lists
+        groups = triton.cdiv(num_splits, MERGE_FAN_IN)
+        merged = torch.empty((flat.shape[0], groups, TOPK_SLOTS), dtype=torch.int64, device=keys.device)
+        _merge_lists_kernel[(flat.shape[0], groups)](
+            flat, merged, num_splits, k, flat.stride(0), flat.stride(1), merged.stride(0), merged.stride(1),
+            FAN_IN=MERGE_FAN_IN, num_warps=MERGE_NUM_WARPS,
+        )
+        flat, num_splits = merged, groups
     pos = torch.empty((flat.shape[0], k), dtype=torch.int32, device=keys.device)
     values = torch.empty((flat.shape[0], k), dtype=torch.float32, device=keys.device)
     if flat.shape[0]:
         _merge_topk_kernel[(flat.shape[0],)](
             flat, pos, values, num_splits, k, empty_value, flat.stride(0), flat.stride(1), pos.stride(0),
             LISTS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            num_warps=MERGE_NUM_WARPS,
         )
     return pos.view(*lead, k), values.view(*lead, k)
 
@@ -1032,12 +1080,18 @@ def _finish(
     sink_mass = torch.empty((rows,), **f32)
     num_stat = torch.empty((rows,), dtype=torch.int32, device=device)
     if rows:
-        _combine_capture_kernel[(rows,)](
-            stats, req.head_weights, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
-            lse, hist, entropy, sink_mass, num_stat, num_heads, num_splits,
-            *stats.stride(), req.head_weights.stride(0),
-            HEADS_PAD=max(2, triton.next_power_of_2(num_heads)),
+        head_stats = torch.empty((rows, num_heads, HEAD_STATS), **f32)
+        _combine_head_kernel[(rows, num_heads)](
+            stats, req.head_weights, lse, head_stats, num_heads, num_splits, *stats.stride(),
+            req.head_weights.stride(0),
             SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            num_warps=COMBINE_NUM_WARPS,
+        )
+        _sum_heads_kernel[(rows,)](
+            head_stats, req.query_pos, req.mask_prefix, req.window, req.sink_tokens, hist, entropy, sink_mass,
+            num_stat, num_heads,
+            HEADS_PAD=max(2, triton.next_power_of_2(num_heads)),
+            num_warps=COMBINE_NUM_WARPS,
         )
     head_pos = head_logit = topk_pos = topk_prob = recomputed = None
     if req.head_top_k:
