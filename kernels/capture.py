@@ -71,6 +71,7 @@ FUSED_HEAD_TOPK_NUM_WARPS = 4
 FUSED_HEAD_TOPK_MAXNREG = None
 PASS_A_NUM_WARPS = 4
 PASS_B_NUM_WARPS = 4
+PASS_B_PROGRAMS_PER_SM = 16  # measured on an H200: 4 -> 16 cut the flat-key Pass B by up to 6 %
 MERGE_NUM_WARPS = 1
 MERGE_FAN_IN = 16  # top-k lists one merge program folds in; more lists take a first merge level
 COMBINE_NUM_WARPS = 1
@@ -1060,8 +1061,9 @@ def _rope_args(req: CaptureRequest, k_cache: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _tiles_per_program(rows: int, num_listed: int, device: torch.device) -> int:
-    """Tiles per Pass B program: about four programs per SM over ``rows * num_listed`` tiles (a power of two, <= 128)."""
-    wanted = triton.cdiv(max(rows * num_listed, 1), 4 * _num_sms(device))
+    """Tiles per Pass B program: about ``PASS_B_PROGRAMS_PER_SM`` programs per SM over ``rows * num_listed``
+    tiles (a power of two, <= MAX_TILES_PER_PROGRAM)."""
+    wanted = triton.cdiv(max(rows * num_listed, 1), PASS_B_PROGRAMS_PER_SM * _num_sms(device))
     return min(MAX_TILES_PER_PROGRAM, triton.next_power_of_2(wanted))
 
 
