@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from attnscope.engine.capture_plan import LayerCapture, StepCapture, row_block_tables
-from attnscope.kernels.capture_reference import capture_rows_ref
+from attnscope.engine.capture_plan import LayerCapture, StepCapture
+from attnscope.kernels.capture_reference import capture_rows_ref, partial_capture_ref
 from attnscope.kernels.full_attention import full_attention_rows
 from attnscope.kernels.reference import gather_paged_kv
 
@@ -48,6 +48,8 @@ class AttentionBatch:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     capture: StepCapture | None = None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    q_heads: range | None = None
+    """A tensor-parallel rank's query heads (``None`` on one device): capture then yields partials."""
 
     @property
     def num_decodes(self) -> int:
@@ -108,8 +110,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 def _fusable(group: LayerCapture, batch: AttentionBatch, q: torch.Tensor) -> bool:
-    """Whether a group's capture can ride inside the decode kernel: CUDA, rotated logits, decode rows only."""
-    return q.is_cuda and not group.derotate and all(r.token_index >= batch.decode_start for r in group.rows)
+    """Whether a group's capture can ride inside the decode kernel: one CUDA device, rotated logits, decode rows only."""
+    return (q.is_cuda and batch.q_heads is None and not group.derotate
+            and bool((group.index >= batch.decode_start).all()))
 
 
 def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch: AttentionBatch,
@@ -117,7 +120,8 @@ def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch:
     """Compute the capture of this layer's captured rows (their keys are already in the cache).
 
     Returns the group to fuse into this layer's decode kernel instead (CUDA, decode rows
-    with rotated logits), whose result the decode call fills in.
+    with rotated logits), whose result the decode call fills in. On a tensor-parallel
+    rank every group gets the rank's ``PartialCapture`` (exact float32, to be merged).
     """
     k_cache = batch.kv_caches[layer][0]
     fused = None
@@ -126,8 +130,10 @@ def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch:
             fused = group
             continue
         rope = batch.rope if group.derotate else None
-        request = batch.capture.request(group, q_unrotated if group.derotate else q, rope)
-        if q.is_cuda:
+        request = batch.capture.request(group, q_unrotated if group.derotate else q, rope, batch.q_heads)
+        if batch.q_heads is not None:
+            group.partial = partial_capture_ref(k_cache, request, scale)
+        elif q.is_cuda:
             from attnscope.kernels.capture import attention_capture
 
             group.result = attention_capture(k_cache, request, scale)
@@ -135,9 +141,7 @@ def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch:
             group.result = capture_rows_ref(k_cache, request, scale)
     full = batch.capture.full.get(layer)
     if full is not None:
-        rows = torch.tensor([r.token_index for r in full.rows], device=q.device)
-        positions = torch.tensor([r.position for r in full.rows], device=q.device)
-        full.probs = full_attention_rows(q[rows], k_cache, row_block_tables(full.rows, q.device), positions, scale)
+        full.probs = full_attention_rows(q[full.index], k_cache, full.block_tables, full.positions, scale)
     return fused
 
 
@@ -152,7 +156,7 @@ def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
     decode_q = q[batch.decode_start :]
     tables, lengths = batch.decode_block_tables, batch.decode_context_lens
-    rows = [r.token_index - batch.decode_start for r in group.rows]
+    rows = [int(i) - batch.decode_start for i in group.index.tolist()]
     request = batch.capture.request(group, q, None)
     if len(rows) == decode_q.shape[0]:
         out, _, group.result = paged_decode_attention(decode_q, k_cache, v_cache, tables, lengths, scale,

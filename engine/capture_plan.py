@@ -1,7 +1,9 @@
 """Which query rows of a step are captured in which layers, and their capture results.
 
-Built by the model runner before the forward pass; the attention layers fill in the
-results for their layer; the engine turns them into wire records after the step.
+Built from the step plan before the forward pass (``finalize`` turns the rows into the
+per-row tensors the kernels read); the attention layers fill in the results for their
+layer; the engine turns them into wire records after the step. ``shipped`` is the same
+plan without the sequences, for tensor-parallel rank workers.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from attnscope.capture import SKETCH_HUBS
 from attnscope.engine.sequence import Sequence
-from attnscope.kernels.capture_reference import CaptureRequest, CaptureResult
+from attnscope.kernels.capture_reference import CaptureRequest, CaptureResult, PartialCapture
 
 
 @dataclass
@@ -29,20 +31,34 @@ class CaptureRow:
 
 @dataclass
 class LayerCapture:
-    """The rows capturing one layer with one kind of logits (rotated or de-rotated)."""
+    """The rows capturing one layer with one kind of logits (rotated or de-rotated).
+
+    ``index`` (the rows' token indices in the step) and ``settings`` (a request holding
+    everything but the queries) are set by ``StepCapture.finalize``; ``result`` by the
+    attention layer (``partial`` instead on a tensor-parallel rank).
+    """
 
     rows: list[CaptureRow]
     derotate: bool
     top_k: int
+    index: torch.Tensor | None = None
+    settings: CaptureRequest | None = None
     result: CaptureResult | None = None
+    partial: PartialCapture | None = None
 
 
 @dataclass
 class FullCapture:
-    """Rows of the full-matrix mode in one layer, and their per-head probabilities ``[R, Hq, P+1]``."""
+    """Rows of the full-matrix mode in one layer, and their per-head probabilities ``[R, Hq, P+1]``.
+
+    ``index``, ``positions`` and ``block_tables`` are set by ``StepCapture.finalize``.
+    """
 
     rows: list[CaptureRow]
     probs: list[torch.Tensor] = field(default_factory=list)
+    index: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
 
 
 @dataclass
@@ -51,7 +67,6 @@ class StepCapture:
 
     layers: dict[int, list[LayerCapture]] = field(default_factory=dict)
     full: dict[int, FullCapture] = field(default_factory=dict)
-    _settings: dict[tuple, tuple[torch.Tensor, CaptureRequest]] = field(default_factory=dict)
 
     def add(self, row: CaptureRow) -> None:
         """Register a row in every layer its request captures."""
@@ -70,18 +85,64 @@ class StepCapture:
             group.rows.append(row)
             group.top_k = max(group.top_k, need_k)
 
-    def request(self, group: LayerCapture, q: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor] | None) -> CaptureRequest:
-        """The kernel request of a group: its rows' queries, tables and per-row settings.
+    def finalize(self, device: torch.device) -> None:
+        """Build every group's per-row tensors on ``device``, once per step.
 
-        Layers capturing the same rows share one copy of the per-row tensors, built at
-        the first of them, so only the queries are gathered per layer.
+        Layers capturing the same rows share one copy, so only the queries are gathered
+        per layer.
         """
-        key = (tuple(id(r) for r in group.rows), group.top_k)
-        if key not in self._settings:
-            self._settings[key] = _row_settings(group, q.device)
-        index, template = self._settings[key]
-        return replace(template, q=q[index], rope_cos=rope[0] if rope is not None else None,
+        built: dict[tuple, tuple[torch.Tensor, CaptureRequest]] = {}
+        for groups in self.layers.values():
+            for group in groups:
+                key = (tuple(id(r) for r in group.rows), group.top_k)
+                if key not in built:
+                    built[key] = _row_settings(group, device)
+                group.index, group.settings = built[key]
+        for full in self.full.values():
+            full.index = torch.tensor([r.token_index for r in full.rows], device=device)
+            full.positions = torch.tensor([r.position for r in full.rows], device=device)
+            full.block_tables = row_block_tables(full.rows, device)
+
+    def shipped(self) -> StepCapture:
+        """The finalized plan without the sequences (what a tensor-parallel rank needs), on the CPU."""
+        def cpu(request: CaptureRequest) -> CaptureRequest:
+            return replace(request, block_tables=request.block_tables.cpu(), query_pos=request.query_pos.cpu(),
+                           head_weights=request.head_weights.cpu(), mask_prefix=request.mask_prefix.cpu(),
+                           window=request.window.cpu(), sink_tokens=request.sink_tokens.cpu())
+
+        return StepCapture(
+            layers={layer: [LayerCapture([], g.derotate, g.top_k, g.index.cpu(), cpu(g.settings)) for g in groups]
+                    for layer, groups in self.layers.items()},
+            full={layer: FullCapture([], index=f.index.cpu(), positions=f.positions.cpu(),
+                                     block_tables=f.block_tables.cpu()) for layer, f in self.full.items()},
+        )
+
+    def to(self, device: torch.device) -> StepCapture:
+        """The shipped plan's tensors moved to ``device`` (in place; returns self)."""
+        for groups in self.layers.values():
+            for g in groups:
+                g.index = g.index.to(device)
+                g.settings = replace(
+                    g.settings, block_tables=g.settings.block_tables.to(device),
+                    query_pos=g.settings.query_pos.to(device), head_weights=g.settings.head_weights.to(device),
+                    mask_prefix=g.settings.mask_prefix.to(device), window=g.settings.window.to(device),
+                    sink_tokens=g.settings.sink_tokens.to(device))
+        for f in self.full.values():
+            f.index, f.positions, f.block_tables = f.index.to(device), f.positions.to(device), f.block_tables.to(device)
+        return self
+
+    @staticmethod
+    def request(group: LayerCapture, q: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                heads: range | None = None) -> CaptureRequest:
+        """The kernel request of a finalized group: its rows' queries and per-row settings.
+
+        ``heads``: the query heads ``q`` holds (a tensor-parallel rank's); their slice of
+        the head weights is used, so a rank's head sums add up across ranks.
+        """
+        settings = group.settings
+        weights = settings.head_weights if heads is None else settings.head_weights[:, heads.start:heads.stop]
+        return replace(settings, q=q[group.index], head_weights=weights.contiguous(),
+                       rope_cos=rope[0] if rope is not None else None,
                        rope_sin=rope[1] if rope is not None else None)
 
     @property

@@ -34,7 +34,7 @@ from attnscope.engine.capture_state import SequenceCapture, ThinkTags
 from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.kv_cache import kv_bytes_per_token
 from attnscope.engine.model import LlamaForCausalLM
-from attnscope.engine.model_runner import ModelRunner
+from attnscope.engine.model_runner import ModelRunner, prepare_step
 from attnscope.engine.outputs import (
     CompletionDelta,
     EngineStats,
@@ -133,7 +133,7 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings, capacity)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.blocks, num_blocks, config.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.dtype, self.device)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs), self.blocks)
         self.sampler = Sampler()
         self._requests: dict[str, _Request] = {}
@@ -330,7 +330,10 @@ class LLMEngine:
             plan = self.scheduler.schedule()
             if not plan.chunks:
                 return []
-            logits, captured = self.runner.execute(plan)
+            inputs, captured = prepare_step(plan, self.blocks)
+            if captured is not None:
+                captured.finalize(self.device)
+            logits = self.runner.run(inputs, captured)
             if captured is not None:
                 append_full_rows(captured)
                 by_id = {c.seq.seq_id: c.seq for c in plan.chunks}

@@ -1,6 +1,13 @@
-"""Turns a scheduled step into model inputs, runs the model, returns the logits to sample."""
+"""Turns a scheduled step into model inputs (``prepare_step``) and runs the model on them (``ModelRunner``).
+
+The two halves are apart so that a tensor-parallel engine prepares a step once, on the
+driver that owns the scheduler and the block tables, and ships the plain ``StepInputs``
+(plus the sequence-free capture plan) to every rank.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,86 +19,97 @@ from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.scheduler import ScheduledChunk, StepPlan
 
 
-class ModelRunner:
-    """Owns the model and its KV cache on one device."""
+@dataclass
+class StepInputs:
+    """One step's flattened tokens and where they live in the KV cache (plain lists, cheap to ship)."""
 
-    def __init__(self, model: LlamaForCausalLM, blocks: BlockManager, num_blocks: int, block_size: int,
-                 kv_dtype: torch.dtype, device: torch.device) -> None:
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    prefills: list[tuple[int, int, int, list[int]]] = field(default_factory=list)  # start, end, cached, table
+    decode_tables: list[list[int]] = field(default_factory=list)
+    decode_lens: list[int] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
+
+
+def prepare_step(plan: StepPlan, blocks: BlockManager) -> tuple[StepInputs, StepCapture | None]:
+    """The step's model inputs and its capture plan (``None`` when nothing is captured)."""
+    inputs = StepInputs()
+    capture = StepCapture()
+    for chunk in plan.chunks:
+        seq = chunk.seq
+        start, end = chunk.start, chunk.start + chunk.num_tokens
+        offset = len(inputs.input_ids)
+        inputs.input_ids.extend(seq.all_token_ids[start:end])
+        inputs.positions.extend(range(start, end))
+        inputs.slots.extend(blocks.slots(seq.seq_id, start, end))
+        table = blocks.block_table(seq.seq_id)
+        if seq.capture is not None:
+            _plan_capture(capture, chunk, offset, table)
+        if chunk.num_tokens == 1 and chunk.samples:
+            inputs.decode_tables.append(table)
+            inputs.decode_lens.append(end)
+        else:
+            inputs.prefills.append((offset, offset + chunk.num_tokens, start, table))
+        if chunk.samples:
+            inputs.sample_rows.append(len(inputs.input_ids) - 1)
+    return inputs, None if capture.empty else capture
+
+
+def _plan_capture(capture: StepCapture, chunk: ScheduledChunk, offset: int, table: list[int]) -> None:
+    """Register the chunk's captured query rows: decode steps and, when asked, prompt tokens.
+
+    A row at a position already captured (recomputed after preemption) is not captured again.
+    """
+    seq = chunk.seq
+    cap = seq.capture
+    tokens = seq.all_token_ids
+    prompt_len = len(seq.prompt_token_ids)
+    for i in range(chunk.num_tokens):
+        position = chunk.start + i
+        if position < cap.rows_upto:
+            continue
+        sampling = chunk.samples and i == chunk.num_tokens - 1
+        if sampling:
+            step = len(seq.output_token_ids)
+            if not cap.wants_step(step):
+                continue
+            cap.steps_captured += 1
+        elif position < prompt_len - 1 and cap.needs_all_rows:
+            step = None
+        else:
+            continue
+        cap.rows_upto = position + 1
+        capture.add(CaptureRow(seq, offset + i, position, step, cap.think_phase(tokens, position + 1), table))
+
+
+class ModelRunner:
+    """Owns the model (one rank's shard of it) and its KV cache on one device."""
+
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
+                 device: torch.device) -> None:
         self.model = model
-        self.blocks = blocks
         self.block_size = block_size
         self.device = device
-        heads = model.heads
         self.kv_caches = allocate_kv_cache(model.config.num_layers, num_blocks, block_size,
-                                           len(heads.kv_heads), model.config.head_dim, kv_dtype, device)
+                                           len(model.heads.kv_heads), model.config.head_dim, kv_dtype, device)
 
-    def execute(self, plan: StepPlan) -> tuple[torch.Tensor, StepCapture | None]:
-        """Run one step; float32 logits ``[num_sampling_chunks, vocab]`` in plan order, and what was captured."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        prefills: list[PrefillChunk] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        sample_rows: list[int] = []
-        capture = StepCapture()
-        for chunk in plan.chunks:
-            seq = chunk.seq
-            start, end = chunk.start, chunk.start + chunk.num_tokens
-            offset = len(input_ids)
-            input_ids.extend(seq.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(self.blocks.slots(seq.seq_id, start, end))
-            table = self.blocks.block_table(seq.seq_id)
-            if seq.capture is not None:
-                self._plan_capture(capture, chunk, offset, table)
-            if chunk.num_tokens == 1 and chunk.samples:
-                decode_tables.append(table)
-                decode_lens.append(end)
-            else:
-                prefills.append(PrefillChunk(offset, offset + chunk.num_tokens, start,
-                                             torch.tensor(table, dtype=torch.long, device=self.device)))
-            if chunk.samples:
-                sample_rows.append(len(input_ids) - 1)
+    def run(self, inputs: StepInputs, capture: StepCapture | None) -> torch.Tensor:
+        """Run one step; float32 logits ``[len(sample_rows), vocab]``. Fills the finalized ``capture``'s results."""
         batch = AttentionBatch(
-            slot_mapping=self._tensor(slots),
-            prefills=prefills,
-            decode_start=len(input_ids) - len(decode_lens),
-            decode_block_tables=self._block_table_tensor(decode_tables),
-            decode_context_lens=torch.tensor(decode_lens, dtype=torch.int32, device=self.device),
+            slot_mapping=self._tensor(inputs.slots),
+            prefills=[PrefillChunk(start, end, cached, torch.tensor(table, dtype=torch.long, device=self.device))
+                      for start, end, cached, table in inputs.prefills],
+            decode_start=len(inputs.input_ids) - len(inputs.decode_lens),
+            decode_block_tables=self._block_table_tensor(inputs.decode_tables),
+            decode_context_lens=torch.tensor(inputs.decode_lens, dtype=torch.int32, device=self.device),
             kv_caches=self.kv_caches,
-            capture=None if capture.empty else capture,
+            capture=capture,
             rope=(self.model.rope.cos, self.model.rope.sin),
+            q_heads=self.model.heads.q_heads if self.model.tp.size > 1 else None,
         )
-        hidden = self.model(self._tensor(input_ids), self._tensor(positions), batch)
-        return self.model.logits(hidden[self._tensor(sample_rows)]), batch.capture
-
-    @staticmethod
-    def _plan_capture(capture: StepCapture, chunk: ScheduledChunk, offset: int, table: list[int]) -> None:
-        """Register the chunk's captured query rows: decode steps and, when asked, prompt tokens.
-
-        A row at a position already captured (recomputed after preemption) is not captured again.
-        """
-        seq = chunk.seq
-        cap = seq.capture
-        tokens = seq.all_token_ids
-        prompt_len = len(seq.prompt_token_ids)
-        for i in range(chunk.num_tokens):
-            position = chunk.start + i
-            if position < cap.rows_upto:
-                continue
-            sampling = chunk.samples and i == chunk.num_tokens - 1
-            if sampling:
-                step = len(seq.output_token_ids)
-                if not cap.wants_step(step):
-                    continue
-                cap.steps_captured += 1
-            elif position < prompt_len - 1 and cap.needs_all_rows:
-                step = None
-            else:
-                continue
-            cap.rows_upto = position + 1
-            capture.add(CaptureRow(seq, offset + i, position, step, cap.think_phase(tokens, position + 1), table))
+        hidden = self.model(self._tensor(inputs.input_ids), self._tensor(inputs.positions), batch)
+        return self.model.logits(hidden[self._tensor(inputs.sample_rows)])
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         """An int64 tensor on the model's device."""

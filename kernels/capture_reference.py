@@ -8,7 +8,7 @@ Everything is vectorised over the rows of a chunk, their heads and positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -108,6 +108,69 @@ def capture_rows_ref(
     for start in range(0, num_rows, rows_per_chunk):
         _capture_chunk(k_cache, req, slice(start, min(start + rows_per_chunk, num_rows)), scale, result)
     return result
+
+
+@dataclass
+class PartialCapture:
+    """One tensor-parallel rank's share of a capture, exact to merge with the others' (``merge_partials``).
+
+    ``stats`` covers the rank's query heads (top-k fields ``None``): ``lse`` per local head;
+    ``hist``, ``entropy`` and ``sink_mass`` are sums weighted by the *global* head weights,
+    so they add across ranks. ``p_bar`` ``[R, T]`` (``T`` = the longest row's ``P + 1``) is the
+    rank's ``Σ_h w_h p_h[j]`` over ``W`` (``-inf`` outside ``W``), ``None`` without top-k.
+    """
+
+    stats: CaptureResult
+    p_bar: torch.Tensor | None
+
+
+def partial_capture_ref(k_cache: torch.Tensor, req: CaptureRequest, scale: float,
+                        rows_per_chunk: int = 16) -> PartialCapture:
+    """A rank's ``PartialCapture`` of ``req`` (``req.q`` and ``req.head_weights`` hold the rank's heads only)."""
+    stats = capture_rows_ref(k_cache, replace(req, top_k=0, head_top_k=0), scale, rows_per_chunk)
+    return PartialCapture(stats, _mean_probs(k_cache, req, scale, rows_per_chunk) if req.top_k else None)
+
+
+def merge_partials(parts: list[PartialCapture], top_k: int) -> CaptureResult:
+    """The capture of all heads from the ranks' partials, in rank (= head) order.
+
+    ``lse`` is the ranks' heads side by side; head sums add; ``p̄`` is the sum of the ranks'
+    dense partials, ranked like ``capture_rows_ref`` (value descending, then position).
+    """
+    first = parts[0].stats
+    result = CaptureResult(
+        lse=torch.cat([p.stats.lse for p in parts], dim=1),
+        hist=torch.stack([p.stats.hist for p in parts]).sum(dim=0),
+        entropy=torch.stack([p.stats.entropy for p in parts]).sum(dim=0),
+        sink_mass=torch.stack([p.stats.sink_mass for p in parts]).sum(dim=0),
+        num_stat_positions=first.num_stat_positions,
+        topk_pos=None, topk_prob=None, head_topk_pos=None, head_topk_logit=None,
+    )
+    if top_k:
+        p_bar = torch.stack([p.p_bar for p in parts]).sum(dim=0)
+        result.topk_pos, result.topk_prob = _rank_top_k(p_bar, torch.isfinite(p_bar).sum(dim=-1), top_k, 0.0)
+    return result
+
+
+def _mean_probs(k_cache: torch.Tensor, req: CaptureRequest, scale: float, rows_per_chunk: int) -> torch.Tensor:
+    """Dense ``p̄`` ``[R, max P + 1]`` over each row's ``W`` (``-inf`` elsewhere), ``rows_per_chunk`` rows at a time."""
+    num_rows = req.q.shape[0]
+    device = k_cache.device
+    width = int(req.query_pos.max()) + 1 if num_rows else 1
+    out = torch.full((num_rows, width), float("-inf"), dtype=torch.float32, device=device)
+    for start in range(0, num_rows, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, num_rows))
+        query_pos = req.query_pos[rows].to(device=device, dtype=torch.int64)[:, None]
+        chunk_width = int(query_pos.max()) + 1
+        logits = _chunk_logits(k_cache, req, rows, scale, chunk_width)
+        pos = torch.arange(chunk_width, device=device)[None, :]
+        window = req.window[rows].to(device=device, dtype=torch.int64)[:, None]
+        unmasked = (pos <= query_pos) & (pos >= req.mask_prefix[rows].to(device)[:, None])
+        candidates = unmasked & ((window == 0) | (pos > query_pos - window))
+        _, probs = _masked_softmax(logits, unmasked)
+        weights = req.head_weights[rows].to(device=device, dtype=torch.float32)[:, :, None]
+        out[rows, :chunk_width] = (weights * probs).sum(dim=1).masked_fill(~candidates, float("-inf"))
+    return out
 
 
 def entropy_norm(entropy: torch.Tensor, num_stat_positions: torch.Tensor) -> torch.Tensor:
