@@ -22,7 +22,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence as SequenceOf
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from pydantic import BaseModel, ValidationError
@@ -35,6 +35,9 @@ from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.kv_cache import kv_bytes_per_token
 from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.model_runner import ModelRunner, prepare_step
+
+if TYPE_CHECKING:
+    from attnscope.engine.tensor_parallel_runner import TensorParallelRunner
 from attnscope.engine.outputs import (
     CompletionDelta,
     EngineStats,
@@ -127,13 +130,12 @@ class LLMEngine:
         self.tokenizer = _load_tokenizer(checkpoint)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids) | frozenset(self.model_config.eos_token_ids)
         self.think_tags = self._think_tags()
-        self.model = self._load_model(checkpoint)
         num_blocks = self._num_kv_blocks()
         capacity = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings, capacity)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.dtype, self.device)
+        self.runner = self._make_runner(checkpoint, num_blocks)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs), self.blocks)
         self.sampler = Sampler()
         self._requests: dict[str, _Request] = {}
@@ -158,6 +160,14 @@ class LLMEngine:
 
         return ThinkTags(lookup(self.config.think_start_token_ids, "<think>"),
                          lookup(self.config.think_end_token_ids, "</think>"))
+
+    def _make_runner(self, checkpoint: LoadedCheckpoint, num_blocks: int) -> ModelRunner | TensorParallelRunner:
+        """The model on this device, or rank workers holding its shards when ``tensor_parallel_size > 1``."""
+        if self.config.tensor_parallel_size > 1:
+            from attnscope.engine.tensor_parallel_runner import TensorParallelRunner
+
+            return TensorParallelRunner(self.config, num_blocks, self.device)
+        return ModelRunner(self._load_model(checkpoint), num_blocks, self.config.block_size, self.dtype, self.device)
 
     def _load_model(self, checkpoint: LoadedCheckpoint) -> LlamaForCausalLM:
         """Build the model on the target device and stream the checkpoint's weights into it."""
@@ -461,6 +471,11 @@ class LLMEngine:
                 self._stopping = False
                 self._thread = threading.Thread(target=self._loop, name="attnscope-engine", daemon=True)
                 self._thread.start()
+
+    def close(self) -> None:
+        """Stop the background loop and release the rank workers of a tensor-parallel engine."""
+        self.shutdown()
+        self.runner.shutdown()
 
     def shutdown(self) -> None:
         """Stop the background loop; running requests stay queued."""

@@ -111,6 +111,9 @@ class ModelRunner:
         hidden = self.model(self._tensor(inputs.input_ids), self._tensor(inputs.positions), batch)
         return self.model.logits(hidden[self._tensor(inputs.sample_rows)])
 
+    def shutdown(self) -> None:
+        """Nothing to release on one device (the tensor-parallel runner stops its workers here)."""
+
     def _tensor(self, values: list[int]) -> torch.Tensor:
         """An int64 tensor on the model's device."""
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -123,6 +123,13 @@ class PartialCapture:
     stats: CaptureResult
     p_bar: torch.Tensor | None
 
+    def cpu(self) -> PartialCapture:
+        """A copy on the CPU (to ship from a rank to the driver)."""
+        stats = CaptureResult(*(None if t is None else t.cpu() for t in (
+            self.stats.lse, self.stats.hist, self.stats.entropy, self.stats.sink_mass, self.stats.num_stat_positions,
+            self.stats.topk_pos, self.stats.topk_prob, self.stats.head_topk_pos, self.stats.head_topk_logit)))
+        return PartialCapture(stats, None if self.p_bar is None else self.p_bar.cpu())
+
 
 def partial_capture_ref(k_cache: torch.Tensor, req: CaptureRequest, scale: float,
                         rows_per_chunk: int = 16) -> PartialCapture:

@@ -1,0 +1,93 @@
+"""One tensor-parallel rank of an engine: a Ray actor holding its shard of the model and of the KV cache.
+
+The driver (the ``LLMEngine`` that owns the scheduler and the block tables) starts one
+worker per rank in a placement group, has rank 0 pick a rendezvous address, joins all of
+them into one ``torch.distributed`` group (gloo on CPUs, NCCL on GPUs), then sends every
+step's ``StepInputs`` and shipped capture plan to all ranks at once. The ranks run the
+forward together (one all-reduce per attention and MLP block); rank 0 returns the logits
+and every rank returns its partial capture, which the driver merges exactly.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import ray
+import torch
+import torch.distributed as dist
+
+from attnscope.engine.capture_plan import StepCapture
+from attnscope.engine.engine_config import EngineConfig
+from attnscope.engine.model import LlamaForCausalLM
+from attnscope.engine.model_runner import ModelRunner, StepInputs
+from attnscope.engine.parallel import TensorParallel
+from attnscope.engine.weights import default_model_path, load_checkpoint
+from attnscope.kernels.capture_reference import PartialCapture
+
+
+@dataclass
+class RankOutput:
+    """What one rank returns from a step: logits (rank 0 only) and its partial captures per layer, in plan order."""
+
+    logits: torch.Tensor | None
+    partials: dict[int, list[PartialCapture]]
+    full_probs: dict[int, list[torch.Tensor]]
+
+
+class RankWorker:
+    """A model shard and its KV cache on one device, driven step by step (run as ``ray.remote(RankWorker)``).
+
+    Left undecorated so that Ray pickles the class by reference to this module.
+    """
+
+    def __init__(self, config: EngineConfig, rank: int, num_blocks: int) -> None:
+        self.config = config
+        self.rank = rank
+        self.num_blocks = num_blocks
+        self.device = config.resolved_device()
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", 0)  # Ray shows each rank only its own GPU
+        if config.num_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+        self.runner: ModelRunner | None = None
+
+    def rendezvous_address(self) -> str:
+        """A free TCP address on this node for the process group (asked of rank 0)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def start(self, address: str) -> None:
+        """Join the process group and load this rank's shard of the weights (all ranks call this together)."""
+        size = self.config.tensor_parallel_size
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=address, rank=self.rank, world_size=size)
+        tp = TensorParallel(self.rank, size, dist.group.WORLD)
+        checkpoint = load_checkpoint(self.config.model or default_model_path())
+        dtype = self.config.resolved_dtype(self.device)
+        config = checkpoint.config
+        max_positions = min(self.config.max_model_len or config.max_position_embeddings,
+                            config.max_position_embeddings)
+        with torch.device(self.device):
+            model = LlamaForCausalLM(config, tp, dtype=dtype, max_positions=max_positions)
+        model.load_weights(checkpoint.tensors(dtype))
+        self.runner = ModelRunner(model.eval(), self.num_blocks, self.config.block_size, dtype, self.device)
+
+    def run(self, inputs: StepInputs, capture: StepCapture | None) -> RankOutput:
+        """Run one step on this rank's shard."""
+        if capture is not None:
+            capture = capture.to(self.device)
+        logits = self.runner.run(inputs, capture)
+        partials: dict[int, list[PartialCapture]] = {}
+        full_probs: dict[int, list[torch.Tensor]] = {}
+        if capture is not None:
+            partials = {layer: [g.partial.cpu() for g in groups] for layer, groups in capture.layers.items()}
+            full_probs = {layer: [p.cpu() for p in f.probs] for layer, f in capture.full.items()}
+        return RankOutput(logits.cpu() if self.rank == 0 else None, partials, full_probs)
+
+    def stop(self) -> None:
+        """Leave the process group."""
+        if dist.is_initialized():
+            dist.destroy_process_group()

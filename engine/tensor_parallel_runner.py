@@ -1,0 +1,74 @@
+"""The driver side of a tensor-parallel engine: rank workers in a placement group, one step at a time.
+
+``TensorParallelRunner.run`` has ``ModelRunner.run``'s contract: it ships the step's
+inputs and the sequence-free capture plan to every ``RankWorker`` at once, returns rank
+0's logits (every rank holds the full logits after the LM head's all-gather), and fills
+the plan's capture results by merging the ranks' partials exactly (``merge_partials``:
+per-head values side by side, head sums added, ``p̄`` summed and ranked). A rank that
+dies makes ``run`` raise, which fails the engine loop: the requests in flight get an
+error and a Serve replica reports itself unhealthy, so Serve replaces it.
+"""
+
+from __future__ import annotations
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group, \
+    remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from attnscope.actors.rank_worker import RankWorker
+from attnscope.engine.capture_plan import StepCapture
+from attnscope.engine.engine_config import EngineConfig
+from attnscope.engine.model_runner import StepInputs
+from attnscope.kernels.capture_reference import merge_partials
+
+PLACEMENT_TIMEOUT_S = 120
+
+
+class TensorParallelRunner:
+    """Starts, drives and stops the rank workers of one engine."""
+
+    def __init__(self, config: EngineConfig, num_blocks: int, device: torch.device) -> None:
+        self.device = device
+        size = config.tensor_parallel_size
+        gpus = 1.0 if device.type == "cuda" else 0.0
+        cpus = config.rank_num_cpus
+        self._owned: PlacementGroup | None = None
+        group = get_current_placement_group()
+        if group is None or len(group.bundle_specs) < size:
+            group = self._owned = placement_group([{"CPU": cpus, **({"GPU": gpus} if gpus else {})}] * size,
+                                                  strategy=config.placement_strategy)
+            ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        worker_class = ray.remote(RankWorker)
+        self.workers = [
+            worker_class.options(
+                num_cpus=cpus, num_gpus=gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
+            ).remote(config, rank, num_blocks)
+            for rank in range(size)
+        ]
+        address = ray.get(self.workers[0].rendezvous_address.remote())
+        ray.get([w.start.remote(address) for w in self.workers])
+
+    def run(self, inputs: StepInputs, capture: StepCapture | None) -> torch.Tensor:
+        """Run one step on every rank; rank 0's logits, and the merged captures filled into ``capture``."""
+        shipped = capture.shipped() if capture is not None else None
+        outputs = ray.get([w.run.remote(inputs, shipped) for w in self.workers])
+        if capture is not None:
+            for layer, groups in capture.layers.items():
+                for i, group in enumerate(groups):
+                    group.result = merge_partials([out.partials[layer][i] for out in outputs], group.top_k)
+            for layer, full in capture.full.items():
+                full.probs = [torch.cat([out.full_probs[layer][row] for out in outputs], dim=0)
+                              for row in range(len(full.rows))]
+        return outputs[0].logits.to(self.device)
+
+    def shutdown(self) -> None:
+        """Stop the rank workers and release the placement group this runner created."""
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
+        if self._owned is not None:
+            remove_placement_group(self._owned)
+            self._owned = None

@@ -1,0 +1,98 @@
+"""Tensor parallelism on the CPU: rank workers as Ray actors over gloo, checked against one device.
+
+SmolLM2 has 9 query and 3 KV heads: over 2 ranks the split is uneven (6 + 3 query heads,
+2 + 1 KV heads), over 3 ranks each rank holds one KV head. Tokens must equal the single-
+device engine's and every capture output must match it within float32 tolerance.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from attnscope.engine.engine_config import EngineConfig
+from attnscope.engine.llm_engine import LLMEngine
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The capital of Italy is", "Once upon a time, in a small village by the sea, there lived"]
+GREEDY = {"temperature": 0.0, "max_tokens": 8}
+CAPTURES = [
+    {"mode": "raw", "top_k": 6, "layers": "auto"},
+    {"mode": "fingerprint", "layers": [3, 17]},
+    {"mode": "raw", "top_k": 4, "layers": [18], "head_ids": [6, 7], "include_prompt": True},
+]
+
+
+def _tp_engine(smollm_path, size: int) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(smollm_path), device="cpu", num_kv_blocks=64, num_threads=1,
+                                  tensor_parallel_size=size, rank_num_cpus=0.5))
+
+
+def _layers(entry: dict) -> dict[str, dict]:
+    return entry["layers"] if "layers" in entry else {str(entry.get("layer_id")): entry}
+
+
+def _assert_same_capture(tp_entries: list[dict], one_entries: list[dict]) -> None:
+    assert len(tp_entries) == len(one_entries)
+    for tp, one in zip(tp_entries, one_entries):
+        assert (tp.get("decode_step"), tp["query_position"]) == (one.get("decode_step"), one["query_position"])
+        if "fingerprint" in one:
+            assert np.allclose(tp["fingerprint"], one["fingerprint"], atol=1e-5)
+            continue
+        for layer, data in _layers(one).items():
+            mine = _layers(tp)[layer]
+            assert np.allclose(mine["true_probs"], data["true_probs"], atol=1e-5)
+            assert np.allclose(mine["topk_logits"], data["topk_logits"], atol=1e-4)
+            separated = np.diff(data["true_probs"]).__abs__().min(initial=1.0) > 1e-4
+            if separated:
+                assert mine["token_positions"] == data["token_positions"]
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_tensor_parallel_matches_one_device(ray_cluster, smollm_engine, smollm_path, size: int):
+    engine = _tp_engine(smollm_path, size)
+    try:
+        assert [o.completions[0].token_ids for o in engine.generate(PROMPTS, GREEDY)] == \
+               [o.completions[0].token_ids for o in smollm_engine.generate(PROMPTS, GREEDY)]
+        for capture in CAPTURES:
+            tp = engine.generate(PROMPTS[:1], GREEDY, capture=capture)[0].completions[0]
+            one = smollm_engine.generate(PROMPTS[:1], GREEDY, capture=capture)[0].completions[0]
+            assert tp.token_ids == one.token_ids
+            _assert_same_capture(tp.attention_tokens, one.attention_tokens)
+        full = {"mode": "full", "layers": [5]}
+        tp = engine.generate(PROMPTS[:1], {**GREEDY, "max_tokens": 3}, capture=full)[0].completions[0]
+        one = smollm_engine.generate(PROMPTS[:1], {**GREEDY, "max_tokens": 3}, capture=full)[0].completions[0]
+        assert tp.attn_capture_data[0]["data"] == one.attn_capture_data[0]["data"] or np.allclose(
+            _decode(tp.attn_capture_data[0]), _decode(one.attn_capture_data[0]), atol=1e-3)
+    finally:
+        engine.close()
+
+
+def _decode(record: dict) -> np.ndarray:
+    import base64
+    import gzip
+
+    return np.frombuffer(gzip.decompress(base64.b64decode(record["data"])), dtype=np.float16).astype(np.float32)
+
+
+def test_a_dead_rank_fails_the_engine_cleanly(ray_cluster, smollm_path):
+    engine = _tp_engine(smollm_path, 2)
+    engine.start()
+    try:
+        rid = engine.add_request("Count slowly:", params={"temperature": 0.0, "max_tokens": 400, "ignore_eos": True})
+        deadline = time.monotonic() + 60
+        while engine.stats().num_running == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ray.kill(engine.runner.workers[1])
+        with pytest.raises(RuntimeError, match="engine loop failed"):
+            while time.monotonic() < deadline:
+                engine.raise_if_failed()
+                time.sleep(0.05)
+        assert rid
+    finally:
+        engine.close()
