@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from attnscope.engine.capture_plan import StepCapture
 from attnscope.engine.engine_config import EngineConfig
+from attnscope.engine.kv_cache import kv_cache_blocks
 from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.model_runner import ModelRunner, StepInputs
 from attnscope.engine.parallel import TensorParallel
@@ -41,15 +42,15 @@ class RankWorker:
     Left undecorated so that Ray pickles the class by reference to this module.
     """
 
-    def __init__(self, config: EngineConfig, rank: int, num_blocks: int) -> None:
+    def __init__(self, config: EngineConfig, rank: int) -> None:
         self.config = config
         self.rank = rank
-        self.num_blocks = num_blocks
         self.device = config.resolved_device()
         if self.device.type == "cuda":
             self.device = torch.device("cuda", 0)  # Ray shows each rank only its own GPU
         if config.num_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
+        self.model: LlamaForCausalLM | None = None
         self.runner: ModelRunner | None = None
 
     def rendezvous_address(self) -> str:
@@ -59,8 +60,11 @@ class RankWorker:
             port = s.getsockname()[1]
         return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
-    def start(self, address: str) -> None:
-        """Join the process group and load this rank's shard of the weights (all ranks call this together)."""
+    def start(self, address: str) -> int:
+        """Join the process group and load this rank's shard of the weights (all ranks call this together).
+
+        Returns how many KV blocks this rank has room for.
+        """
         size = self.config.tensor_parallel_size
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=address, rank=self.rank, world_size=size)
@@ -73,7 +77,14 @@ class RankWorker:
         with torch.device(self.device):
             model = LlamaForCausalLM(config, tp, dtype=dtype, max_positions=max_positions)
         model.load_weights(checkpoint.tensors(dtype))
-        self.runner = ModelRunner(model.eval(), self.num_blocks, self.config.block_size, dtype, self.device)
+        self.model = model.eval()
+        return kv_cache_blocks(self.config, config.num_layers, len(model.heads.kv_heads), config.head_dim, dtype,
+                               self.device)
+
+    def allocate(self, num_blocks: int) -> None:
+        """Allocate this rank's share of ``num_blocks`` KV blocks (the same count on every rank)."""
+        dtype = self.config.resolved_dtype(self.device)
+        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, dtype, self.device)
 
     def run(self, inputs: StepInputs, capture: StepCapture | None) -> RankOutput:
         """Run one step on this rank's shard."""

@@ -43,6 +43,10 @@ class AppArgs(BaseModel):
     max_num_seqs: int = Field(64, ge=1, description="sequences running at once per engine")
     num_threads: int | None = Field(None, ge=1, description="CPU: torch threads per engine (default: its reserved CPUs)")
     num_replicas: int = Field(1, ge=1, description="engine replicas (one model copy each)")
+    tensor_parallel_size: int = Field(1, ge=1, description="ranks each replica's model is split over (one GPU each with device cuda)")
+    rank_num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per tensor-parallel rank")
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK", description="placement of a replica's rank bundles (STRICT_PACK: one node)")
     num_ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas")
     engine_num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per engine replica")
     engine_num_gpus: float | None = Field(None, ge=0, description="GPUs per engine replica (default: 1 for device cuda, "
@@ -93,10 +97,32 @@ class AppArgs(BaseModel):
 
     def engine_config(self) -> EngineConfig:
         """The engine settings of every replica."""
+        threads = self.num_threads or max(1, round(self.rank_num_cpus if self.tensor_parallel_size > 1
+                                                   else self.engine_num_cpus))
         return EngineConfig(model=self.model, device=self.device, dtype=self.dtype, max_model_len=self.max_model_len,
                             kv_cache_memory_gib=self.kv_cache_memory_gib, num_kv_blocks=self.num_kv_blocks,
                             gpu_memory_utilization=self.gpu_memory_utilization, max_num_seqs=self.max_num_seqs,
-                            num_threads=self.num_threads or max(1, round(self.engine_num_cpus)))
+                            num_threads=threads, tensor_parallel_size=self.tensor_parallel_size,
+                            rank_num_cpus=self.rank_num_cpus, placement_strategy=self.placement_strategy)
+
+    def engine_options(self) -> dict[str, Any]:
+        """Serve options of the engine deployment: replicas and their resources.
+
+        With tensor parallelism a replica owns a placement group of one bundle per rank;
+        bundle 0 also holds the replica (the driver, which reserves no GPU), and the rank
+        workers are scheduled into the bundles in order.
+        """
+        gpus = self.gpus_per_replica()
+        options: dict[str, Any] = {"num_replicas": self.num_replicas}
+        if self.tensor_parallel_size == 1:
+            options["ray_actor_options"] = {"num_cpus": self.engine_num_cpus, "num_gpus": gpus}
+            return options
+        rank = {"CPU": self.rank_num_cpus, **({"GPU": gpus} if gpus else {})}
+        options["ray_actor_options"] = {"num_cpus": self.engine_num_cpus}
+        options["placement_group_bundles"] = [{**rank, "CPU": self.rank_num_cpus + self.engine_num_cpus}] + \
+            [rank] * (self.tensor_parallel_size - 1)
+        options["placement_group_strategy"] = self.placement_strategy
+        return options
 
     def gpus_per_replica(self) -> float:
         """GPUs Ray reserves for each engine replica (without one, Ray hides the GPUs from it)."""
@@ -114,10 +140,7 @@ def build_app(args: dict[str, Any]) -> Application:
     the cluster-wide count of open capture sessions.
     """
     settings = AppArgs.model_validate(args)
-    engine = EngineDeployment.options(
-        num_replicas=settings.num_replicas,
-        ray_actor_options={"num_cpus": settings.engine_num_cpus, "num_gpus": settings.gpus_per_replica()},
-    ).bind(settings.engine_config())
+    engine = EngineDeployment.options(**settings.engine_options()).bind(settings.engine_config())
     limiter = None
     if settings.attention_max_concurrent_capture is not None:
         limiter = CaptureLimiter.bind(settings.attention_capture_lease_s)

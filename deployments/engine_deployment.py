@@ -84,5 +84,5 @@ class EngineDeployment:
                                  num_requests=s.num_requests, capture_sessions=s.capture_sessions)
 
     def check_health(self) -> None:
-        """Serve's health check: unhealthy once the engine loop has failed."""
-        self.engine.raise_if_failed()
+        """Serve's health check: unhealthy once the engine loop has failed or a rank worker is gone."""
+        self.engine.check_health()

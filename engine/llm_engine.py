@@ -32,7 +32,7 @@ from attnscope.engine.block_manager import BlockManager
 from attnscope.engine.capture_records import append_full_rows, full_capture_data, step_records
 from attnscope.engine.capture_state import SequenceCapture, ThinkTags
 from attnscope.engine.engine_config import EngineConfig
-from attnscope.engine.kv_cache import kv_bytes_per_token
+from attnscope.engine.kv_cache import kv_cache_blocks
 from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.model_runner import ModelRunner, prepare_step
 
@@ -121,7 +121,8 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
-        self.device = config.resolved_device()
+        # A tensor-parallel driver holds no weights: it schedules and samples on the CPU.
+        self.device = torch.device("cpu") if config.tensor_parallel_size > 1 else config.resolved_device()
         self.dtype = config.resolved_dtype(self.device)
         if config.num_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
@@ -130,12 +131,11 @@ class LLMEngine:
         self.tokenizer = _load_tokenizer(checkpoint)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids) | frozenset(self.model_config.eos_token_ids)
         self.think_tags = self._think_tags()
-        num_blocks = self._num_kv_blocks()
+        self.runner, num_blocks = self._make_runner(checkpoint)
         capacity = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings, capacity)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.runner = self._make_runner(checkpoint, num_blocks)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs), self.blocks)
         self.sampler = Sampler()
         self._requests: dict[str, _Request] = {}
@@ -161,13 +161,17 @@ class LLMEngine:
         return ThinkTags(lookup(self.config.think_start_token_ids, "<think>"),
                          lookup(self.config.think_end_token_ids, "</think>"))
 
-    def _make_runner(self, checkpoint: LoadedCheckpoint, num_blocks: int) -> ModelRunner | TensorParallelRunner:
-        """The model on this device, or rank workers holding its shards when ``tensor_parallel_size > 1``."""
+    def _make_runner(self, checkpoint: LoadedCheckpoint) -> tuple[ModelRunner | TensorParallelRunner, int]:
+        """The model on this device, or rank workers holding its shards when ``tensor_parallel_size > 1``,
+        and the number of KV blocks (sized after the weights are loaded)."""
         if self.config.tensor_parallel_size > 1:
             from attnscope.engine.tensor_parallel_runner import TensorParallelRunner
 
-            return TensorParallelRunner(self.config, num_blocks, self.device)
-        return ModelRunner(self._load_model(checkpoint), num_blocks, self.config.block_size, self.dtype, self.device)
+            runner = TensorParallelRunner(self.config)
+            return runner, runner.num_blocks
+        model = self._load_model(checkpoint)
+        num_blocks = self._num_kv_blocks()
+        return ModelRunner(model, num_blocks, self.config.block_size, self.dtype, self.device), num_blocks
 
     def _load_model(self, checkpoint: LoadedCheckpoint) -> LlamaForCausalLM:
         """Build the model on the target device and stream the checkpoint's weights into it."""
@@ -180,16 +184,8 @@ class LLMEngine:
 
     def _num_kv_blocks(self) -> int:
         """Size the KV cache from the configured block count or memory budget."""
-        if self.config.num_kv_blocks is not None:
-            return self.config.num_kv_blocks
         c = self.model_config
-        per_block = self.config.block_size * kv_bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * self.config.gpu_memory_utilization
-        else:
-            budget = self.config.kv_cache_memory_gib * 2**30
-        return max(1, int(budget // per_block))
+        return kv_cache_blocks(self.config, c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, self.device)
 
     # ----------------------------------------------------------------- requests
 
@@ -507,6 +503,11 @@ class LLMEngine:
         """Re-raise a failure of the background loop in the caller."""
         if self._error is not None:
             raise RuntimeError("the engine loop failed") from self._error
+
+    def check_health(self) -> None:
+        """Raise if the loop failed or a tensor-parallel rank worker is gone (Serve's health check)."""
+        self.raise_if_failed()
+        self.runner.check_health()
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
         """Yield a request's outputs as they are produced; aborts it if the consumer goes away.

@@ -111,6 +111,9 @@ class ModelRunner:
         hidden = self.model(self._tensor(inputs.input_ids), self._tensor(inputs.positions), batch)
         return self.model.logits(hidden[self._tensor(inputs.sample_rows)])
 
+    def check_health(self) -> None:
+        """Nothing remote to check on one device (the tensor-parallel runner pings its workers here)."""
+
     def shutdown(self) -> None:
         """Nothing to release on one device (the tensor-parallel runner stops its workers here)."""
 

@@ -11,6 +11,8 @@ error and a Serve replica reports itself unhealthy, so Serve replaces it.
 
 from __future__ import annotations
 
+import uuid
+
 import ray
 import torch
 from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group, \
@@ -24,15 +26,16 @@ from attnscope.engine.model_runner import StepInputs
 from attnscope.kernels.capture_reference import merge_partials
 
 PLACEMENT_TIMEOUT_S = 120
+HEALTH_TIMEOUT_S = 30
+RANK_NAMESPACE = "attnscope"
 
 
 class TensorParallelRunner:
-    """Starts, drives and stops the rank workers of one engine."""
+    """Starts, drives and stops the rank workers of one engine; ``num_blocks`` is the KV capacity every rank holds."""
 
-    def __init__(self, config: EngineConfig, num_blocks: int, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, config: EngineConfig) -> None:
         size = config.tensor_parallel_size
-        gpus = 1.0 if device.type == "cuda" else 0.0
+        gpus = 1.0 if config.resolved_device().type == "cuda" else 0.0
         cpus = config.rank_num_cpus
         self._owned: PlacementGroup | None = None
         group = get_current_placement_group()
@@ -41,15 +44,18 @@ class TensorParallelRunner:
                                                   strategy=config.placement_strategy)
             ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
         worker_class = ray.remote(RankWorker)
+        self.name = f"attnscope-ranks-{uuid.uuid4().hex[:12]}"
         self.workers = [
             worker_class.options(
-                num_cpus=cpus, num_gpus=gpus,
+                name=f"{self.name}-{rank}", namespace=RANK_NAMESPACE, num_cpus=cpus, num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
-            ).remote(config, rank, num_blocks)
+            ).remote(config, rank)
             for rank in range(size)
         ]
         address = ray.get(self.workers[0].rendezvous_address.remote())
-        ray.get([w.start.remote(address) for w in self.workers])
+        capacities = ray.get([w.start.remote(address) for w in self.workers])
+        self.num_blocks = min(capacities)
+        ray.get([w.allocate.remote(self.num_blocks) for w in self.workers])
 
     def run(self, inputs: StepInputs, capture: StepCapture | None) -> torch.Tensor:
         """Run one step on every rank; rank 0's logits, and the merged captures filled into ``capture``."""
@@ -62,7 +68,11 @@ class TensorParallelRunner:
             for layer, full in capture.full.items():
                 full.probs = [torch.cat([out.full_probs[layer][row] for out in outputs], dim=0)
                               for row in range(len(full.rows))]
-        return outputs[0].logits.to(self.device)
+        return outputs[0].logits
+
+    def check_health(self) -> None:
+        """Raise if a rank worker is gone or does not answer within ``HEALTH_TIMEOUT_S``."""
+        ray.get([w.__ray_ready__.remote() for w in self.workers], timeout=HEALTH_TIMEOUT_S)
 
     def shutdown(self) -> None:
         """Stop the rank workers and release the placement group this runner created."""

@@ -7,12 +7,16 @@ device engine's and every capture output must match it within float32 tolerance.
 
 from __future__ import annotations
 
+import socket
 import time
 
 import numpy as np
+import openai
 import pytest
 import ray
+from ray import serve
 
+from attnscope.deployments.application import build_app
 from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.llm_engine import LLMEngine
 
@@ -96,3 +100,38 @@ def test_a_dead_rank_fails_the_engine_cleanly(ray_cluster, smollm_path):
         assert rid
     finally:
         engine.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_replica_with_rank_workers_answers_and_recovers_from_a_dead_rank(ray_cluster, smollm_engine):
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"device": "cpu", "num_kv_blocks": 64, "engine_num_cpus": 0.25, "rank_num_cpus": 0.5,
+                             "num_threads": 1, "tensor_parallel_size": 2}), name="tp", route_prefix="/tp")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/tp/v1", api_key="none", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        expected = smollm_engine.generate(messages=[messages], params=GREEDY)[0].completions[0].text
+        out = client.chat.completions.create(model=client.models.list().data[0].id, messages=messages, **GREEDY,
+                                             extra_body={"return_attention_tokens": True, "top_k_attention": 4})
+        assert out.choices[0].message.content == expected
+        assert len(out.choices[0].model_extra["attention_tokens"]) == out.usage.completion_tokens
+        (rank,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("-1")
+                   and a["name"].startswith("attnscope-ranks-")]
+        ray.kill(ray.get_actor(rank["name"], namespace=rank["namespace"]))
+        deadline = time.monotonic() + 150
+        answered = None
+        while answered != expected:
+            assert time.monotonic() < deadline, "the replica did not recover"
+            try:
+                answered = client.chat.completions.create(model=out.model, messages=messages, **GREEDY
+                                                          ).choices[0].message.content
+            except openai.APIError:
+                time.sleep(1.0)
+    finally:
+        serve.shutdown()
