@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from attnscope.actors.capture_limiter import CaptureLimiter
 from attnscope.capture import MAX_TOP_K, CaptureParams
@@ -25,6 +26,7 @@ from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.weights import default_model_path
 
 ENV_PREFIX = "ATTNSCOPE_"
+ROUTER = "attnscope.deployments.routing.PrefixAffinityRouter"
 
 
 class AppArgs(BaseModel):
@@ -47,6 +49,8 @@ class AppArgs(BaseModel):
     rank_num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per tensor-parallel rank")
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "STRICT_PACK", description="placement of a replica's rank bundles (STRICT_PACK: one node)")
+    routing_max_imbalance: int = Field(8, ge=0, description="requests a replica holding the prompt's prefix may be "
+                                                              "queued beyond the least loaded and still get it")
     num_ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas")
     engine_num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per engine replica")
     engine_num_gpus: float | None = Field(None, ge=0, description="GPUs per engine replica (default: 1 for device cuda, "
@@ -106,14 +110,15 @@ class AppArgs(BaseModel):
                             rank_num_cpus=self.rank_num_cpus, placement_strategy=self.placement_strategy)
 
     def engine_options(self) -> dict[str, Any]:
-        """Serve options of the engine deployment: replicas and their resources.
+        """Serve options of the engine deployment: replicas, their resources and the prefix-affinity router.
 
         With tensor parallelism a replica owns a placement group of one bundle per rank;
         bundle 0 also holds the replica (the driver, which reserves no GPU), and the rank
         workers are scheduled into the bundles in order.
         """
         gpus = self.gpus_per_replica()
-        options: dict[str, Any] = {"num_replicas": self.num_replicas}
+        options: dict[str, Any] = {"num_replicas": self.num_replicas, "request_router_config": RequestRouterConfig(
+            request_router_class=ROUTER, request_router_kwargs={"max_imbalance": self.routing_max_imbalance})}
         if self.tensor_parallel_size == 1:
             options["ray_actor_options"] = {"num_cpus": self.engine_num_cpus, "num_gpus": gpus}
             return options

@@ -4,8 +4,9 @@ Three applications share one Serve instance on the session's Ray cluster, each w
 own engine on the embedded model (CPU, 64 KV blocks): ``open`` (no guardrails),
 ``guarded`` (API key, one concurrent capture, system-prompt masking, capture on by
 default with top-k 3, one CORS origin) and ``prod`` (capture disabled in production).
-Two more live only for their test: ``lease`` (an ingress replica is killed) and ``yaml``
-(deployed by ``serve deploy`` from the shipped ``deploy/serve-config.yaml``).
+Three more live only for their test: ``lease`` (an ingress replica is killed), ``yaml``
+(deployed by ``serve deploy`` from the shipped ``deploy/serve-config.yaml``) and ``affinity``
+(two engine replicas behind the prefix-affinity router).
 """
 
 from __future__ import annotations
@@ -517,3 +518,19 @@ def test_serve_deploy_from_the_shipped_config(ray_cluster, serve_port, model, tm
         assert out.choices[0].message.content and out.choices[0].model_extra["attention_tokens"]
     finally:
         serve.delete("yaml")
+
+
+def test_requests_sharing_a_prompt_prefix_go_to_the_replica_that_caches_it(serve_port, model):
+    url = _deploy(serve_port, "affinity", "/affinity", engine_num_cpus=0.25, num_replicas=2)
+    system = {"role": "system", "content": "You are the assistant of a lighthouse museum. " * 8}
+    questions = ["Who built it?", "When does it open?", "Is there a shop?", "Can I climb it?", "How tall is it?",
+                 "Where do I park?"]
+    try:
+        cached = []
+        for question in questions:
+            out = _client(url).chat.completions.create(model=model, messages=[system, {"role": "user", "content": question}],
+                                                       **GREEDY)
+            cached.append(out.usage.prompt_tokens_details.cached_tokens)
+        assert cached[0] == 0 and all(c >= 48 for c in cached[1:]), cached  # one replica holds the prefix
+    finally:
+        serve.delete("affinity")
