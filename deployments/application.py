@@ -8,6 +8,7 @@ or ``import_path: attnscope.deployments:build_app`` with ``args:`` in a Serve co
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,6 +54,8 @@ class AppArgs(BaseModel):
                                                               "queued beyond the least loaded and still get it")
     num_ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas")
     engine_num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per engine replica")
+    engine_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per engine "
+                                               "replica as JSON, e.g. '{\"engine_slot\": 1}', to pin replicas to nodes")
     engine_num_gpus: float | None = Field(None, ge=0, description="GPUs per engine replica (default: 1 for device cuda, "
                                                                    "or auto where CUDA is visible to the builder; else 0)")
     return_attention_tokens: bool = Field(False, description="capture attention on every request unless it opts out")
@@ -75,6 +78,17 @@ class AppArgs(BaseModel):
     def _valid_layers(cls, value: str) -> str:
         """Reject a malformed layer list when the app is built, not on the first request."""
         CaptureParams(layers=value)
+        return value
+
+    @field_validator("engine_resources", mode="before")
+    @classmethod
+    def _parse_resources(cls, value: Any) -> Any:
+        """Accept a JSON object string (flags, environment, ``key=value`` builder args)."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON object: {exc}") from exc
         return value
 
     @field_validator("attention_cors_origins", mode="before")
@@ -120,11 +134,13 @@ class AppArgs(BaseModel):
         options: dict[str, Any] = {"num_replicas": self.num_replicas, "request_router_config": RequestRouterConfig(
             request_router_class=ROUTER, request_router_kwargs={"max_imbalance": self.routing_max_imbalance})}
         if self.tensor_parallel_size == 1:
-            options["ray_actor_options"] = {"num_cpus": self.engine_num_cpus, "num_gpus": gpus}
+            options["ray_actor_options"] = {"num_cpus": self.engine_num_cpus, "num_gpus": gpus,
+                                            "resources": dict(self.engine_resources)}
             return options
         rank = {"CPU": self.rank_num_cpus, **({"GPU": gpus} if gpus else {})}
         options["ray_actor_options"] = {"num_cpus": self.engine_num_cpus}
-        options["placement_group_bundles"] = [{**rank, "CPU": self.rank_num_cpus + self.engine_num_cpus}] + \
+        options["placement_group_bundles"] = [{**rank, **self.engine_resources,
+                                               "CPU": self.rank_num_cpus + self.engine_num_cpus}] + \
             [rank] * (self.tensor_parallel_size - 1)
         options["placement_group_strategy"] = self.placement_strategy
         return options

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from ray import serve
 
 from attnscope.deployments.guardrails import system_prompt_length
@@ -81,7 +82,9 @@ class EngineDeployment:
         """This replica's load: KV usage, running and waiting sequences, open capture sessions."""
         s = self.engine.stats()
         return EngineStatsReport(kv_usage=s.kv_usage, num_running=s.num_running, num_waiting=s.num_waiting,
-                                 num_requests=s.num_requests, capture_sessions=s.capture_sessions)
+                                 num_requests=s.num_requests, capture_sessions=s.capture_sessions,
+                                 replica=serve.get_replica_context().replica_id.unique_id,
+                                 node_id=ray.get_runtime_context().get_node_id())
 
     def check_health(self) -> None:
         """Serve's health check: unhealthy once the engine loop has failed or a rank worker is gone."""

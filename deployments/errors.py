@@ -8,11 +8,15 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException
 
 from attnscope.protocol import ErrorDetail, ErrorResponse, RequestFieldError
 
 logger = logging.getLogger("ray.serve")
+
+
+ENGINE_LOST = "the engine replica serving this request failed; retry the request"
 
 
 class ApiError(Exception):
@@ -80,6 +84,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
         return ApiError(exc.status_code, str(exc.detail), None, code, dict(exc.headers or {})).response()
+
+    @app.exception_handler(RayActorError)
+    async def _engine_lost(_: Request, exc: RayActorError) -> JSONResponse:
+        logger.warning("engine replica lost: %s", exc)
+        return ApiError(503, ENGINE_LOST, None, "engine_unavailable", {"Retry-After": "1"}).response()
 
     @app.exception_handler(Exception)
     async def _internal_error(_: Request, exc: Exception) -> JSONResponse:

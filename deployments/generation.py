@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.responses import Response, StreamingResponse
 
-from attnscope.deployments.errors import ApiError
+from attnscope.deployments.errors import ENGINE_LOST, ApiError
 from attnscope.deployments.messages import EngineOutput, EngineRejected, EngineRequest, parse_event
 from attnscope.protocol import (
     ChoiceDelta,
@@ -148,6 +149,11 @@ async def _sse(call: EngineCall, fmt: Formatter) -> AsyncIterator[str]:
             counts = out.usage
         if fmt.include_usage and counts is not None:
             yield _event(fmt.usage_chunk(counts))
+        yield "data: [DONE]\n\n"
+    except RayActorError:
+        logger.warning("stream %s lost its engine replica", fmt.rid)
+        yield _event(ErrorResponse(error=ErrorDetail(message=ENGINE_LOST, type="server_error",
+                                                     code="engine_unavailable")))
         yield "data: [DONE]\n\n"
     except Exception:
         logger.exception("stream %s failed", fmt.rid)

@@ -9,6 +9,7 @@ error bodies with the field to blame (400, 401, 404, 429 with ``Retry-After``).
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from ray import serve
-from ray.exceptions import TaskCancelledError
+from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -47,6 +48,9 @@ if TYPE_CHECKING:
     from attnscope.deployments.application import AppArgs
 
 MAX_ONGOING_REQUESTS = 1024
+ENGINE_ATTEMPTS = 2  # a request whose engine replica dies before anything was sent is retried once
+
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 0})
@@ -89,16 +93,29 @@ class OpenAIIngress:
         request = EngineRequest(request_id=rid, **prompt, params=params,
                                 max_tokens_given=body.max_tokens_requested() is not None, capture=capture,
                                 mask_system_prompt=self.args.attention_mask_system_prompt)
-        release = (lambda: self.guardrails.release(rid)) if capture is not None else (lambda: None)
+        fmt = Formatter("chat" if chat else "completion", rid, now(), self.model_name, params.n, body.wants_usage_chunk())
+        attempts_left = ENGINE_ATTEMPTS
+        while True:
+            try:
+                return await self._answer(request, fmt, bool(body.stream))
+            except RayActorError:  # the engine replica died before anything reached the client
+                attempts_left -= 1
+                if not attempts_left:
+                    raise
+                logger.warning("engine replica lost before %s was answered; retrying on another replica", rid)
+
+    async def _answer(self, request: EngineRequest, fmt: Formatter, stream: bool) -> Response:
+        """Take a capture slot if needed, queue in the engine, and answer (the slot is released when it ends)."""
+        rid = request.request_id
+        release = (lambda: self.guardrails.release(rid)) if request.capture is not None else (lambda: None)
         try:  # a refusal or a disconnect before the call exists must not keep the capture slot
-            if capture is not None:
+            if request.capture is not None:
                 await self.guardrails.acquire(rid)
             call = await open_call(self.engine, request, release)
         except BaseException:
             release()
             raise
-        fmt = Formatter("chat" if chat else "completion", rid, now(), self.model_name, params.n, body.wants_usage_chunk())
-        return await respond(call, fmt, bool(body.stream))
+        return await respond(call, fmt, stream)
 
     async def capabilities(self) -> Capabilities:
         """What capture this server supports now, under which guardrails and defaults."""

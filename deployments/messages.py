@@ -75,10 +75,12 @@ class ModelInfo(BaseModel):
 
 
 class EngineStatsReport(BaseModel):
-    """``EngineDeployment.stats()``: one replica's load."""
+    """``EngineDeployment.stats()``: one replica's load, and which replica on which Ray node answered."""
 
     kv_usage: float
     num_running: int
     num_waiting: int
     num_requests: int
     capture_sessions: int
+    replica: str = ""
+    node_id: str = ""
