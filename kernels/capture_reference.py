@@ -167,16 +167,11 @@ def _mean_probs(k_cache: torch.Tensor, req: CaptureRequest, scale: float, rows_p
     out = torch.full((num_rows, width), float("-inf"), dtype=torch.float32, device=device)
     for start in range(0, num_rows, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, num_rows))
-        query_pos = req.query_pos[rows].to(device=device, dtype=torch.int64)[:, None]
-        chunk_width = int(query_pos.max()) + 1
-        logits = _chunk_logits(k_cache, req, rows, scale, chunk_width)
-        pos = torch.arange(chunk_width, device=device)[None, :]
-        window = req.window[rows].to(device=device, dtype=torch.int64)[:, None]
-        unmasked = (pos <= query_pos) & (pos >= req.mask_prefix[rows].to(device)[:, None])
-        candidates = unmasked & ((window == 0) | (pos > query_pos - window))
-        _, probs = _masked_softmax(logits, unmasked)
+        chunk = _chunk_rows(k_cache, req, rows, scale)
+        _, probs = _masked_softmax(chunk.logits, chunk.unmasked)
         weights = req.head_weights[rows].to(device=device, dtype=torch.float32)[:, :, None]
-        out[rows, :chunk_width] = (weights * probs).sum(dim=1).masked_fill(~candidates, float("-inf"))
+        mean_probs = (weights * probs).sum(dim=1).masked_fill(~chunk.candidates, float("-inf"))
+        out[rows, : mean_probs.shape[1]] = mean_probs
     return out
 
 
@@ -290,19 +285,38 @@ def _rank_top_k(
     return positions.to(torch.int32), chosen_values
 
 
+@dataclass
+class _ChunkRows:
+    """A chunk of rows' logits over their first ``width`` positions and the row sets ``U`` and ``W`` as masks."""
+
+    logits: torch.Tensor  # [r, Hq, width]
+    query_pos: torch.Tensor  # [r, 1]
+    pos: torch.Tensor  # [1, width]
+    unmasked: torch.Tensor  # U: [r, width]
+    candidates: torch.Tensor  # W: [r, width]
+
+
+def _chunk_rows(k_cache: torch.Tensor, req: CaptureRequest, rows: slice, scale: float) -> _ChunkRows:
+    """Logits and the ``U``/``W`` masks of the rows ``rows`` of ``req``, up to the chunk's longest row."""
+    device = k_cache.device
+    query_pos = req.query_pos[rows].to(device=device, dtype=torch.int64)[:, None]
+    width = int(query_pos.max()) + 1
+    logits = _chunk_logits(k_cache, req, rows, scale, width)
+    pos = torch.arange(width, device=device)[None, :]
+    window = req.window[rows].to(device=device, dtype=torch.int64)[:, None]
+    unmasked = (pos <= query_pos) & (pos >= req.mask_prefix[rows].to(device)[:, None])
+    candidates = unmasked & ((window == 0) | (pos > query_pos - window))
+    return _ChunkRows(logits, query_pos, pos, unmasked, candidates)
+
+
 def _capture_chunk(
     k_cache: torch.Tensor, req: CaptureRequest, rows: slice, scale: float, out: CaptureResult
 ) -> None:
     """Capture the rows ``rows`` of ``req`` into their slices of ``out``."""
     device = k_cache.device
-    query_pos = req.query_pos[rows].to(device=device, dtype=torch.int64)[:, None]
-    width = int(query_pos.max()) + 1
-    logits = _chunk_logits(k_cache, req, rows, scale, width)
-
-    pos = torch.arange(width, device=device)[None, :]
-    window = req.window[rows].to(device=device, dtype=torch.int64)[:, None]
-    unmasked = (pos <= query_pos) & (pos >= req.mask_prefix[rows].to(device)[:, None])
-    candidates = unmasked & ((window == 0) | (pos > query_pos - window))
+    chunk = _chunk_rows(k_cache, req, rows, scale)
+    logits, query_pos, pos, unmasked, candidates = (chunk.logits, chunk.query_pos, chunk.pos, chunk.unmasked,
+                                                    chunk.candidates)
     sinks = unmasked & (pos < req.sink_tokens[rows].to(device)[:, None])
     stats = unmasked & ~sinks
     weights = req.head_weights[rows].to(device=device, dtype=torch.float32)[:, :, None]

@@ -25,7 +25,7 @@ SECRETS = ["banana", "orchid", "pyramid", "tornado", "saxophone", "dolphin", "vo
 
 def prefill_logits(engine, ids: list[int]) -> torch.Tensor:
     """Logits at every prompt position from one prefill through our model (fresh KV cache)."""
-    model = engine.model
+    model = engine.runner.model
     cfg = model.config
     block = engine.config.block_size
     blocks = (len(ids) + block - 1) // block
