@@ -13,7 +13,6 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-import ray
 import torch
 import torch.distributed as dist
 
@@ -55,6 +54,8 @@ class RankWorker:
 
     def rendezvous_address(self) -> str:
         """A free TCP address on this node for the process group (asked of rank 0)."""
+        import ray  # imported here so that the worker class also runs outside Ray
+
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]

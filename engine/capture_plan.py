@@ -14,7 +14,7 @@ import torch
 
 from attnscope.capture import SKETCH_HUBS
 from attnscope.engine.sequence import Sequence
-from attnscope.kernels.capture_reference import CaptureRequest, CaptureResult, PartialCapture
+from attnscope.kernels.capture_reference import CaptureRequest, CaptureResult, PartialCapture, merge_partials
 
 
 @dataclass
@@ -130,6 +130,19 @@ class StepCapture:
         for f in self.full.values():
             f.index, f.positions, f.block_tables = f.index.to(device), f.positions.to(device), f.block_tables.to(device)
         return self
+
+    def merge_ranks(self, partials: list[dict[int, list[PartialCapture]]],
+                    full_probs: list[dict[int, list[torch.Tensor]]]) -> None:
+        """Fill the results from tensor-parallel ranks' outputs (in rank order, as ``shipped`` plans ran them).
+
+        Groups get ``merge_partials`` of the ranks' partials; full-matrix rows concatenate
+        the ranks' heads (ranks hold consecutive query heads).
+        """
+        for layer, groups in self.layers.items():
+            for i, group in enumerate(groups):
+                group.result = merge_partials([rank[layer][i] for rank in partials], group.top_k)
+        for layer, full in self.full.items():
+            full.probs = [torch.cat([rank[layer][row] for rank in full_probs], dim=0) for row in range(len(full.rows))]
 
     @staticmethod
     def request(group: LayerCapture, q: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,

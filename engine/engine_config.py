@@ -29,6 +29,8 @@ class EngineConfig(BaseModel):
     think_end_token_ids: list[int] | None = Field(None, description="Tokens closing a reasoning block (default: the vocabulary's '</think>').")
     max_full_capture_tokens: int = Field(1024, ge=1, description="Full-matrix capture: most tokens (prompt + max_tokens) per request.")
     tensor_parallel_size: int = Field(1, ge=1, description="Ranks the model's heads and MLP are split over (Ray actors, gloo on CPU, NCCL on GPUs).")
+    tensor_parallel_backend: Literal["ray", "processes"] = Field(
+        "ray", description="Rank workers as Ray actors in a placement group, or as child processes of this one (one machine, no Ray).")
     rank_num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each rank worker (tensor_parallel_size > 1).")
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "STRICT_PACK", description="Ray placement of the rank workers' bundles (tensor_parallel_size > 1).")

@@ -37,7 +37,10 @@ from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.model_runner import ModelRunner, prepare_step
 
 if TYPE_CHECKING:
+    from attnscope.engine.process_tensor_parallel import ProcessTensorParallelRunner
     from attnscope.engine.tensor_parallel_runner import TensorParallelRunner
+
+    Runner = ModelRunner | TensorParallelRunner | ProcessTensorParallelRunner
 from attnscope.engine.outputs import (
     CompletionDelta,
     EngineStats,
@@ -161,13 +164,18 @@ class LLMEngine:
         return ThinkTags(lookup(self.config.think_start_token_ids, "<think>"),
                          lookup(self.config.think_end_token_ids, "</think>"))
 
-    def _make_runner(self, checkpoint: LoadedCheckpoint) -> tuple[ModelRunner | TensorParallelRunner, int]:
+    def _make_runner(self, checkpoint: LoadedCheckpoint) -> tuple[Runner, int]:
         """The model on this device, or rank workers holding its shards when ``tensor_parallel_size > 1``,
         and the number of KV blocks (sized after the weights are loaded)."""
         if self.config.tensor_parallel_size > 1:
-            from attnscope.engine.tensor_parallel_runner import TensorParallelRunner
+            if self.config.tensor_parallel_backend == "processes":
+                from attnscope.engine.process_tensor_parallel import ProcessTensorParallelRunner
 
-            runner = TensorParallelRunner(self.config)
+                runner = ProcessTensorParallelRunner(self.config)
+            else:
+                from attnscope.engine.tensor_parallel_runner import TensorParallelRunner
+
+                runner = TensorParallelRunner(self.config)
             return runner, runner.num_blocks
         model = self._load_model(checkpoint)
         num_blocks = self._num_kv_blocks()

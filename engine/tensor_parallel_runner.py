@@ -23,7 +23,6 @@ from attnscope.actors.rank_worker import RankWorker
 from attnscope.engine.capture_plan import StepCapture
 from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.model_runner import StepInputs
-from attnscope.kernels.capture_reference import merge_partials
 
 PLACEMENT_TIMEOUT_S = 120
 HEALTH_TIMEOUT_S = 30
@@ -62,12 +61,7 @@ class TensorParallelRunner:
         shipped = capture.shipped() if capture is not None else None
         outputs = ray.get([w.run.remote(inputs, shipped) for w in self.workers])
         if capture is not None:
-            for layer, groups in capture.layers.items():
-                for i, group in enumerate(groups):
-                    group.result = merge_partials([out.partials[layer][i] for out in outputs], group.top_k)
-            for layer, full in capture.full.items():
-                full.probs = [torch.cat([out.full_probs[layer][row] for out in outputs], dim=0)
-                              for row in range(len(full.rows))]
+            capture.merge_ranks([out.partials for out in outputs], [out.full_probs for out in outputs])
         return outputs[0].logits
 
     def check_health(self) -> None:

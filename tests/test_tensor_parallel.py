@@ -7,6 +7,8 @@ device engine's and every capture output must match it within float32 tolerance.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 
@@ -135,3 +137,23 @@ def test_serve_replica_with_rank_workers_answers_and_recovers_from_a_dead_rank(r
                 time.sleep(1.0)
     finally:
         serve.shutdown()
+
+
+def test_rank_processes_without_ray_match_one_device(smollm_engine, smollm_path):
+    engine = LLMEngine(EngineConfig(model=str(smollm_path), device="cpu", num_kv_blocks=64, num_threads=1,
+                                    tensor_parallel_size=2, tensor_parallel_backend="processes"))
+    try:
+        capture = CAPTURES[0]
+        tp = engine.generate(PROMPTS, GREEDY, capture=capture)
+        one = smollm_engine.generate(PROMPTS, GREEDY, capture=capture)
+        for mine, theirs in zip(tp, one):
+            assert mine.completions[0].token_ids == theirs.completions[0].token_ids
+            _assert_same_capture(mine.completions[0].attention_tokens, theirs.completions[0].attention_tokens)
+        os.kill(engine.runner.pids[1], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        with pytest.raises(RuntimeError, match="rank 1"):
+            while time.monotonic() < deadline:
+                engine.check_health()
+                time.sleep(0.05)
+    finally:
+        engine.close()

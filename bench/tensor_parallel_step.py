@@ -1,0 +1,211 @@
+"""Tensor parallelism on two GPUs over NCCL: TP=2 against TP=1 on a random-weight Llama-shaped model.
+
+One run writes a random-weight checkpoint (Llama-1B shape by default: hidden 2048, 16 layers,
+32 query / 8 KV heads, MLP 8192, vocab 32000, bf16, a synthetic word-level tokenizer) and
+then, for TP=1 (one GPU) and TP=2 (rank processes, NCCL, ``tensor_parallel_backend
+"processes"``), the same workload:
+
+* agreement: ``--check-prompts`` random prompts, greedy, 6 new tokens, capture raw top-32 on
+  ``auto`` layers plus fingerprints on the same layers: greedy tokens, and at every captured
+  step the fingerprint (max |Δ|) and top-32 (share of positions in common, max |Δ p| on them);
+* decode step time: ``--batch`` sequences of ``--context`` random prompt tokens, median of
+  ``--steps`` decode steps (each step ends in sampling, so it is synchronised), without
+  capture, with fingerprint capture on every request (``auto`` layers) and with raw top-32 on
+  ``auto`` layers.
+
+On TP=2 the capture partials come from the float32 torch reference (the Triton capture
+kernels run on one device only so far), which the capture timings show. Prints one JSON
+object (also written to ``--json PATH``). Needs two CUDA GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from attnscope.engine.engine_config import EngineConfig
+from attnscope.engine.llm_engine import LLMEngine
+
+SHAPES = {
+    "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "vocab_size": 32000},
+    "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 8,
+             "num_key_value_heads": 4, "vocab_size": 1000},
+}
+SHAPE = dict(SHAPES["llama-1b"])
+CAPTURES = {
+    "none": None,
+    "fingerprint": {"mode": "fingerprint", "layers": "auto"},
+    "raw_top32": {"mode": "raw", "top_k": 32, "layers": "auto"},
+}
+
+
+def log(message: str) -> None:
+    """A progress line on stderr."""
+    print(f"[tp_step] {message}", file=sys.stderr, flush=True)
+
+
+def write_checkpoint(folder: Path, seed: int) -> None:
+    """A random-weight Llama checkpoint (config.json, model.safetensors, tokenizer.json) in ``folder``."""
+    s = SHAPE
+    head_dim = s["hidden_size"] // s["num_attention_heads"]
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 8192,
+              "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+              "bos_token_id": 1, "eos_token_id": 2, "head_dim": head_dim, **s}
+    (folder / "config.json").write_text(json.dumps(config))
+    gen = torch.Generator().manual_seed(seed)
+    hidden, inter, kv = s["hidden_size"], s["intermediate_size"], s["num_key_value_heads"] * head_dim
+
+    def w(*shape: int) -> torch.Tensor:
+        return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+    tensors = {"model.embed_tokens.weight": w(s["vocab_size"], hidden), "lm_head.weight": w(s["vocab_size"], hidden),
+               "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+    for i in range(s["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "self_attn.q_proj.weight": w(hidden, hidden), p + "self_attn.k_proj.weight": w(kv, hidden),
+            p + "self_attn.v_proj.weight": w(kv, hidden), p + "self_attn.o_proj.weight": w(hidden, hidden),
+            p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
+            p + "mlp.down_proj.weight": w(hidden, inter),
+            p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        })
+    save_file(tensors, str(folder / "model.safetensors"))
+    vocab = {f"w{i}": i for i in range(s["vocab_size"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
+def prompts(count: int, length: int, seed: int) -> list[list[int]]:
+    """Random prompt token ids (avoiding the bos/eos ids)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, SHAPE["vocab_size"], (count, length), generator=gen).tolist()
+
+
+def agreement_run(engine: LLMEngine, ids: list[list[int]]) -> list[dict]:
+    """Greedy tokens and capture records of every prompt (raw top-32 and fingerprint on auto layers)."""
+    params = {"temperature": 0.0, "max_tokens": 6, "ignore_eos": True}
+    out = []
+    for name in ("raw_top32", "fingerprint"):
+        results = engine.generate(prompt_token_ids=ids, params=params, capture=CAPTURES[name])
+        out.append({"capture": name, "tokens": [r.completions[0].token_ids for r in results],
+                    "records": [r.completions[0].attention_tokens for r in results]})
+    return out
+
+
+def step_times(engine: LLMEngine, ids: list[list[int]], steps: int) -> dict[str, float]:
+    """Median decode step milliseconds per capture setting."""
+    times = {}
+    for name, capture in CAPTURES.items():
+        params = {"temperature": 0.0, "max_tokens": steps + 4, "ignore_eos": True}
+        rids = [engine.add_request(prompt_token_ids=p, params=params, capture=capture) for p in ids]
+        prefilled: set[str] = set()
+        while len(prefilled) < len(rids):  # every prompt prefilled and decoding
+            prefilled.update(out.request_id for out in engine.step())
+        samples = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            engine.step()
+            samples.append(1000 * (time.perf_counter() - started))
+        for rid in rids:
+            engine.abort(rid)
+        while engine.has_unfinished():
+            engine.step()
+        times[name] = statistics.median(samples)
+        log(f"  {name}: {times[name]:.2f} ms/step")
+    return times
+
+
+def compare(one: list[dict], two: list[dict]) -> dict:
+    """How far TP=2's tokens and captures are from TP=1's."""
+    report = {"token_match_fraction": 0.0, "fingerprint_max_abs_diff": 0.0, "top32_position_overlap_min": 1.0,
+              "top32_prob_max_abs_diff_on_common": 0.0}
+    same = total = 0
+    for a, b in zip(one, two):
+        for ta, tb in zip(a["tokens"], b["tokens"]):
+            same += sum(x == y for x, y in zip(ta, tb))
+            total += len(ta)
+        for ra, rb in zip(a["records"], b["records"]):
+            for ea, eb in zip(ra, rb):
+                if ea["query_position"] != eb["query_position"]:
+                    continue  # the sequences diverged
+                if "fingerprint" in ea:
+                    diff = max(abs(x - y) for x, y in zip(ea["fingerprint"], eb["fingerprint"]))
+                    report["fingerprint_max_abs_diff"] = max(report["fingerprint_max_abs_diff"], diff)
+                    continue
+                for layer, da in ea["layers"].items():
+                    db = eb["layers"][layer]
+                    pa = dict(zip(da["token_positions"], da["true_probs"]))
+                    pb = dict(zip(db["token_positions"], db["true_probs"]))
+                    common = set(pa) & set(pb)
+                    report["top32_position_overlap_min"] = min(report["top32_position_overlap_min"],
+                                                               len(common) / max(len(pa), 1))
+                    if common:
+                        report["top32_prob_max_abs_diff_on_common"] = max(
+                            report["top32_prob_max_abs_diff_on_common"], max(abs(pa[j] - pb[j]) for j in common))
+    report["token_match_fraction"] = same / max(total, 1)
+    return report
+
+
+def main() -> None:
+    """Write the model, run TP=1 then TP=2, print the comparison and timings."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8, help="sequences decoding together")
+    parser.add_argument("--context", type=int, default=2048, help="prompt tokens per sequence")
+    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per setting")
+    parser.add_argument("--check-prompts", type=int, default=2, help="prompts of the agreement run")
+    parser.add_argument("--seed", type=int, default=0, help="weights and prompts seed")
+    parser.add_argument("--json", default=None, help="also write the JSON object here")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b", help="model shape")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu: a functional check over gloo (timings meaningless)")
+    args = parser.parse_args()
+    SHAPE.clear()
+    SHAPE.update(SHAPES[args.shape])
+    if args.device == "cuda" and torch.cuda.device_count() < 2:
+        sys.exit("needs two CUDA GPUs")
+    report = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "shape": SHAPE, "batch": args.batch, "context": args.context,
+              "dtype": "bfloat16", "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        log("writing the random-weight checkpoint")
+        write_checkpoint(folder, args.seed)
+        blocks = args.batch * (args.context + args.steps + 32) // 16 + 64
+        check = prompts(args.check_prompts, 300, args.seed + 1)
+        work = prompts(args.batch, args.context, args.seed + 2)
+        agreement = {}
+        for size in (1, 2):
+            log(f"TP={size}: loading")
+            engine = LLMEngine(EngineConfig(model=str(folder), device=args.device, dtype="bfloat16", num_kv_blocks=blocks,
+                                            max_num_seqs=max(args.batch, args.check_prompts),
+                                            max_num_batched_tokens=8192, tensor_parallel_size=size,
+                                            tensor_parallel_backend="processes"))
+            try:
+                agreement[size] = agreement_run(engine, check)
+                log(f"TP={size}: timing")
+                report["runs"][f"tp{size}"] = {"decode_step_ms": step_times(engine, work, args.steps)}
+            finally:
+                engine.close()
+    report["tp2_vs_tp1"] = compare(agreement[1], agreement[2])
+    for size in (1, 2):
+        ms = report["runs"][f"tp{size}"]["decode_step_ms"]
+        report["runs"][f"tp{size}"]["capture_over_none"] = {k: ms[k] / ms["none"] for k in ms if k != "none"}
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
