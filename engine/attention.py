@@ -112,7 +112,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def _fusable(group: LayerCapture, batch: AttentionBatch, q: torch.Tensor) -> bool:
     """Whether a group's capture can ride inside the decode kernel: one CUDA device, rotated logits, decode rows only."""
     return (q.is_cuda and batch.q_heads is None and not group.derotate
-            and bool((group.index >= batch.decode_start).all()))
+            and all(i >= batch.decode_start for i in group.token_indices))
 
 
 def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch: AttentionBatch,
@@ -156,21 +156,28 @@ def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
     decode_q = q[batch.decode_start :]
     tables, lengths = batch.decode_block_tables, batch.decode_context_lens
-    rows = [int(i) - batch.decode_start for i in group.index.tolist()]
     request = batch.capture.request(group, q, None)
-    if len(rows) == decode_q.shape[0]:
+    captured = group.index - batch.decode_start  # on the device already: no copy, no sync
+    if len(group.token_indices) == decode_q.shape[0]:
         out, _, group.result = paged_decode_attention(decode_q, k_cache, v_cache, tables, lengths, scale,
-                                                      capture=request, capture_rows=torch.tensor(rows, device=q.device))
+                                                      capture=request, capture_rows=captured)
         return out
-    taken = set(rows)
-    others = torch.tensor([i for i in range(decode_q.shape[0]) if i not in taken], device=q.device)
-    captured = torch.tensor(rows, device=q.device)
+    taken = {i - batch.decode_start for i in group.token_indices}
+    others = _to_device([i for i in range(decode_q.shape[0]) if i not in taken], q.device)
     out = torch.empty_like(decode_q)
     out[others] = paged_decode_attention(decode_q[others], k_cache, v_cache, tables[others], lengths[others], scale)[0]
     out[captured], _, group.result = paged_decode_attention(
         decode_q[captured], k_cache, v_cache, tables[captured], lengths[captured], scale,
         capture=request, capture_rows=torch.arange(len(rows), device=q.device))
     return out
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor on ``device`` without blocking the host (a pinned copy on CUDA)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: AttentionBatch,

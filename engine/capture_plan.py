@@ -33,14 +33,16 @@ class CaptureRow:
 class LayerCapture:
     """The rows capturing one layer with one kind of logits (rotated or de-rotated).
 
-    ``index`` (the rows' token indices in the step) and ``settings`` (a request holding
-    everything but the queries) are set by ``StepCapture.finalize``; ``result`` by the
-    attention layer (``partial`` instead on a tensor-parallel rank).
+    ``token_indices`` (the rows' token indices in the step, on the host), ``index`` (the
+    same on the device) and ``settings`` (a request holding everything but the queries)
+    are set by ``StepCapture.finalize``; ``result`` by the attention layer (``partial``
+    instead on a tensor-parallel rank).
     """
 
     rows: list[CaptureRow]
     derotate: bool
     top_k: int
+    token_indices: list[int] = field(default_factory=list)
     index: torch.Tensor | None = None
     settings: CaptureRequest | None = None
     result: CaptureResult | None = None
@@ -98,6 +100,7 @@ class StepCapture:
                 if key not in built:
                     built[key] = _row_settings(group, device)
                 group.index, group.settings = built[key]
+                group.token_indices = [r.token_index for r in group.rows]
         for full in self.full.values():
             full.index = torch.tensor([r.token_index for r in full.rows], device=device)
             full.positions = torch.tensor([r.position for r in full.rows], device=device)
@@ -111,7 +114,8 @@ class StepCapture:
                            window=request.window.cpu(), sink_tokens=request.sink_tokens.cpu())
 
         return StepCapture(
-            layers={layer: [LayerCapture([], g.derotate, g.top_k, g.index.cpu(), cpu(g.settings)) for g in groups]
+            layers={layer: [LayerCapture([], g.derotate, g.top_k, g.token_indices, g.index.cpu(), cpu(g.settings))
+                            for g in groups]
                     for layer, groups in self.layers.items()},
             full={layer: FullCapture([], index=f.index.cpu(), positions=f.positions.cpu(),
                                      block_tables=f.block_tables.cpu()) for layer, f in self.full.items()},
