@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
@@ -45,7 +45,11 @@ class AppArgs(BaseModel):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=0.98, description="CUDA: fraction of free memory for the KV cache")
     max_num_seqs: int = Field(64, ge=1, description="sequences running at once per engine")
     num_threads: int | None = Field(None, ge=1, description="CPU: torch threads per engine (default: its reserved CPUs)")
-    num_replicas: int = Field(1, ge=1, description="engine replicas (one model copy each)")
+    num_replicas: int = Field(1, ge=1, description="engine replicas (one model copy each) when not autoscaling")
+    autoscaling_max_replicas: int | None = Field(None, ge=1, description="autoscale the engine replicas up to this many "
+                                                                          "(between num_replicas and it)")
+    autoscaling_target_ongoing_requests: float = Field(16.0, gt=0, description="autoscaling: ongoing requests per "
+                                                                                "replica to aim for")
     tensor_parallel_size: int = Field(1, ge=1, description="ranks each replica's model is split over (one GPU each with device cuda)")
     rank_num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per tensor-parallel rank")
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
@@ -79,6 +83,14 @@ class AppArgs(BaseModel):
         """Reject a malformed layer list when the app is built, not on the first request."""
         CaptureParams(layers=value)
         return value
+
+    @model_validator(mode="after")
+    def _autoscaling_range(self) -> AppArgs:
+        """The autoscaling ceiling cannot be below the replica floor."""
+        if self.autoscaling_max_replicas is not None and self.autoscaling_max_replicas < self.num_replicas:
+            raise ValueError(f"autoscaling_max_replicas ({self.autoscaling_max_replicas}) is below num_replicas "
+                             f"({self.num_replicas})")
+        return self
 
     @field_validator("engine_resources", mode="before")
     @classmethod
@@ -131,8 +143,14 @@ class AppArgs(BaseModel):
         workers are scheduled into the bundles in order.
         """
         gpus = self.gpus_per_replica()
-        options: dict[str, Any] = {"num_replicas": self.num_replicas, "request_router_config": RequestRouterConfig(
+        options: dict[str, Any] = {"request_router_config": RequestRouterConfig(
             request_router_class=ROUTER, request_router_kwargs={"max_imbalance": self.routing_max_imbalance})}
+        if self.autoscaling_max_replicas is None:
+            options["num_replicas"] = self.num_replicas
+        else:
+            options["autoscaling_config"] = {"min_replicas": self.num_replicas,
+                                             "max_replicas": self.autoscaling_max_replicas,
+                                             "target_ongoing_requests": self.autoscaling_target_ongoing_requests}
         if self.tensor_parallel_size == 1:
             options["ray_actor_options"] = {"num_cpus": self.engine_num_cpus, "num_gpus": gpus,
                                             "resources": dict(self.engine_resources)}

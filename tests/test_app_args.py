@@ -42,3 +42,20 @@ def test_serve_flags_become_app_args():
     assert settings.attention_cors_origins == ["http://x"] and settings.attention_disable_in_production
     assert settings.engine_config().num_threads == 2 and settings.gpus_per_replica() == 0.0
     assert not _app_args(build_parser().parse_args(["serve"])).return_attention_tokens
+
+
+def test_engine_options_for_autoscaling_tensor_parallel_and_pinned_replicas():
+    plain = AppArgs(device="cpu", num_replicas=3).engine_options()
+    assert plain["num_replicas"] == 3 and "autoscaling_config" not in plain
+    scaled = AppArgs(device="cpu", num_replicas=2, autoscaling_max_replicas=5,
+                     autoscaling_target_ongoing_requests=4).engine_options()
+    assert "num_replicas" not in scaled
+    assert scaled["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 4}
+    with pytest.raises(ValidationError, match="autoscaling_max_replicas"):
+        AppArgs(num_replicas=3, autoscaling_max_replicas=2)
+    tp = AppArgs(device="cpu", tensor_parallel_size=3, engine_num_cpus=0.5, rank_num_cpus=2,
+                 engine_resources='{"engine_slot": 1}').engine_options()
+    assert tp["placement_group_bundles"] == [{"CPU": 2.5, "engine_slot": 1}, {"CPU": 2}, {"CPU": 2}]
+    assert tp["placement_group_strategy"] == "STRICT_PACK" and tp["ray_actor_options"] == {"num_cpus": 0.5}
+    with pytest.raises(ValidationError, match="engine_resources"):
+        AppArgs(engine_resources="{not json")

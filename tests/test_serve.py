@@ -534,3 +534,15 @@ def test_requests_sharing_a_prompt_prefix_go_to_the_replica_that_caches_it(serve
         assert cached[0] == 0 and all(c >= 48 for c in cached[1:]), cached  # one replica holds the prefix
     finally:
         serve.delete("affinity")
+
+
+def test_an_autoscaling_engine_deployment_serves(serve_port, model):
+    url = _deploy(serve_port, "autoscale", "/autoscale", engine_num_cpus=0.25, num_replicas=1,
+                  autoscaling_max_replicas=2)
+    try:
+        out = _client(url).chat.completions.create(model=model, messages=CHAT, **GREEDY)
+        assert out.choices[0].message.content
+        engine = serve.status().applications["autoscale"].deployments["EngineDeployment"]
+        assert engine.status == "HEALTHY" and sum(engine.replica_states.values()) >= 1
+    finally:
+        serve.delete("autoscale")
