@@ -56,6 +56,8 @@ class AppArgs(BaseModel):
         "STRICT_PACK", description="placement of a replica's rank bundles (STRICT_PACK: one node)")
     routing_max_imbalance: int = Field(8, ge=0, description="requests a replica holding the prompt's prefix may be "
                                                               "queued beyond the least loaded and still get it")
+    ingress_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per HTTP "
+                                                "ingress replica as JSON, to keep the ingress on chosen (e.g. head) nodes")
     num_ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas")
     engine_num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per engine replica")
     engine_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per engine "
@@ -92,7 +94,7 @@ class AppArgs(BaseModel):
                              f"({self.num_replicas})")
         return self
 
-    @field_validator("engine_resources", mode="before")
+    @field_validator("engine_resources", "ingress_resources", mode="before")
     @classmethod
     def _parse_resources(cls, value: Any) -> Any:
         """Accept a JSON object string (flags, environment, ``key=value`` builder args)."""
@@ -183,4 +185,6 @@ def build_app(args: dict[str, Any]) -> Application:
     limiter = None
     if settings.attention_max_concurrent_capture is not None:
         limiter = CaptureLimiter.bind(settings.attention_capture_lease_s)
-    return OpenAIIngress.options(num_replicas=settings.num_ingress_replicas).bind(settings, engine, limiter)
+    ingress = OpenAIIngress.options(num_replicas=settings.num_ingress_replicas,
+                                    ray_actor_options={"num_cpus": 0, "resources": dict(settings.ingress_resources)})
+    return ingress.bind(settings, engine, limiter)
