@@ -108,29 +108,20 @@ class StepCapture:
 
     def shipped(self) -> StepCapture:
         """The finalized plan without the sequences (what a tensor-parallel rank needs), on the CPU."""
-        def cpu(request: CaptureRequest) -> CaptureRequest:
-            return replace(request, block_tables=request.block_tables.cpu(), query_pos=request.query_pos.cpu(),
-                           head_weights=request.head_weights.cpu(), mask_prefix=request.mask_prefix.cpu(),
-                           window=request.window.cpu(), sink_tokens=request.sink_tokens.cpu())
-
         return StepCapture(
-            layers={layer: [LayerCapture([], g.derotate, g.top_k, g.token_indices, g.index.cpu(), cpu(g.settings))
+            layers={layer: [LayerCapture([], g.derotate, g.top_k, g.token_indices, g.index, g.settings)
                             for g in groups]
                     for layer, groups in self.layers.items()},
-            full={layer: FullCapture([], index=f.index.cpu(), positions=f.positions.cpu(),
-                                     block_tables=f.block_tables.cpu()) for layer, f in self.full.items()},
-        )
+            full={layer: FullCapture([], index=f.index, positions=f.positions, block_tables=f.block_tables)
+                  for layer, f in self.full.items()},
+        ).to(torch.device("cpu"))
 
     def to(self, device: torch.device) -> StepCapture:
-        """The shipped plan's tensors moved to ``device`` (in place; returns self)."""
+        """The plan's per-row tensors moved to ``device`` (in place; returns self)."""
         for groups in self.layers.values():
             for g in groups:
                 g.index = g.index.to(device)
-                g.settings = replace(
-                    g.settings, block_tables=g.settings.block_tables.to(device),
-                    query_pos=g.settings.query_pos.to(device), head_weights=g.settings.head_weights.to(device),
-                    mask_prefix=g.settings.mask_prefix.to(device), window=g.settings.window.to(device),
-                    sink_tokens=g.settings.sink_tokens.to(device))
+                g.settings = _settings_to(g.settings, device)
         for f in self.full.values():
             f.index, f.positions, f.block_tables = f.index.to(device), f.positions.to(device), f.block_tables.to(device)
         return self
@@ -166,6 +157,13 @@ class StepCapture:
     def empty(self) -> bool:
         """True when nothing is captured this step."""
         return not self.layers and not self.full
+
+
+def _settings_to(settings: CaptureRequest, device: torch.device) -> CaptureRequest:
+    """A group's per-row settings (everything but the queries and rope tables) on ``device``."""
+    return replace(settings, block_tables=settings.block_tables.to(device), query_pos=settings.query_pos.to(device),
+                   head_weights=settings.head_weights.to(device), mask_prefix=settings.mask_prefix.to(device),
+                   window=settings.window.to(device), sink_tokens=settings.sink_tokens.to(device))
 
 
 def row_block_tables(rows: list[CaptureRow], device: torch.device) -> torch.Tensor:

@@ -164,8 +164,7 @@ def _merge_topk(
 ):
     """The ``SLOTS`` largest of ``best`` ``[ROWS, SLOTS]`` (sorted descending) and ``tile_keys``, sorted descending.
 
-    Sorts the tile ascending (bitonic), takes the elementwise max with ``best`` -- a bitonic
-    sequence holding exactly the top ``SLOTS`` of the union -- and bitonic-merges it.
+    Sorts the tile ascending (bitonic), then ``_merge_sorted``.
     """
     if TILE < SLOTS:  # pad the tile with empty keys up to SLOTS (TILE == SLOTS // 2)
         empty = tl.full([ROWS, TILE], EMPTY_KEY, tl.int64)
@@ -173,14 +172,16 @@ def _merge_topk(
     h = tl.reshape(tile_keys, [2] * (LOG_ROWS + LOG_SLOTS))
     for stage in tl.static_range(1, LOG_SLOTS + 1):
         h = _bitonic_stage(h, LOG_ROWS + LOG_SLOTS, stage, 2 if stage < LOG_SLOTS else 0)
-    candidates = tl.maximum(best, tl.reshape(h, [ROWS, SLOTS]))
-    h = _bitonic_stage(tl.reshape(candidates, [2] * (LOG_ROWS + LOG_SLOTS)), LOG_ROWS + LOG_SLOTS, LOG_SLOTS, 1)
-    return tl.reshape(h, [ROWS, SLOTS])
+    return _merge_sorted(best, tl.reshape(h, [ROWS, SLOTS]), ROWS, LOG_ROWS)
 
 
 @triton.jit
 def _merge_sorted(best, ascending, ROWS: tl.constexpr, LOG_ROWS: tl.constexpr):
-    """The ``SLOTS`` largest of ``best`` (sorted descending) and ``ascending`` (sorted ascending), sorted descending."""
+    """The ``SLOTS`` largest of ``best`` (sorted descending) and ``ascending`` (sorted ascending), sorted descending.
+
+    Their elementwise max is a bitonic sequence holding exactly the top ``SLOTS`` of the
+    union; one bitonic merge sorts it.
+    """
     h = tl.reshape(tl.maximum(best, ascending), [2] * (LOG_ROWS + LOG_SLOTS))
     h = _bitonic_stage(h, LOG_ROWS + LOG_SLOTS, LOG_SLOTS, 1)
     return tl.reshape(h, [ROWS, SLOTS])

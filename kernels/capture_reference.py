@@ -8,7 +8,7 @@ Everything is vectorised over the rows of a chunk, their heads and positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -125,9 +125,8 @@ class PartialCapture:
 
     def cpu(self) -> PartialCapture:
         """A copy on the CPU (to ship from a rank to the driver)."""
-        stats = CaptureResult(*(None if t is None else t.cpu() for t in (
-            self.stats.lse, self.stats.hist, self.stats.entropy, self.stats.sink_mass, self.stats.num_stat_positions,
-            self.stats.topk_pos, self.stats.topk_prob, self.stats.head_topk_pos, self.stats.head_topk_logit)))
+        stats = CaptureResult(*(None if (t := getattr(self.stats, f.name)) is None else t.cpu()
+                                for f in fields(CaptureResult)))
         return PartialCapture(stats, None if self.p_bar is None else self.p_bar.cpu())
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 
 import torch
 
@@ -16,6 +15,7 @@ import pytest  # noqa: E402
 from attnscope.engine.engine_config import EngineConfig  # noqa: E402
 from attnscope.engine.llm_engine import LLMEngine  # noqa: E402
 from attnscope.engine.weights import default_model_path  # noqa: E402
+from loopback import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -47,11 +47,8 @@ def ray_cluster():
     """
     import ray
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dashboard_port = s.getsockname()[1]
     context = ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=True,
-                       dashboard_host="127.0.0.1", dashboard_port=dashboard_port, log_to_driver=False)
+                       dashboard_host="127.0.0.1", dashboard_port=free_port(), log_to_driver=False)
     yield f"http://{context.dashboard_url}"
     ray.shutdown()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,18 +12,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from loopback import free_port
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_attnscope_serve_prints_its_urls_answers_and_stops_on_sigterm(tmp_path):
-    port = _free_port()
+    port = free_port()
     cli = Path(sys.executable).with_name("attnscope")
     log = (tmp_path / "serve.log").open("w+")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

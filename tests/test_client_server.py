@@ -8,7 +8,6 @@ Serve down at the end, so the two modules never share a port or an app name).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ from ray import serve
 
 from attnscope.client import capture_body, extract_attention_from_response, stream_attention
 from attnscope.deployments.application import build_app
+from loopback import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -27,15 +27,10 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 ENGINE = {"device": "cpu", "num_kv_blocks": 64, "engine_num_cpus": 0.5, "num_threads": 2}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def base_url(ray_cluster):
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(ENGINE), name=APP, route_prefix="/")
     yield f"http://127.0.0.1:{port}/v1"

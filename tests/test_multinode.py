@@ -9,20 +9,18 @@ sent are retried once on the other replica), and the surviving replica keeps ser
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from loopback import free_port
 
 pytestmark = pytest.mark.slow
 
 
 def test_two_replicas_on_two_nodes_survive_losing_one(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     script = Path(__file__).with_name("multinode_serve.py")
     done = subprocess.run([sys.executable, str(script), str(port)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -34,6 +34,7 @@ from ray import serve
 from attnscope.deployments.application import build_app
 from attnscope.engine.tokenizer import Tokenizer
 from attnscope.engine.weights import load_checkpoint
+from loopback import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -44,15 +45,10 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = {"temperature": 0.0, "max_tokens": 6}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def serve_port(ray_cluster):
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 
 import numpy as np
@@ -21,6 +20,7 @@ from ray import serve
 from attnscope.deployments.application import build_app
 from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.llm_engine import LLMEngine
+from loopback import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -104,14 +104,9 @@ def test_a_dead_rank_fails_the_engine_cleanly(ray_cluster, smollm_path):
         engine.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_serve_replica_with_rank_workers_answers_and_recovers_from_a_dead_rank(ray_cluster, smollm_engine):
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app({"device": "cpu", "num_kv_blocks": 64, "engine_num_cpus": 0.25, "rank_num_cpus": 0.5,
