@@ -1,7 +1,8 @@
 """Attention over the paged KV cache for one step's flattened tokens.
 
 A step's tokens are laid out prefill chunks first, then one token per decoding sequence.
-New keys and values are written into their cache slots first, then every query attends
+New keys and values are already in their cache slots (the layer's rotate-and-store kernel
+wrote them), so every query attends
 to its sequence's tokens: prefill chunks through ``scaled_dot_product_attention``
 (reading earlier tokens from the cache when a prefix was cached or the prompt is
 chunked), decode tokens through the paged decode kernel (Triton on CUDA, its float32
@@ -55,14 +56,6 @@ class AttentionBatch:
     def num_decodes(self) -> int:
         """Sequences decoding one token this step."""
         return int(self.decode_context_lens.shape[0])
-
-
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slots: torch.Tensor) -> None:
-    """Store the step's keys and values ``[N, Hkv, D]`` at their physical cache slots."""
-    num_slots = k_cache.shape[0] * k_cache.shape[1]
-    k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -188,7 +181,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
     same cache (``q_unrotated`` serves rows that asked for de-rotated scores).
     """
     k_cache, v_cache = batch.kv_caches[layer]
-    write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
     fused = None
     if batch.capture is not None:
         fused = capture_layer(q, q_unrotated if q_unrotated is not None else q, layer, batch, scale)

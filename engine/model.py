@@ -24,8 +24,9 @@ from attnscope.engine.layers import (
     VocabParallelEmbedding,
 )
 from attnscope.engine.parallel import SINGLE_DEVICE, TensorParallel, partition_heads
-from attnscope.engine.rope import RotaryEmbedding, rotate
+from attnscope.engine.rope import RotaryEmbedding
 from attnscope.engine.weights import expected_tensor_shapes
+from attnscope.kernels.layer_ops import rotate_and_store
 
 
 class Attention(nn.Module):
@@ -44,7 +45,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
 
     def forward(self, rotary: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        """Project, rotate by the tokens' ``(cos, sin)``, attend over the cache, project back."""
+        """Project, rotate by the tokens' ``(cos, sin)`` and store keys and values in the cache (one
+        kernel), attend over the cache, project back."""
         n = x.shape[0]
         q, k, v = self.qkv_proj(x)
         q = q.view(n, -1, self.head_dim)
@@ -52,9 +54,9 @@ class Attention(nn.Module):
         v = v.view(n, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q_unrotated = q
-        q, k = rotate(q, *rotary), rotate(k, *rotary)
-        out = paged_attention(q, k, v, self.layer, batch, self.scale, q_unrotated)
+        k_cache, v_cache = batch.kv_caches[self.layer]
+        q_rot, k_rot = rotate_and_store(q, k, v, *rotary, k_cache, v_cache, batch.slot_mapping)
+        out = paged_attention(q_rot, k_rot, v, self.layer, batch, self.scale, q)
         return self.o_proj(out.reshape(n, -1))
 
 
@@ -82,10 +84,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, tp, dtype)
 
-    def forward(self, rotary: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        """One transformer block."""
-        x = x + self.self_attn(rotary, self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, rotary: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
+                batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One transformer block: ``(mlp output, residual stream)``, the previous block's output ``x`` not yet
+        added to ``residual`` (``None`` for the first block, whose ``x`` is the embedding); each add
+        is fused into the norm after it."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h, residual = self.post_attention_layernorm.add_forward(self.self_attn(rotary, h, batch), residual)
+        return self.mlp(h), residual
 
 
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -110,11 +119,11 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """Final normalised hidden states ``[N, hidden]`` of a step's flattened tokens."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         rotary = self.rope.angles(positions)
         for layer in self.layers:
-            x = layer(rotary, x, batch)
-        return self.norm(x)
+            x, residual = layer(rotary, x, residual, batch)
+        return self.norm.add_forward(x, residual)[0]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""Rotary position embeddings (HF "rotate half" layout), with Llama-3 frequency scaling."""
+"""Rotary position embeddings (HF "rotate half" layout), with Llama-3 frequency scaling.
+
+The rotation itself is fused with the KV-cache write (``attnscope.kernels.layer_ops.rotate_and_store``).
+"""
 
 from __future__ import annotations
 
@@ -44,18 +47,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", angles.sin().to(dtype), persistent=False)
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` of the given token positions ``[N]``, shaped ``[N, 1, D]`` to broadcast over heads.
+        """``(cos, sin)`` of the given token positions ``[N]``, each ``[N, D]``.
 
         Looked up once per step and shared by every layer.
         """
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        return self.cos[positions], self.sin[positions]
 
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin``: rotate pairs (i, i + D/2) by the position's angles.
-
-    Called with negated ``sin`` it undoes the rotation (used for de-rotated capture scores).
-    """
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin

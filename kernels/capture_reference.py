@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from attnscope.engine.rope import rotate
+from attnscope.kernels.layer_ops_reference import rotate_ref as rotate
 from attnscope.kernels.reference import gather_paged_kv
 
 NUM_BINS = 16

@@ -24,7 +24,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from attnscope.engine.rope import RotaryEmbedding, rotate  # noqa: E402
+from attnscope.engine.rope import RotaryEmbedding  # noqa: E402
+from attnscope.kernels.layer_ops_reference import rotate_ref as rotate  # noqa: E402
 from attnscope.kernels.capture import (  # noqa: E402
     _distance_bins,
     _pack_keys,

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from attnscope.engine.rope import RotaryEmbedding, rotate
+from attnscope.engine.rope import RotaryEmbedding
+from attnscope.kernels.layer_ops_reference import rotate_ref as rotate
 from attnscope.kernels.capture_reference import (
     NUM_BINS,
     CaptureRequest,
