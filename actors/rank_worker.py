@@ -70,14 +70,14 @@ class RankWorker:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=address, rank=self.rank, world_size=size)
         tp = TensorParallel(self.rank, size, dist.group.WORLD)
-        checkpoint = load_checkpoint(self.config.model or default_model_path())
+        checkpoint = load_checkpoint(self.config.model or default_model_path(), self.config.load_format)
         dtype = self.config.resolved_dtype(self.device)
         config = checkpoint.config
         max_positions = min(self.config.max_model_len or config.max_position_embeddings,
                             config.max_position_embeddings)
         with torch.device(self.device):
             model = LlamaForCausalLM(config, tp, dtype=dtype, max_positions=max_positions)
-        model.load_weights(checkpoint.tensors(dtype))
+        model.load_weights(checkpoint.tensors(dtype, self.device))
         self.model = model.eval()
         return kv_cache_blocks(self.config, config.num_layers, len(model.heads.kv_heads), config.head_dim, dtype,
                                self.device)

@@ -14,6 +14,8 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="HF checkpoint folder or .gguf file; None = embedded SmolLM2-135M-Instruct.")
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto", description="auto = the checkpoint's weights; dummy = random weights of the model folder's config.json (benchmarks).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto = float32 on CPU, bfloat16 on CUDA.")
     max_model_len: int | None = Field(None, ge=2, description="Context limit (prompt + output); default the model's, capped by the KV cache.")

@@ -129,7 +129,7 @@ class LLMEngine:
         self.dtype = config.resolved_dtype(self.device)
         if config.num_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
-        checkpoint = load_checkpoint(config.model or default_model_path())
+        checkpoint = load_checkpoint(config.model or default_model_path(), config.load_format)
         self.model_config = checkpoint.config
         self.tokenizer = _load_tokenizer(checkpoint)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids) | frozenset(self.model_config.eos_token_ids)
@@ -187,7 +187,7 @@ class LLMEngine:
                             self.model_config.max_position_embeddings)
         with torch.device(self.device):
             model = LlamaForCausalLM(self.model_config, dtype=self.dtype, max_positions=max_positions)
-        model.load_weights(checkpoint.tensors(self.dtype))
+        model.load_weights(checkpoint.tensors(self.dtype, self.device))
         return model.eval()
 
     def _num_kv_blocks(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -60,13 +61,15 @@ class LoadedCheckpoint:
     _stream: Callable[[torch.dtype], TensorStream] = field(repr=False, compare=False)
     gguf_reader: GGUFReader | None = field(default=None, repr=False, compare=False)
 
-    def tensors(self, dtype: torch.dtype = torch.float32) -> TensorStream:
+    def tensors(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> TensorStream:
         """Yield every weight as ``(hf_name, tensor)``, full and in ``dtype``, one at a time.
 
         Names follow HF Llama (``model.layers.{i}.self_attn.q_proj.weight`` ...); ``lm_head.weight``
         only appears for untied models. Streaming keeps peak memory near one model copy.
+        File weights are read on the CPU; random weights (``load_format="dummy"``) are drawn
+        on ``device``, so an 8B benchmark model takes seconds, not minutes.
         """
-        return self._stream(dtype)
+        return self._stream(dtype, torch.device(device)) if self.format == "dummy" else self._stream(dtype)
 
 
 def default_model_path() -> Path:
@@ -86,15 +89,21 @@ def default_model_path() -> Path:
     )
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
+def load_checkpoint(path: str | os.PathLike[str], load_format: str = "auto") -> LoadedCheckpoint:
     """Open a HF folder (config.json + safetensors, single or sharded) or a ``.gguf`` file.
 
-    Raises ``ModelLoadError`` naming the path and the problem for anything else.
+    ``load_format="dummy"`` needs only the folder's config.json (and a tokenizer for the
+    engine): the weights are random, for benchmarks of a model shape. Raises
+    ``ModelLoadError`` naming the path and the problem for anything else.
     """
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path} does not exist; expected {_EXPECTED}")
     try:
+        if load_format == "dummy":
+            if not path.is_dir():
+                raise ValueError("random (dummy) weights need a folder with config.json")
+            return _dummy_checkpoint(path)
         return _load_hf_folder(path) if path.is_dir() else _load_gguf_file(path)
     except (ValueError, OSError) as exc:
         raise ModelLoadError(f"cannot load a model from {path}: {exc}") from exc
@@ -111,19 +120,44 @@ def _load_gguf_file(path: Path) -> LoadedCheckpoint:
 
 def _load_hf_folder(folder: Path) -> LoadedCheckpoint:
     """Read config.json and the safetensors headers; weights are read lazily."""
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"no config.json in the folder; expected {_EXPECTED}")
-    raw = json.loads(config_file.read_text())
-    if not isinstance(raw, dict):
-        raise ValueError("config.json does not hold a JSON object")
-    config = _hf_config(raw)
+    config = _read_config(folder)
     shards = _safetensors_shards(folder)
     for names in shards.values():
         if config.tie_word_embeddings and "lm_head.weight" in names:
             del names["lm_head.weight"]  # a redundant copy of the tied embedding
     _check_tensors({name: shape for names in shards.values() for name, shape in names.items()}, config)
     return LoadedCheckpoint(config, folder, "hf", partial(_stream_safetensors, shards))
+
+
+def _read_config(folder: Path) -> ModelConfig:
+    """The ``ModelConfig`` of a folder's config.json."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"no config.json in the folder; expected {_EXPECTED}")
+    raw = json.loads(config_file.read_text())
+    if not isinstance(raw, dict):
+        raise ValueError("config.json does not hold a JSON object")
+    return _hf_config(raw)
+
+
+def _dummy_checkpoint(folder: Path) -> LoadedCheckpoint:
+    """A checkpoint of the folder's config whose weights are random (``_stream_random``)."""
+    config = _read_config(folder)
+    return LoadedCheckpoint(config, folder, "dummy", partial(_stream_random, config))
+
+
+def _stream_random(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> TensorStream:
+    """Random weights of every expected tensor, drawn on ``device``: matrices N(0, 0.02²), norms 1.
+
+    Each tensor has its own seed (from its name), so every tensor-parallel rank draws the
+    same full tensor and cuts a consistent shard.
+    """
+    for name, shape in expected_tensor_shapes(config).items():
+        if len(shape) == 1:
+            yield name, torch.ones(shape, dtype=dtype, device=device)
+            continue
+        generator = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
+        yield name, (torch.randn(shape, generator=generator, device=device) * 0.02).to(dtype)
 
 
 def _hf_config(raw: dict[str, Any]) -> ModelConfig:

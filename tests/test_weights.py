@@ -335,3 +335,28 @@ def test_gguf_with_unsupported_architecture_or_tensor_type(tmp_path):
     _finish(writer)
     with pytest.raises(ModelLoadError, match="output_norm.weight has unsupported GGUF type F64"):
         load_checkpoint(doubles)
+
+
+# --- random weights for benchmarks ---------------------------------------------------------------
+def test_dummy_format_needs_only_the_config(tmp_path):
+    folder = _saved(_tiny_model("llama"), tmp_path)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ModelLoadError, match="no \\*.safetensors"):
+        load_checkpoint(folder)
+    checkpoint = load_checkpoint(folder, "dummy")
+    first, again = dict(checkpoint.tensors()), dict(checkpoint.tensors(torch.bfloat16))
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).state_dict()
+    reference = {k: v for k, v in reference.items() if not k.endswith("inv_freq")}
+    assert sorted(first) == sorted(reference)
+    for name, tensor in first.items():
+        assert tensor.shape == reference[name].shape, name
+        assert torch.equal(again[name], tensor.to(torch.bfloat16)), name  # the same draw every time
+    q = first["model.layers.0.self_attn.q_proj.weight"]
+    assert 0.015 < float(q.std()) < 0.025 and not torch.equal(q, first["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(first["model.norm.weight"], torch.ones(TINY["hidden_size"]))
+
+
+def test_dummy_format_refuses_a_gguf_file(smollm_path):
+    with pytest.raises(ModelLoadError, match="need a folder with config.json"):
+        load_checkpoint(smollm_path, "dummy")
