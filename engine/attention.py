@@ -150,6 +150,10 @@ def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     decode_q = q[batch.decode_start :]
     tables, lengths = batch.decode_block_tables, batch.decode_context_lens
     request = batch.capture.request(group, q, None)
+    if group.decode_rows is not None:  # a CUDA-graph step: padding capture rows match no decode row
+        out, _, group.result = paged_decode_attention(decode_q, k_cache, v_cache, tables, lengths, scale,
+                                                      capture=request, capture_rows=group.decode_rows)
+        return out
     captured = group.index - batch.decode_start  # on the device already: no copy, no sync
     if len(group.token_indices) == decode_q.shape[0]:
         out, _, group.result = paged_decode_attention(decode_q, k_cache, v_cache, tables, lengths, scale,
@@ -161,7 +165,7 @@ def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     out[others] = paged_decode_attention(decode_q[others], k_cache, v_cache, tables[others], lengths[others], scale)[0]
     out[captured], _, group.result = paged_decode_attention(
         decode_q[captured], k_cache, v_cache, tables[captured], lengths[captured], scale,
-        capture=request, capture_rows=torch.arange(len(rows), device=q.device))
+        capture=request, capture_rows=torch.arange(len(group.token_indices), device=q.device))
     return out
 
 

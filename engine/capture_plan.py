@@ -36,7 +36,9 @@ class LayerCapture:
     ``token_indices`` (the rows' token indices in the step, on the host), ``index`` (the
     same on the device) and ``settings`` (a request holding everything but the queries)
     are set by ``StepCapture.finalize``; ``result`` by the attention layer (``partial``
-    instead on a tensor-parallel rank).
+    instead on a tensor-parallel rank). ``decode_rows`` is set in CUDA-graph steps only:
+    the rows' decode-batch indices, ``-1`` for padding rows, which the fused decode
+    kernel then captures in one launch over the whole batch.
     """
 
     rows: list[CaptureRow]
@@ -47,6 +49,7 @@ class LayerCapture:
     settings: CaptureRequest | None = None
     result: CaptureResult | None = None
     partial: PartialCapture | None = None
+    decode_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -69,6 +72,9 @@ class StepCapture:
 
     layers: dict[int, list[LayerCapture]] = field(default_factory=dict)
     full: dict[int, FullCapture] = field(default_factory=dict)
+    finalized: bool = False
+    packed: torch.Tensor | None = None
+    """The results already packed for the host (``capture_records.pack_results``), by a CUDA graph."""
 
     def add(self, row: CaptureRow) -> None:
         """Register a row in every layer its request captures."""
@@ -91,8 +97,11 @@ class StepCapture:
         """Build every group's per-row tensors on ``device``, once per step.
 
         Layers capturing the same rows share one copy, so only the queries are gathered
-        per layer.
+        per layer. A plan already finalized (or shipped) is left as it is.
         """
+        if self.finalized:
+            return
+        self.finalized = True
         built: dict[tuple, tuple[torch.Tensor, CaptureRequest]] = {}
         for groups in self.layers.values():
             for group in groups:
@@ -114,6 +123,7 @@ class StepCapture:
                     for layer, groups in self.layers.items()},
             full={layer: FullCapture([], index=f.index, positions=f.positions, block_tables=f.block_tables)
                   for layer, f in self.full.items()},
+            finalized=True,
         ).to(torch.device("cpu"))
 
     def to(self, device: torch.device) -> StepCapture:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,46 +20,84 @@ import torch
 from attnscope.capture import SKETCH_HUBS
 from attnscope.engine.capture_plan import CaptureRow, StepCapture
 from attnscope.engine.sequence import Sequence
-from attnscope.kernels.capture_reference import entropy_norm, fingerprint_v1
+from attnscope.kernels.capture_reference import fingerprint_v1
 from attnscope.zones import classify, is_periodic
+
+
+_PACKED_FIELDS = ("lse", "hist", "entropy", "sink_mass", "num_stat_positions", "topk_pos", "topk_prob")
 
 
 @dataclass
 class LayerRow:
-    """One row's capture in one layer, on the host."""
+    """One row's capture in one layer, on the host (numpy views of the step's packed results)."""
 
-    positions: list[int]
-    probs: list[float]
-    lse: list[float]
-    hist: list[float]
+    positions: np.ndarray
+    probs: np.ndarray
+    lse: np.ndarray
+    hist: np.ndarray
     entropy: float
     sink_mass: float
-    num_stat_positions: int
+    fingerprint: np.ndarray
 
 
-def step_records(step: StepCapture) -> dict[int, list[dict]]:
-    """Wire records of a step's captured rows, per sequence id, in position order."""
+def pack_results(step: StepCapture) -> torch.Tensor | None:
+    """Every group's results flattened into one float32 tensor, so one copy brings a step's capture to the host.
+
+    Layers in ascending order, groups in order, fields in ``_PACKED_FIELDS`` order
+    (positions and counts are exact in float32 below 2^24). ``None`` when the step
+    captures no top-k/sketch/fingerprint group. Recorded inside CUDA graphs too.
+    """
+    parts = [getattr(group.result, name).reshape(-1).float()
+             for layer in sorted(step.layers) for group in step.layers[layer]
+             for name in _PACKED_FIELDS if getattr(group.result, name) is not None]
+    return torch.cat(parts) if parts else None
+
+
+def step_records(step: StepCapture, packed: np.ndarray | None) -> dict[int, list[dict]]:
+    """Wire records of a step's captured rows, per sequence id, in position order.
+
+    ``packed`` is ``pack_results(step)`` on the host; fingerprints, logs and ratios are
+    computed per layer for all rows at once, so per-row work is slicing and dict building.
+    """
     per_row: dict[tuple[int, int], tuple[CaptureRow, dict[int, LayerRow]]] = {}
-    for layer, groups in step.layers.items():
-        for group in groups:
-            res = group.result
-            host = {name: getattr(res, name).cpu() if getattr(res, name) is not None else None
-                    for name in ("lse", "hist", "entropy", "sink_mass", "num_stat_positions", "topk_pos", "topk_prob")}
+    offset = 0
+    for layer in sorted(step.layers):
+        for group in step.layers[layer]:
+            fields, offset = _unpack(group.result, packed, offset)
+            n = len(group.rows)
+            fingerprints = fingerprint_v1(torch.from_numpy(fields["hist"][:n]), torch.from_numpy(fields["entropy"][:n]),
+                                          torch.from_numpy(fields["num_stat_positions"][:n])).numpy()
+            has_topk = "topk_pos" in fields
             for i, row in enumerate(group.rows):
-                positions: list[int] = []
-                probs: list[float] = []
-                if host["topk_pos"] is not None:
-                    keep = host["topk_pos"][i] >= 0
-                    positions = host["topk_pos"][i][keep].tolist()
-                    probs = host["topk_prob"][i][keep].tolist()
+                positions = probs = _EMPTY
+                if has_topk:
+                    keep = fields["topk_pos"][i] >= 0
+                    positions, probs = fields["topk_pos"][i][keep].astype(np.int64), fields["topk_prob"][i][keep]
                 key = (row.seq.seq_id, row.position)
                 per_row.setdefault(key, (row, {}))[1][layer] = LayerRow(
-                    positions, probs, host["lse"][i].tolist(), host["hist"][i].tolist(),
-                    float(host["entropy"][i]), float(host["sink_mass"][i]), int(host["num_stat_positions"][i]))
+                    positions, probs, fields["lse"][i], fields["hist"][i], float(fields["entropy"][i]),
+                    float(fields["sink_mass"][i]), fingerprints[i])
     records: dict[int, list[dict]] = {}
     for (seq_id, _), (row, layers) in sorted(per_row.items(), key=lambda kv: kv[0]):
         records.setdefault(seq_id, []).append(_record(row, layers))
     return records
+
+
+_EMPTY = np.zeros(0, dtype=np.float32)
+
+
+def _unpack(result, packed: np.ndarray, offset: int) -> tuple[dict[str, np.ndarray], int]:
+    """A group's fields as numpy views of the packed host array (shapes from the device result)."""
+    fields = {}
+    for name in _PACKED_FIELDS:
+        tensor = getattr(result, name)
+        if tensor is None:
+            continue
+        size = tensor.numel()
+        fields[name] = packed[offset : offset + size].reshape(tensor.shape)
+        offset += size
+    fields["num_stat_positions"] = fields["num_stat_positions"].astype(np.int64)
+    return fields, offset
 
 
 def _record(row: CaptureRow, layers: dict[int, LayerRow]) -> dict:
@@ -74,7 +111,7 @@ def _record(row: CaptureRow, layers: dict[int, LayerRow]) -> dict:
         return {**_fingerprint(row, layers), **base}
     if mode == "sketch":
         sketches = {str(layer): _sketch(row, data) for layer, data in sorted(layers.items())}
-        periodic = any(is_periodic([row.position - p for p in d.positions], d.probs) for d in layers.values())
+        periodic = any(is_periodic((row.position - d.positions).tolist(), d.probs.tolist()) for d in layers.values())
         manifold = classify(_fingerprint(row, layers)["fingerprint"], periodic)
         return {"mode": "sketch", "layer_sketches": sketches, "manifold": manifold, **base}
     raws = {layer: _raw(row, data) for layer, data in sorted(layers.items())}
@@ -89,21 +126,18 @@ def _raw(row: CaptureRow, data: LayerRow) -> dict:
     cap = row.seq.capture
     n = cap.params.mask_prefix
     k = cap.params.top_k
-    probs = data.probs[:k]
-    mass = sum(probs)
+    probs = data.probs[:k].astype(np.float64)
+    mass = float(probs.sum())
     heads = cap.params.head_ids
-    if heads is not None and len(heads) == 1:
-        lse = data.lse[heads[0]]
-        logits = [math.log(p) + lse if p > 0 else -math.inf for p in probs]
-    else:
-        lse = 0.0
-        logits = [math.log(p) if p > 0 else -math.inf for p in probs]
+    lse = float(data.lse[heads[0]]) if heads is not None and len(heads) == 1 else 0.0
+    with np.errstate(divide="ignore"):
+        logits = np.log(probs) + lse
     return {
-        "token_positions": [p - n for p in data.positions[:k]],
-        "attention_scores": [p / mass for p in probs] if mass > 0 else [0.0 for _ in probs],
-        "topk_logits": logits,
+        "token_positions": (data.positions[:k] - n).tolist(),
+        "attention_scores": (probs / mass).tolist() if mass > 0 else [0.0] * len(probs),
+        "topk_logits": logits.tolist(),
         "logsumexp_candidates": lse,
-        "true_probs": probs,
+        "true_probs": probs.tolist(),
         "topk_mass": mass,
     }
 
@@ -111,22 +145,19 @@ def _raw(row: CaptureRow, data: LayerRow) -> dict:
 def _sketch(row: CaptureRow, data: LayerRow) -> dict:
     """Sketch fields of one layer: hubs, distance histogram, entropy, captured mass."""
     n = row.seq.capture.params.mask_prefix
-    hubs = [[p - n, m] for p, m in zip(data.positions[:SKETCH_HUBS], data.probs[:SKETCH_HUBS])]
+    positions, masses = data.positions[:SKETCH_HUBS], data.probs[:SKETCH_HUBS].astype(np.float64)
     return {
-        "top_hubs": hubs,
-        "dist_hist": data.hist,
+        "top_hubs": [[p - n, m] for p, m in zip(positions.tolist(), masses.tolist())],
+        "dist_hist": data.hist.astype(np.float64).tolist(),
         "entropy": data.entropy,
-        "mass_captured": sum(m for _, m in hubs),
+        "mass_captured": float(masses.sum()),
         "sink_mass": data.sink_mass,
     }
 
 
 def _fingerprint(row: CaptureRow, layers: dict[int, LayerRow]) -> dict:
     """Fingerprint v1: the mean over captured layers of ``[local, mid, long, entropy, hist...]``."""
-    hist = torch.tensor([d.hist for d in layers.values()])
-    entropy = torch.tensor([d.entropy for d in layers.values()])
-    count = torch.tensor([d.num_stat_positions for d in layers.values()])
-    vector = fingerprint_v1(hist, entropy, count).mean(dim=0).tolist()
+    vector = np.mean([d.fingerprint for d in layers.values()], axis=0, dtype=np.float64).tolist()
     return {
         "fingerprint": vector,
         "schema_version": 1,

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from attnscope.capture import CaptureParams
 from attnscope.engine.block_manager import BlockManager
-from attnscope.engine.capture_records import append_full_rows, full_capture_data, step_records
+from attnscope.engine.capture_records import append_full_rows, full_capture_data, pack_results, step_records
 from attnscope.engine.capture_state import SequenceCapture, ThinkTags
 from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.kv_cache import kv_cache_blocks
@@ -179,7 +179,9 @@ class LLMEngine:
             return runner, runner.num_blocks
         model = self._load_model(checkpoint)
         num_blocks = self._num_kv_blocks()
-        return ModelRunner(model, num_blocks, self.config.block_size, self.dtype, self.device), num_blocks
+        runner = ModelRunner(model, num_blocks, self.config.block_size, self.dtype, self.device,
+                             self.config.cuda_graphs, self.config.max_num_seqs)
+        return runner, num_blocks
 
     def _load_model(self, checkpoint: LoadedCheckpoint) -> LlamaForCausalLM:
         """Build the model on the target device and stream the checkpoint's weights into it."""
@@ -345,13 +347,13 @@ class LLMEngine:
             if not plan.chunks:
                 return []
             inputs, captured = prepare_step(plan, self.blocks)
-            if captured is not None:
-                captured.finalize(self.device)
             logits = self.runner.run(inputs, captured)
             if captured is not None:
                 append_full_rows(captured)
+                packed = captured.packed if captured.packed is not None else pack_results(captured)
+                host = packed.cpu().numpy() if packed is not None else None
                 by_id = {c.seq.seq_id: c.seq for c in plan.chunks}
-                for seq_id, records in step_records(captured).items():
+                for seq_id, records in step_records(captured, host).items():
                     seq = by_id[seq_id]
                     self._active[seq.request_id].choices[seq.index].pending_attention.extend(records)
             sampling = [c.seq for c in plan.chunks if c.samples]

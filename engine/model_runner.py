@@ -14,6 +14,7 @@ import torch
 from attnscope.engine.attention import AttentionBatch, PrefillChunk
 from attnscope.engine.block_manager import BlockManager
 from attnscope.engine.capture_plan import CaptureRow, StepCapture
+from attnscope.engine.decode_graphs import DecodeGraphs
 from attnscope.engine.kv_cache import allocate_kv_cache
 from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.scheduler import ScheduledChunk, StepPlan
@@ -84,18 +85,34 @@ def _plan_capture(capture: StepCapture, chunk: ScheduledChunk, offset: int, tabl
 
 
 class ModelRunner:
-    """Owns the model (one rank's shard of it) and its KV cache on one device."""
+    """Owns the model (one rank's shard of it) and its KV cache on one device.
+
+    With ``cuda_graphs`` on a CUDA device, pure decode steps of up to ``max_num_seqs``
+    sequences replay CUDA graphs (``DecodeGraphs``; the no-capture graphs are recorded here);
+    other steps run eagerly.
+    """
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, cuda_graphs: bool = False, max_num_seqs: int = 1) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
         self.kv_caches = allocate_kv_cache(model.config.num_layers, num_blocks, block_size,
                                            len(model.heads.kv_heads), model.config.head_dim, kv_dtype, device)
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and device.type == "cuda":
+            max_len = min(model.rope.cos.shape[0], num_blocks * block_size)
+            self.graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, -(-max_len // block_size), device)
+            self.graphs.record_plain()
 
     def run(self, inputs: StepInputs, capture: StepCapture | None) -> torch.Tensor:
-        """Run one step; float32 logits ``[len(sample_rows), vocab]``. Fills the finalized ``capture``'s results."""
+        """Run one step; float32 logits ``[len(sample_rows), vocab]``. Fills ``capture``'s results."""
+        graphs = self.graphs
+        if graphs is not None and graphs.can_run(len(inputs.prefills), len(inputs.decode_lens), capture):
+            return graphs.run(inputs.input_ids, inputs.positions, inputs.slots, inputs.decode_tables,
+                              inputs.decode_lens, capture)
+        if capture is not None:
+            capture.finalize(self.device)
         batch = AttentionBatch(
             slot_mapping=self._tensor(inputs.slots),
             prefills=[PrefillChunk(start, end, cached, torch.tensor(table, dtype=torch.long, device=self.device))

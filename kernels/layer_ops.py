@@ -76,7 +76,7 @@ def _rotate_and_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k
     kv_heads = tl.arange(0, KV_HEADS_PAD)
     k_rot = _rotate_heads(k_ptr, k_out_ptr, token, kv_heads, dims, partner, sign, cos, sin, num_kv_heads,
                           stride_kn, stride_kh, stride_kon, stride_koh)
-    slot = tl.load(slots_ptr + token)
+    slot = tl.load(slots_ptr + token).to(tl.int64)
     write = (kv_heads[:, None] < num_kv_heads) & (dims[None, :] * 0 + slot >= 0)  # padding rows: slot -1
     tl.store(k_cache_ptr + slot * stride_kcs + kv_heads[:, None] * stride_kch + dims[None, :],
              k_rot.to(k_cache_ptr.dtype.element_ty), mask=write)

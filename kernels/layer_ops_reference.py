@@ -52,6 +52,7 @@ def write_kv_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, 
     A cache ``[blocks, block_size, Hkv, D]`` has slot ``block * block_size + offset``.
     Padding rows of a CUDA-graph batch carry slot ``-1``.
     """
+    slots = slots.long()
     keep = slots >= 0
     if not bool(keep.all()):
         slots, k, v = slots[keep], k[keep], v[keep]

@@ -81,3 +81,76 @@ def test_gpu_fingerprint_matches_cpu(tiny_llama):
     assert len(got) == len(out.prompt_token_ids) - 1 + 16
     for entry in got:
         assert np.allclose(entry["fingerprint"], ref_rows[entry["query_position"]], atol=1.5e-2)
+
+
+def _step_all(engine, prompts, max_tokens, captures):
+    """Greedy outputs of requests added together and stepped to the end: (tokens, records) per request."""
+    rids = [engine.add_request(p, params={"temperature": 0.0, "max_tokens": n, "ignore_eos": True}, capture=c)
+            for p, n, c in zip(prompts, max_tokens, captures)]
+    tokens = {rid: [] for rid in rids}
+    records = {rid: [] for rid in rids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            for delta in out.deltas:
+                tokens[out.request_id].extend(delta.token_ids)
+                records[out.request_id].extend(delta.attention_tokens or [])
+    return [(tokens[r], records[r]) for r in rids]
+
+
+def test_cuda_graph_decode_matches_eager(tiny_llama):
+    from attnscope.engine.engine_config import EngineConfig
+    from attnscope.engine.llm_engine import LLMEngine
+
+    graphed = _engine(tiny_llama, "cuda")
+    eager = LLMEngine(EngineConfig(model=str(tiny_llama), device="cuda", num_kv_blocks=256, cuda_graphs=False))
+    assert eager.runner.graphs is None
+    prompts = [" ".join(CORPUS[i : 2 * i + 3]) for i in range(3)]
+    captures = [{"mode": "fingerprint", "layers": "auto", "fingerprint_max_steps": None},
+                {"mode": "raw", "top_k": 8, "layers": [1, 3], "head_ids": [0, 5], "window": 40},
+                None]
+    max_tokens = [14, 9, 5]  # the batch shrinks: buckets 4, 2, 1 with padding rows
+    got = _step_all(graphed, prompts, max_tokens, captures)
+    assert graphed.runner.graphs.replays >= max_tokens[0] - 1
+    want = _step_all(eager, prompts, max_tokens, captures)
+    for (tokens, records), (want_tokens, want_records) in zip(got, want):
+        assert tokens == want_tokens
+        assert [r["query_position"] for r in records] == [r["query_position"] for r in want_records]
+        for entry, expected in zip(records, want_records):
+            if "fingerprint" in entry:
+                assert np.allclose(entry["fingerprint"], expected["fingerprint"], atol=1e-2)
+                continue
+            for layer, data in entry["layers"].items():
+                ref = expected["layers"][layer]
+                probs = dict(zip(ref["token_positions"], ref["true_probs"]))
+                clear = [p for p, v in zip(data["token_positions"], data["true_probs"]) if v > ref["true_probs"][-1] + 0.01]
+                assert set(clear) <= set(probs)
+                for p in clear:
+                    assert abs(dict(zip(data["token_positions"], data["true_probs"]))[p] - probs[p]) < 0.01
+
+
+def test_layer_kernels_on_cuda_match_their_twins():
+    from attnscope.kernels.layer_ops import rms_norm, rotate_and_store, silu_and_mul
+    from attnscope.kernels.layer_ops_reference import rms_norm_ref, rotate_and_store_ref, silu_and_mul_ref
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda").to(torch.bfloat16)
+
+    x, res, w = rand(37, 4096), rand(37, 4096), rand(4096)
+    normed, summed = rms_norm(x, w, 1e-5, res)
+    ref, ref_sum = rms_norm_ref(x, w, 1e-5, res)
+    assert torch.equal(summed, ref_sum)
+    torch.testing.assert_close(normed, ref, rtol=1.6e-2, atol=1.6e-2)
+    qkv = rand(37, (32 + 16) * 128)
+    q, k, v = (t.view(37, -1, 128) for t in qkv.split([32 * 128, 8 * 128, 8 * 128], dim=-1))
+    angles = torch.rand(37, 64, generator=gen, device="cuda") * 1000
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    slots = torch.randperm(64 * 16, generator=gen, device="cuda")[:37]
+    caches = [torch.zeros(64, 16, 8, 128, dtype=torch.bfloat16, device="cuda") for _ in range(4)]
+    got = rotate_and_store(q, k, v, cos, sin, caches[0], caches[1], slots)
+    want = rotate_and_store_ref(q, k, v, cos, sin, caches[2], caches[3], slots)
+    for a, b in zip(list(got) + caches[:2], list(want) + caches[2:]):
+        torch.testing.assert_close(a, b, rtol=1.6e-2, atol=1.6e-2)
+    gate_up = rand(37, 2 * 14336)
+    torch.testing.assert_close(silu_and_mul(gate_up), silu_and_mul_ref(gate_up), rtol=1.6e-2, atol=1.6e-2)

@@ -1,0 +1,311 @@
+"""Decode steps replayed from CUDA graphs: one graph per batch-size bucket and capture layout.
+
+A decode step of a small batch is hundreds of small kernels, so launching them costs more
+than running them. ``DecodeGraphs`` records the whole decode forward (embedding to
+logits, attention capture included) once per batch bucket and replays it: a step costs
+one host-to-device copy and one graph launch.
+
+Everything a step varies lives in one int32 staging buffer per graph, filled on the host
+(pinned memory) and copied with one asynchronous copy: token ids, positions, cache slots,
+context lengths, the capture rows' settings (head weights as float32 bits) and, last,
+the block tables stored column-major, so the copy only spans the columns in use. Inside
+the graph one transpose turns the tables row-major for the kernels.
+
+Padding rows (batch ``B`` rounded up to the bucket) have slot ``-1`` (nothing written)
+and context length 0 (nothing read). Captured rows are padded the same way: row sets
+(the distinct sets of rows capturing a layer) are rounded up to a bucket, padding rows
+match no decode row (``decode_rows = -1``), and their results are never read.
+
+A graph's layout is keyed by the rows-per-set buckets and, per captured layer, the row
+set and ``top_k``; the no-capture graph of every bucket is recorded when the engine
+starts, capture layouts when first seen (at most ``MAX_LAYOUT_GRAPHS``, least recently
+used dropped). Steps with prefill chunks, full-matrix capture or de-rotated capture run
+eagerly. Results of a replay live in the graph's memory until the next replay: the
+engine reads them (sampling, capture records) before it steps again.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from attnscope.engine.attention import AttentionBatch
+from attnscope.engine.capture_plan import CaptureRow, LayerCapture, StepCapture
+from attnscope.engine.capture_records import pack_results
+from attnscope.engine.model import LlamaForCausalLM
+from attnscope.kernels.capture_reference import CaptureRequest
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+MAX_LAYOUT_GRAPHS = 16
+_ROW_FIELDS = ("gather", "decode_rows", "query_pos", "mask_prefix", "window", "sink_tokens")
+
+
+def bucket(n: int, limit: int = BATCH_BUCKETS[-1]) -> int | None:
+    """The smallest bucket holding ``n`` rows, capped at ``limit``; ``None`` when ``n`` exceeds the cap."""
+    i = bisect.bisect_left(BATCH_BUCKETS, n)
+    if i == len(BATCH_BUCKETS):
+        return None
+    return min(BATCH_BUCKETS[i], limit) if n <= limit else None
+
+
+@dataclass(frozen=True)
+class CaptureLayout:
+    """What a graph's capture looks like: padded size of each row set; per layer ``(layer, row set, top_k)``."""
+
+    row_sets: tuple[int, ...]
+    layers: tuple[tuple[int, int, int], ...]
+
+
+def capture_layout(capture: StepCapture, batch: int) -> tuple[CaptureLayout, list[list[CaptureRow]]] | None:
+    """The layout of a step's capture and the rows of each row set; ``None`` if no graph can run it
+    (full-matrix or de-rotated capture)."""
+    if capture.full:
+        return None
+    sets: dict[tuple[int, ...], int] = {}
+    members: list[list[CaptureRow]] = []
+    layers = []
+    for layer in sorted(capture.layers):
+        groups = capture.layers[layer]
+        if len(groups) != 1 or groups[0].derotate:
+            return None
+        group = groups[0]
+        key = tuple(row.token_index for row in group.rows)
+        if key not in sets:
+            sets[key] = len(members)
+            members.append(group.rows)
+        layers.append((layer, sets[key], group.top_k))
+    return CaptureLayout(tuple(bucket(len(rows), batch) for rows in members), tuple(layers)), members
+
+
+@dataclass
+class _Staging:
+    """Offsets of a graph's fields in its int32 staging buffer (tables last, ``[width, batch]`` column-major)."""
+
+    batch: int
+    width: int
+    num_heads: int
+    row_sets: tuple[int, ...]
+    offsets: dict[str, int] = field(default_factory=dict)
+    size: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("input_ids", "positions", "slots", "context_lens"):
+            self._add(name, self.batch)
+        for s, rows in enumerate(self.row_sets):
+            for name in _ROW_FIELDS:
+                self._add(f"{name}{s}", rows)
+            self._add(f"head_weights{s}", rows * self.num_heads)
+        self._add("tables", self.width * self.batch)
+
+    def _add(self, name: str, length: int) -> None:
+        self.offsets[name] = self.size
+        self.size += length
+
+    def view(self, buffer: torch.Tensor | np.ndarray, name: str, length: int) -> torch.Tensor | np.ndarray:
+        """The field ``name`` (``length`` entries) of a staging buffer."""
+        start = self.offsets[name]
+        return buffer[start : start + length]
+
+
+@dataclass
+class _DecodeGraph:
+    """One recorded decode step: its staging buffers, its capture plan and its outputs."""
+
+    staging: _Staging
+    layout: CaptureLayout | None
+    host: torch.Tensor
+    device: torch.Tensor
+    plan: StepCapture | None = None
+    logits: torch.Tensor | None = None
+    packed: torch.Tensor | None = None
+    graph: torch.cuda.CUDAGraph | None = None
+
+    @property
+    def host_array(self) -> np.ndarray:
+        """The pinned host staging buffer as a numpy int32 array (filled in place)."""
+        return self.host.numpy()
+
+
+class DecodeGraphs:
+    """Records and replays decode steps of one model over its KV cache.
+
+    ``replay=False`` runs the same static-buffer forward without recording a graph, so the
+    padding and staging logic is testable (and identical) on the CPU.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 max_batch: int, max_blocks_per_seq: int, device: torch.device, replay: bool = True) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.max_batch = bucket(min(max_batch, BATCH_BUCKETS[-1]))
+        self.width = max_blocks_per_seq
+        self.device = device
+        self.replay = replay
+        self.num_heads = len(model.heads.q_heads)
+        self._plain: dict[int, _DecodeGraph] = {}
+        self._layouts: OrderedDict[tuple[int, CaptureLayout], _DecodeGraph] = OrderedDict()
+        self._pool = torch.cuda.graph_pool_handle() if replay else None
+        self.replays = 0
+        """Decode steps run through a graph so far."""
+
+    def record_plain(self) -> None:
+        """Record the no-capture graph of every batch bucket, largest first (smaller ones reuse its memory)."""
+        for batch in reversed([b for b in BATCH_BUCKETS if b <= self.max_batch]):
+            self._graph(batch, None)
+
+    def can_run(self, num_prefill_chunks: int, num_decodes: int, capture: StepCapture | None) -> bool:
+        """Whether a step is a pure decode step a graph can run."""
+        if num_prefill_chunks or not num_decodes or num_decodes > self.max_batch:
+            return False
+        return capture is None or capture_layout(capture, bucket(num_decodes, self.max_batch)) is not None
+
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+            context_lens: list[int], capture: StepCapture | None) -> torch.Tensor:
+        """Replay (or record, first time) the graph of this decode step; logits ``[B, vocab]`` float32.
+
+        Fills ``capture``'s groups' results with views of the graph's outputs (rows past
+        each group's own rows are padding).
+        """
+        batch = len(input_ids)
+        padded = bucket(batch, self.max_batch)
+        layout, members = capture_layout(capture, padded) if capture is not None else (None, [])
+        graph = self._graph(padded, layout)
+        used = self._fill(graph, input_ids, positions, slots, tables, context_lens, members)
+        graph.device[:used].copy_(graph.host[:used], non_blocking=True)
+        self.replays += 1
+        if graph.graph is not None:
+            graph.graph.replay()
+        else:
+            graph.logits = self._forward(graph)
+        if capture is not None:
+            for layer, _, _ in layout.layers:
+                capture.layers[layer][0].result = graph.plan.layers[layer][0].result
+            capture.packed = graph.packed
+        return graph.logits[:batch]
+
+    def _graph(self, batch: int, layout: CaptureLayout | None) -> _DecodeGraph:
+        """The graph for a bucket and layout, recorded on first use."""
+        if layout is None and batch in self._plain:
+            return self._plain[batch]
+        key = (batch, layout)
+        if layout is not None and key in self._layouts:
+            self._layouts.move_to_end(key)
+            return self._layouts[key]
+        staging = _Staging(batch, self.width, self.num_heads, layout.row_sets if layout else ())
+        host = torch.zeros(staging.size, dtype=torch.int32, pin_memory=self.replay)
+        graph = _DecodeGraph(staging, layout, host, torch.zeros(staging.size, dtype=torch.int32, device=self.device))
+        self._pad(graph)
+        if self.replay:
+            self._record(graph)
+        if layout is None:
+            self._plain[batch] = graph
+        else:
+            self._layouts[key] = graph
+            if len(self._layouts) > MAX_LAYOUT_GRAPHS:
+                self._layouts.popitem(last=False)
+        return graph
+
+    def _pad(self, graph: _DecodeGraph) -> None:
+        """Fill a new graph's staging with padding only (what it records with: nothing read or written)."""
+        st, host = graph.staging, graph.host_array
+        st.view(host, "slots", st.batch)[:] = -1
+        for s, rows in enumerate(st.row_sets):
+            st.view(host, f"decode_rows{s}", rows)[:] = -1
+            st.view(host, f"head_weights{s}", rows * st.num_heads).view(np.float32)[:] = 1.0 / st.num_heads
+        graph.device.copy_(graph.host)
+
+    def _record(self, graph: _DecodeGraph) -> None:
+        """Warm up on a side stream (compiles kernels, sizes workspaces), then record the forward."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._forward(graph)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph.graph, pool=self._pool):
+            graph.logits = self._forward(graph)
+
+    def _forward(self, graph: _DecodeGraph) -> torch.Tensor:
+        """The decode forward over the graph's device staging buffer (recorded once, or run as is)."""
+        st, buf = graph.staging, graph.device
+        batch = st.batch
+        tables = st.view(buf, "tables", st.width * batch).view(st.width, batch).t().contiguous()
+        graph.plan = self._capture_plan(graph, tables) if graph.layout is not None else None
+        attention = AttentionBatch(
+            slot_mapping=st.view(buf, "slots", batch),
+            prefills=[],
+            decode_start=0,
+            decode_block_tables=tables,
+            decode_context_lens=st.view(buf, "context_lens", batch),
+            kv_caches=self.kv_caches,
+            capture=graph.plan,
+            rope=(self.model.rope.cos, self.model.rope.sin),
+        )
+        hidden = self.model(st.view(buf, "input_ids", batch), st.view(buf, "positions", batch), attention)
+        logits = self.model.logits(hidden)
+        graph.packed = pack_results(graph.plan) if graph.plan is not None else None
+        return logits
+
+    def _capture_plan(self, graph: _DecodeGraph, tables: torch.Tensor) -> StepCapture:
+        """A finalized capture plan whose per-row tensors are views of the staging buffer."""
+        st, buf = graph.staging, graph.device
+        settings = []
+        for s, rows in enumerate(st.row_sets):
+            def field_of(name: str, s: int = s, rows: int = rows) -> torch.Tensor:
+                return st.view(buf, f"{name}{s}", rows)
+
+            gather = field_of("gather")
+            settings.append((gather, field_of("decode_rows"), CaptureRequest(
+                q=torch.empty(0, device=self.device),
+                block_tables=tables.index_select(0, gather),
+                query_pos=field_of("query_pos"),
+                head_weights=st.view(buf, f"head_weights{s}", rows * st.num_heads).view(torch.float32)
+                .view(rows, st.num_heads),
+                mask_prefix=field_of("mask_prefix"),
+                window=field_of("window"),
+                sink_tokens=field_of("sink_tokens"),
+            )))
+        plan = StepCapture(finalized=True)
+        for layer, s, top_k in graph.layout.layers:
+            gather, decode_rows, request = settings[s]
+            plan.layers[layer] = [LayerCapture(
+                [], derotate=False, top_k=top_k, token_indices=list(range(st.row_sets[s])), index=gather,
+                settings=CaptureRequest(**{**request.__dict__, "top_k": top_k}), decode_rows=decode_rows)]
+        return plan
+
+    def _fill(self, graph: _DecodeGraph, input_ids: list[int], positions: list[int], slots: list[int],
+              tables: list[list[int]], context_lens: list[int], members: list[list[CaptureRow]]) -> int:
+        """Write a step into the graph's host staging; returns how many leading entries to copy."""
+        st, host = graph.staging, graph.host_array
+        batch = len(input_ids)
+        for name, values, filler in (("input_ids", input_ids, 0), ("positions", positions, 0), ("slots", slots, -1),
+                                     ("context_lens", context_lens, 0)):
+            view = st.view(host, name, st.batch)
+            view[:batch] = values
+            view[batch:] = filler
+        for s, rows in enumerate(members):
+            size = st.row_sets[s]
+            params = [row.seq.capture.params for row in rows]
+            columns = {
+                "gather": [row.token_index for row in rows],
+                "decode_rows": [row.token_index for row in rows],
+                "query_pos": [row.position for row in rows],
+                "mask_prefix": [p.mask_prefix for p in params],
+                "window": [p.window for p in params],
+                "sink_tokens": [p.sink_tokens for p in params],
+            }
+            for name, values in columns.items():
+                view = st.view(host, f"{name}{s}", size)
+                view[: len(rows)] = values
+                view[len(rows):] = -1 if name == "decode_rows" else 0
+            weights = st.view(host, f"head_weights{s}", size * st.num_heads).view(np.float32).reshape(size, -1)
+            weights[: len(rows)] = torch.stack([row.seq.capture.head_weights for row in rows]).numpy()
+        used = max(len(t) for t in tables)
+        grid = st.view(host, "tables", st.width * st.batch).reshape(st.width, st.batch)
+        grid[:used, :batch] = np.array([t + [0] * (used - len(t)) for t in tables], dtype=np.int32).T
+        grid[:used, batch:] = 0
+        return st.offsets["tables"] + used * st.batch

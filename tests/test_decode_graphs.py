@@ -1,0 +1,75 @@
+"""Decode steps through the CUDA-graph staging path give the same tokens and captures as eager steps.
+
+On the CPU ``DecodeGraphs(replay=False)`` runs the exact forward a graph records (static
+staging buffer, padded batch and capture rows, column-major block tables, one fused
+capture launch per layer) without recording it; the GPU test file replays real graphs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from attnscope.engine.decode_graphs import BATCH_BUCKETS, DecodeGraphs, bucket
+
+PROMPTS = ["Name three colours of the rainbow.", "Count from one to ten in words:",
+           "Write one sentence about rivers and the sea."]
+CAPTURES = [
+    {"mode": "fingerprint", "layers": "auto", "fingerprint_max_steps": None},
+    {"mode": "raw", "top_k": 5, "layers": [3, 29], "mask_prefix": 2, "window": 6, "head_ids": [1, 4]},
+    None,
+]
+
+
+def _generate(engine, max_tokens: list[int]) -> list:
+    rids = [engine.add_request(p, params={"temperature": 0.0, "max_tokens": n, "ignore_eos": True}, capture=c)
+            for p, n, c in zip(PROMPTS, max_tokens, CAPTURES)]
+    outputs = {rid: [] for rid in rids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+    return [[d for out in outputs[rid] for d in out.deltas] for rid in rids]
+
+
+def _flat(value, prefix=""):
+    """Numbers of a nested record, keyed by path."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}.{key}").items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{prefix}[{i}]").items()}
+    return {prefix: value}
+
+
+def test_buckets_round_up_and_cap():
+    assert [bucket(n) for n in (1, 3, 5, 17, 33, 256)] == [1, 4, 8, 24, 48, 256]
+    assert bucket(257) is None
+    assert bucket(7, limit=6) is None and bucket(5, limit=6) == 6
+    assert list(BATCH_BUCKETS) == sorted(BATCH_BUCKETS)
+
+
+def test_static_decode_steps_match_eager_steps(smollm_engine):
+    engine = smollm_engine
+    max_tokens = [9, 6, 3]  # the batch shrinks 3 -> 2 -> 1: buckets 4, 2, 1, with padding rows
+    eager = _generate(engine, max_tokens)
+    runner = engine.runner
+    width = -(-engine.max_model_len // engine.config.block_size)
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 8, width, runner.device, replay=False)
+    try:
+        static = _generate(engine, max_tokens)
+        assert runner.graphs.replays >= max_tokens[0] - 1  # every decode step ran the static path
+    finally:
+        runner.graphs = None
+    for want, got in zip(eager, static):
+        assert [t for d in got for t in d.token_ids] == [t for d in want for t in d.token_ids]
+        want_records = [r for d in want for r in (d.attention_tokens or [])]
+        got_records = [r for d in got for r in (d.attention_tokens or [])]
+        assert len(got_records) == len(want_records)
+        for w, g in zip(want_records, got_records):
+            fw, fg = _flat(w), _flat(g)
+            assert fw.keys() == fg.keys()
+            for key, value in fw.items():
+                if isinstance(value, float) and not math.isinf(value):
+                    assert fg[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+                else:
+                    assert fg[key] == value, key
