@@ -6,7 +6,8 @@ Llama-3.2-1B, Llama-3.1-8B) and a synthetic word-level tokenizer. For every shap
 
 * prefill tokens/s (all prompts of the case submitted together, 8192-token steps);
 * decode step time (median of ``--steps`` engine steps, each ending in sampling, so it is
-  synchronised and includes scheduling, sampling and detokenisation) and tokens/s for
+  synchronised and includes scheduling, sampling and detokenisation), the GPU kernel time
+  of a step (CUDA profiler over a few more steps) and tokens/s for
   (a) no capture, (b) fingerprint capture on every request and every step (``auto``
   layers), (c) raw top-32 on ``auto`` layers for every request; the prompts of (b) and (c)
   come from the prefix cache, so only decoding differs;
@@ -56,6 +57,7 @@ CAPTURES = {
     "raw_top32": {"mode": "raw", "top_k": 32, "layers": "auto"},
 }
 WARMUP_STEPS = 3
+PROFILED_STEPS = 3
 
 
 def log(message: str) -> None:
@@ -119,9 +121,9 @@ def drain(engine: LLMEngine, rids: list[str]) -> None:
 
 def run_case(engine: LLMEngine, ids: list[list[int]], steps: int) -> dict:
     """Prefill tokens/s (first setting) and median decode step ms of every capture setting."""
-    result: dict = {"decode_ms": {}}
+    result: dict = {"decode_ms": {}, "kernel_ms": {}}
     for name, capture in CAPTURES.items():
-        params = {"temperature": 0.0, "max_tokens": steps + WARMUP_STEPS + 2, "ignore_eos": True}
+        params = {"temperature": 0.0, "max_tokens": steps + WARMUP_STEPS + PROFILED_STEPS + 2, "ignore_eos": True}
         torch.cuda.synchronize()
         started = time.perf_counter()
         rids = [engine.add_request(prompt_token_ids=p, params=params, capture=capture) for p in ids]
@@ -136,9 +138,22 @@ def run_case(engine: LLMEngine, ids: list[list[int]], steps: int) -> dict:
             engine.step()
             if i >= WARMUP_STEPS:
                 samples.append(1000 * (time.perf_counter() - begun))
+        result["kernel_ms"][name] = kernel_ms(engine, PROFILED_STEPS)
         drain(engine, rids)
         result["decode_ms"][name] = statistics.median(samples)
     return result
+
+
+def kernel_ms(engine: LLMEngine, steps: int) -> float:
+    """GPU kernel time per engine step (CUDA profiler, kernels inside graphs included): the step's
+    device work, so ``decode_ms - kernel_ms`` is host time the GPU waits for."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1000 / steps
 
 
 def hf_case(model, ids: list[list[int]], new_tokens: int) -> dict:
@@ -227,7 +242,7 @@ def main() -> None:
     log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     report = {"device": torch.cuda.get_device_name(0), "dtype": "bfloat16", "torch": torch.__version__,
               "copy_bandwidth_tb_s": bandwidth / 1e12, "shapes": {}}
-    max_len = max(contexts) + args.steps + WARMUP_STEPS + 64
+    max_len = max(contexts) + args.steps + WARMUP_STEPS + PROFILED_STEPS + 64
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
         entry = report["shapes"][shape_name] = {"shape": shape, "cases": []}
@@ -260,7 +275,8 @@ def main() -> None:
                         "capture_overhead": {k: ms[k] / ms["none"] - 1 for k in ms if k != "none"},
                     })
                     entry["cases"].append(case)
-                    log(f"{shape_name}: B={batch} L={context}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items())
+                    log(f"{shape_name}: B={batch} L={context}: " + ", ".join(
+                        f"{k} {v:.2f} ms (kernels {case['kernel_ms'][k]:.2f})" for k, v in ms.items())
                         + f"; roofline {roofline_ms:.2f} ms ({case['roofline_fraction']:.0%})")
             entry["graph_steps"] = engine.runner.graphs.replays if engine.runner.graphs is not None else 0
             if args.soak_seconds and shape_name == args.shapes.split(",")[0]:

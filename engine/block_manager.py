@@ -1,6 +1,6 @@
 """Bookkeeping for the paged KV cache: which physical blocks each sequence owns.
 
-Pure Python, no torch. The cache holds ``num_blocks`` blocks of ``block_size``
+Pure Python and numpy, no torch. The cache holds ``num_blocks`` blocks of ``block_size``
 token slots; the model writes the K/V of logical token ``position`` of a
 sequence to ``slot = block_table[position // block_size] * block_size +
 position % block_size``.
@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -38,11 +40,30 @@ class BlockManagerStats:
 
 @dataclass
 class _SeqState:
-    """One sequence's table, the token count it is sized for, and its computed-block hash chain."""
+    """One sequence's table, the token count it is sized for, and its computed-block hash chain.
+
+    ``table`` mirrors ``block_ids`` as int32 (with spare capacity), so a step hands the
+    model the table without converting a Python list.
+    """
 
     block_ids: list[int]
     num_tokens: int
     block_hashes: list[int] = field(default_factory=list)
+    table: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.table = np.zeros(max(16, 2 * len(self.block_ids)), dtype=np.int32)
+        self.table[: len(self.block_ids)] = self.block_ids
+
+    def extend(self, new_blocks: list[int]) -> None:
+        """Append blocks to the table (both forms)."""
+        start = len(self.block_ids)
+        self.block_ids.extend(new_blocks)
+        if len(self.block_ids) > len(self.table):
+            grown = np.zeros(2 * len(self.block_ids), dtype=np.int32)
+            grown[:start] = self.table[:start]
+            self.table = grown
+        self.table[start : len(self.block_ids)] = new_blocks
 
 
 @dataclass
@@ -149,7 +170,7 @@ class BlockManager:
             raise NoFreeBlocksError(
                 f"sequence {seq_id} needs {needed} new blocks, {self.num_free_blocks} available"
             )
-        state.block_ids.extend(self._take_blocks(needed))
+        state.extend(self._take_blocks(needed))
         state.num_tokens = max(state.num_tokens, num_total_tokens)
 
     def mark_computed(self, seq_id: int, token_ids: Sequence[int], num_computed: int) -> None:
@@ -197,6 +218,13 @@ class BlockManager:
     def block_table(self, seq_id: int) -> list[int]:
         """Physical block ids of ``seq_id`` in logical order (a copy)."""
         return list(self._state(seq_id).block_ids)
+
+    def block_table_array(self, seq_id: int) -> np.ndarray:
+        """The same as an int32 array: a read-only view, valid until the sequence grows or is freed."""
+        state = self._state(seq_id)
+        view = state.table[: len(state.block_ids)]
+        view.flags.writeable = False
+        return view
 
     def slot(self, seq_id: int, position: int) -> int:
         """Physical KV slot of logical token ``position`` of ``seq_id``."""

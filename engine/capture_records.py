@@ -20,7 +20,7 @@ import torch
 from attnscope.capture import SKETCH_HUBS
 from attnscope.engine.capture_plan import CaptureRow, StepCapture
 from attnscope.engine.sequence import Sequence
-from attnscope.kernels.capture_reference import fingerprint_v1
+from attnscope.kernels.capture_reference import FINGERPRINT_DIM, fingerprint_v1
 from attnscope.zones import classify, is_periodic
 
 
@@ -37,7 +37,6 @@ class LayerRow:
     hist: np.ndarray
     entropy: float
     sink_mass: float
-    fingerprint: np.ndarray
 
 
 def pack_results(step: StepCapture) -> torch.Tensor | None:
@@ -56,31 +55,57 @@ def pack_results(step: StepCapture) -> torch.Tensor | None:
 def step_records(step: StepCapture, packed: np.ndarray | None) -> dict[int, list[dict]]:
     """Wire records of a step's captured rows, per sequence id, in position order.
 
-    ``packed`` is ``pack_results(step)`` on the host; fingerprints, logs and ratios are
-    computed per layer for all rows at once, so per-row work is slicing and dict building.
+    ``packed`` is ``pack_results(step)`` on the host. Fingerprints are computed per layer
+    for all rows at once and averaged over each row's layers with array adds; per-layer
+    rows (``LayerRow``) are only built for the raw and sketch modes, which report layers.
     """
-    per_row: dict[tuple[int, int], tuple[CaptureRow, dict[int, LayerRow]]] = {}
+    index: dict[tuple[int, int], int] = {}
+    rows: list[CaptureRow] = []
+    layer_rows: list[dict[int, LayerRow]] = []
+    per_group: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     offset = 0
     for layer in sorted(step.layers):
         for group in step.layers[layer]:
             fields, offset = _unpack(group.result, packed, offset)
             n = len(group.rows)
+            where = np.empty(n, dtype=np.int64)
+            for i, row in enumerate(group.rows):
+                key = (row.seq.seq_id, row.position)
+                j = index.get(key)
+                if j is None:
+                    j = index[key] = len(rows)
+                    rows.append(row)
+                    layer_rows.append({})
+                where[i] = j
+                if row.seq.capture.params.mode != "fingerprint":
+                    layer_rows[j][layer] = _layer_row(fields, i)
             fingerprints = fingerprint_v1(torch.from_numpy(fields["hist"][:n]), torch.from_numpy(fields["entropy"][:n]),
                                           torch.from_numpy(fields["num_stat_positions"][:n])).numpy()
-            has_topk = "topk_pos" in fields
-            for i, row in enumerate(group.rows):
-                positions = probs = _EMPTY
-                if has_topk:
-                    keep = fields["topk_pos"][i] >= 0
-                    positions, probs = fields["topk_pos"][i][keep].astype(np.int64), fields["topk_prob"][i][keep]
-                key = (row.seq.seq_id, row.position)
-                per_row.setdefault(key, (row, {}))[1][layer] = LayerRow(
-                    positions, probs, fields["lse"][i], fields["hist"][i], float(fields["entropy"][i]),
-                    float(fields["sink_mass"][i]), fingerprints[i])
+            per_group.append((where, fingerprints, fields["sink_mass"][:n]))
+    fingerprint_sum = np.zeros((len(rows), FINGERPRINT_DIM))
+    sink_sum = np.zeros(len(rows))
+    layer_count = np.zeros(len(rows))
+    for where, fingerprints, sinks in per_group:  # a row appears once per group
+        fingerprint_sum[where] += fingerprints
+        sink_sum[where] += sinks
+        layer_count[where] += 1
+    fingerprints = fingerprint_sum / layer_count[:, None]
+    sinks = sink_sum / layer_count
     records: dict[int, list[dict]] = {}
-    for (seq_id, _), (row, layers) in sorted(per_row.items(), key=lambda kv: kv[0]):
-        records.setdefault(seq_id, []).append(_record(row, layers))
+    for j in sorted(range(len(rows)), key=lambda j: (rows[j].seq.seq_id, rows[j].position)):
+        records.setdefault(rows[j].seq.seq_id, []).append(
+            _record(rows[j], layer_rows[j], fingerprints[j].tolist(), float(sinks[j])))
     return records
+
+
+def _layer_row(fields: dict[str, np.ndarray], i: int) -> LayerRow:
+    """Row ``i`` of a group's unpacked fields (top-k entries past ``|W|`` dropped)."""
+    positions = probs = _EMPTY
+    if "topk_pos" in fields:
+        keep = fields["topk_pos"][i] >= 0
+        positions, probs = fields["topk_pos"][i][keep].astype(np.int64), fields["topk_prob"][i][keep]
+    return LayerRow(positions, probs, fields["lse"][i], fields["hist"][i], float(fields["entropy"][i]),
+                    float(fields["sink_mass"][i]))
 
 
 _EMPTY = np.zeros(0, dtype=np.float32)
@@ -100,20 +125,20 @@ def _unpack(result, packed: np.ndarray, offset: int) -> tuple[dict[str, np.ndarr
     return fields, offset
 
 
-def _record(row: CaptureRow, layers: dict[int, LayerRow]) -> dict:
-    """One wire entry for one captured row."""
+def _record(row: CaptureRow, layers: dict[int, LayerRow], fingerprint: list[float], sink_mass: float) -> dict:
+    """One wire entry for one captured row (``fingerprint``/``sink_mass``: means over its layers)."""
     cap = row.seq.capture
     mode = cap.params.mode
     base = {"decode_step": row.decode_step, "query_position": row.position, "think_phase": row.think_phase}
     if row.decode_step is None:
         base["prompt"] = True
     if mode == "fingerprint":
-        return {**_fingerprint(row, layers), **base}
+        return {"fingerprint": fingerprint, "schema_version": 1, "manifold": classify(fingerprint),
+                "step": row.decode_step, "sink_mass": sink_mass, **base}
     if mode == "sketch":
         sketches = {str(layer): _sketch(row, data) for layer, data in sorted(layers.items())}
         periodic = any(is_periodic((row.position - d.positions).tolist(), d.probs.tolist()) for d in layers.values())
-        manifold = classify(_fingerprint(row, layers)["fingerprint"], periodic)
-        return {"mode": "sketch", "layer_sketches": sketches, "manifold": manifold, **base}
+        return {"mode": "sketch", "layer_sketches": sketches, "manifold": classify(fingerprint, periodic), **base}
     raws = {layer: _raw(row, data) for layer, data in sorted(layers.items())}
     if len(raws) == 1:
         (layer, data), = raws.items()
@@ -152,18 +177,6 @@ def _sketch(row: CaptureRow, data: LayerRow) -> dict:
         "entropy": data.entropy,
         "mass_captured": float(masses.sum()),
         "sink_mass": data.sink_mass,
-    }
-
-
-def _fingerprint(row: CaptureRow, layers: dict[int, LayerRow]) -> dict:
-    """Fingerprint v1: the mean over captured layers of ``[local, mid, long, entropy, hist...]``."""
-    vector = np.mean([d.fingerprint for d in layers.values()], axis=0, dtype=np.float64).tolist()
-    return {
-        "fingerprint": vector,
-        "schema_version": 1,
-        "manifold": classify(vector),
-        "step": row.decode_step,
-        "sink_mass": float(np.mean([d.sink_mass for d in layers.values()])),
     }
 
 

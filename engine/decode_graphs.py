@@ -163,7 +163,7 @@ class DecodeGraphs:
             return False
         return capture is None or capture_layout(capture, bucket(num_decodes, self.max_batch)) is not None
 
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[np.ndarray],
             context_lens: list[int], capture: StepCapture | None) -> torch.Tensor:
         """Replay (or record, first time) the graph of this decode step; logits ``[B, vocab]`` float32.
 
@@ -278,7 +278,7 @@ class DecodeGraphs:
         return plan
 
     def _fill(self, graph: _DecodeGraph, input_ids: list[int], positions: list[int], slots: list[int],
-              tables: list[list[int]], context_lens: list[int], members: list[list[CaptureRow]]) -> int:
+              tables: list[np.ndarray], context_lens: list[int], members: list[list[CaptureRow]]) -> int:
         """Write a step into the graph's host staging; returns how many leading entries to copy."""
         st, host = graph.staging, graph.host_array
         batch = len(input_ids)
@@ -306,6 +306,7 @@ class DecodeGraphs:
             weights[: len(rows)] = torch.stack([row.seq.capture.head_weights for row in rows]).numpy()
         used = max(len(t) for t in tables)
         grid = st.view(host, "tables", st.width * st.batch).reshape(st.width, st.batch)
-        grid[:used, :batch] = np.array([t + [0] * (used - len(t)) for t in tables], dtype=np.int32).T
+        for column, table in enumerate(tables):  # entries past a row's length are never read
+            grid[: len(table), column] = table
         grid[:used, batch:] = 0
         return st.offsets["tables"] + used * st.batch

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from attnscope.engine.attention import AttentionBatch, PrefillChunk
@@ -28,7 +29,7 @@ class StepInputs:
     positions: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
     prefills: list[tuple[int, int, int, list[int]]] = field(default_factory=list)  # start, end, cached, table
-    decode_tables: list[list[int]] = field(default_factory=list)
+    decode_tables: list[np.ndarray] = field(default_factory=list)  # int32 block tables
     decode_lens: list[int] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)
 
@@ -48,7 +49,7 @@ def prepare_step(plan: StepPlan, blocks: BlockManager) -> tuple[StepInputs, Step
         if seq.capture is not None:
             _plan_capture(capture, chunk, offset, table)
         if chunk.num_tokens == 1 and chunk.samples:
-            inputs.decode_tables.append(table)
+            inputs.decode_tables.append(blocks.block_table_array(seq.seq_id))
             inputs.decode_lens.append(end)
         else:
             inputs.prefills.append((offset, offset + chunk.num_tokens, start, table))
@@ -138,8 +139,9 @@ class ModelRunner:
         """An int64 tensor on the model's device."""
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _block_table_tensor(self, tables: list[list[int]]) -> torch.Tensor:
+    def _block_table_tensor(self, tables: list[np.ndarray]) -> torch.Tensor:
         """Block tables padded with block 0 into ``[B, max_blocks]`` int32."""
-        width = max((len(t) for t in tables), default=1)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        return torch.tensor(padded, dtype=torch.int32, device=self.device).reshape(len(tables), width)
+        padded = np.zeros((len(tables), max((len(t) for t in tables), default=1)), dtype=np.int32)
+        for row, table in zip(padded, tables):
+            row[: len(table)] = table
+        return torch.from_numpy(padded).to(self.device)

@@ -20,6 +20,7 @@ MAX_TOP_K = 64
 LOCAL_BINS = slice(0, 3)
 MID_BINS = slice(3, 8)
 LONG_BINS = slice(8, NUM_BINS)
+FINGERPRINT_DIM = 4 + NUM_BINS  # local, mid, long, entropy_norm, then the histogram
 
 
 @dataclass

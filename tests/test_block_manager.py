@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import numpy as np
 import pytest
 
 from attnscope.engine.block_manager import BlockManager, NoFreeBlocksError, SlotPositionMap
@@ -384,3 +385,16 @@ def test_random_operations_keep_invariants(seed: int) -> None:
     for sid in list(tokens):
         bm.free(sid)
     assert bm.num_free_blocks == num_blocks and bm.usage == 0.0
+
+
+def test_block_table_array_follows_the_table_as_it_grows():
+    manager = BlockManager(num_blocks=64, block_size=4)
+    manager.allocate(7, list(range(10)))
+    assert manager.block_table_array(7).dtype == np.int32
+    for total in (11, 13, 40, 120, 200):
+        manager.append_slots(7, total)
+        table = manager.block_table_array(7)
+        assert table.tolist() == manager.block_table(7)
+        assert len(table) == -(-total // 4)
+    with pytest.raises(ValueError):
+        table[0] = 99  # a read-only view: the scheduler's table cannot be changed through it
