@@ -58,6 +58,7 @@ CAPTURES = {
 }
 WARMUP_STEPS = 3
 PROFILED_STEPS = 3
+DECODE_HEADROOM = 448
 
 
 def log(message: str) -> None:
@@ -94,7 +95,7 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * 2**31 / best
 
 
-def step_bytes(shape: dict, batch: int, context: int) -> int:
+def step_bytes(shape: dict, batch: int, context: float) -> float:
     """Bytes one decode step must read: weights (without the embedding table) and the batch's KV cache."""
     h, f, layers, v = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
     head_dim = h // shape["num_attention_heads"]
@@ -123,7 +124,8 @@ def run_case(engine: LLMEngine, ids: list[list[int]], steps: int) -> dict:
     """Prefill tokens/s (first setting) and median decode step ms of every capture setting."""
     result: dict = {"decode_ms": {}, "kernel_ms": {}}
     for name, capture in CAPTURES.items():
-        params = {"temperature": 0.0, "max_tokens": steps + WARMUP_STEPS + PROFILED_STEPS + 2, "ignore_eos": True}
+        # Requests prefilled first decode while the others prefill: room for that, aborted after timing.
+        params = {"temperature": 0.0, "max_tokens": DECODE_HEADROOM, "ignore_eos": True}
         torch.cuda.synchronize()
         started = time.perf_counter()
         rids = [engine.add_request(prompt_token_ids=p, params=params, capture=capture) for p in ids]
@@ -132,6 +134,11 @@ def run_case(engine: LLMEngine, ids: list[list[int]], steps: int) -> dict:
             prefilled.update(out.request_id for out in engine.step())
         if name == "none":
             result["prefill_tokens_per_s"] = sum(map(len, ids)) / (time.perf_counter() - started)
+        running = engine.stats().num_running
+        if running != len(ids):
+            raise RuntimeError(f"{running} of {len(ids)} sequences decoding: the case does not fit")
+        if name == "none":
+            result["mean_context_at_decode"] = statistics.mean(seq.num_tokens for seq in engine.scheduler.running)
         samples = []
         for i in range(steps + WARMUP_STEPS):
             begun = time.perf_counter()
@@ -242,7 +249,7 @@ def main() -> None:
     log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     report = {"device": torch.cuda.get_device_name(0), "dtype": "bfloat16", "torch": torch.__version__,
               "copy_bandwidth_tb_s": bandwidth / 1e12, "shapes": {}}
-    max_len = max(contexts) + args.steps + WARMUP_STEPS + PROFILED_STEPS + 64
+    max_len = max(contexts) + DECODE_HEADROOM + 64
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
         entry = report["shapes"][shape_name] = {"shape": shape, "cases": []}
@@ -267,7 +274,7 @@ def main() -> None:
                     case = {"batch": batch, "context": context,
                             **run_case(engine, prompts(batch, context, shape["vocab_size"], seed), args.steps)}
                     ms = case["decode_ms"]
-                    roofline_ms = 1000 * step_bytes(shape, batch, context) / bandwidth
+                    roofline_ms = 1000 * step_bytes(shape, batch, case["mean_context_at_decode"]) / bandwidth
                     case.update({
                         "decode_tokens_per_s": {k: 1000 * batch / v for k, v in ms.items()},
                         "roofline_ms": roofline_ms,
