@@ -62,7 +62,7 @@ def step_records(step: StepCapture, packed: np.ndarray | None) -> dict[int, list
     index: dict[tuple[int, int], int] = {}
     rows: list[CaptureRow] = []
     layer_rows: list[dict[int, LayerRow]] = []
-    per_group: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    per_group: list[tuple[np.ndarray, ...]] = []
     offset = 0
     for layer in sorted(step.layers):
         for group in step.layers[layer]:
@@ -79,16 +79,18 @@ def step_records(step: StepCapture, packed: np.ndarray | None) -> dict[int, list
                 where[i] = j
                 if row.seq.capture.params.mode != "fingerprint":
                     layer_rows[j][layer] = _layer_row(fields, i)
-            fingerprints = fingerprint_v1(torch.from_numpy(fields["hist"][:n]), torch.from_numpy(fields["entropy"][:n]),
-                                          torch.from_numpy(fields["num_stat_positions"][:n])).numpy()
-            per_group.append((where, fingerprints, fields["sink_mass"][:n]))
+            per_group.append((where, fields["hist"][:n], fields["entropy"][:n], fields["num_stat_positions"][:n],
+                              fields["sink_mass"][:n]))
     fingerprint_sum = np.zeros((len(rows), FINGERPRINT_DIM))
     sink_sum = np.zeros(len(rows))
     layer_count = np.zeros(len(rows))
-    for where, fingerprints, sinks in per_group:  # a row appears once per group
-        fingerprint_sum[where] += fingerprints
-        sink_sum[where] += sinks
-        layer_count[where] += 1
+    if per_group:  # one fingerprint_v1 call for every (row, layer) of the step
+        where, hist, entropy, count, sink = (np.concatenate(parts) for parts in zip(*per_group))
+        layer_fingerprints = fingerprint_v1(torch.from_numpy(hist), torch.from_numpy(entropy),
+                                            torch.from_numpy(count)).numpy()
+        np.add.at(fingerprint_sum, where, layer_fingerprints)  # a row recurs once per layer it captures
+        np.add.at(sink_sum, where, sink)
+        np.add.at(layer_count, where, 1)
     fingerprints = fingerprint_sum / layer_count[:, None]
     sinks = sink_sum / layer_count
     records: dict[int, list[dict]] = {}

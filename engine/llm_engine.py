@@ -386,7 +386,7 @@ class LLMEngine:
     def _append_token(self, choice: _Choice, token_id: int, logprob: TokenLogprob | None) -> None:
         """Record a sampled token, extend the text, and end the sequence if a stop condition holds."""
         seq = choice.seq
-        seq.output_token_ids.append(token_id)
+        seq.append_token(token_id)
         choice.pending_ids.append(token_id)
         if logprob is not None:
             choice.pending_logprobs.append(logprob)

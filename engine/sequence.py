@@ -40,10 +40,20 @@ class Sequence:
     finish_reason: str | None = None
     capture: SequenceCapture | None = None
 
+    _all_token_ids: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
+
     @property
     def all_token_ids(self) -> list[int]:
-        """Prompt followed by generated tokens."""
-        return self.prompt_token_ids + self.output_token_ids
+        """Prompt followed by generated tokens: one list kept up to date (no copy per access); do not modify it."""
+        return self._all_token_ids
+
+    def append_token(self, token_id: int) -> None:
+        """Record a generated token."""
+        self.output_token_ids.append(token_id)
+        self._all_token_ids.append(token_id)
 
     @property
     def num_tokens(self) -> int:
