@@ -44,6 +44,7 @@ class AppArgs(BaseModel):
     num_kv_blocks: int | None = Field(None, ge=1, description="KV-cache blocks of 16 tokens; overrides the memory-based sizing")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=0.98, description="CUDA: fraction of free memory for the KV cache")
     max_num_seqs: int = Field(64, ge=1, description="sequences running at once per engine")
+    enforce_eager: bool = Field(False, description="CUDA: run every step eagerly, without CUDA graphs")
     num_threads: int | None = Field(None, ge=1, description="CPU: torch threads per engine (default: its reserved CPUs)")
     num_replicas: int = Field(1, ge=1, description="engine replicas (one model copy each) when not autoscaling")
     autoscaling_max_replicas: int | None = Field(None, ge=1, description="autoscale the engine replicas up to this many "
@@ -135,7 +136,8 @@ class AppArgs(BaseModel):
                             kv_cache_memory_gib=self.kv_cache_memory_gib, num_kv_blocks=self.num_kv_blocks,
                             gpu_memory_utilization=self.gpu_memory_utilization, max_num_seqs=self.max_num_seqs,
                             num_threads=threads, tensor_parallel_size=self.tensor_parallel_size,
-                            rank_num_cpus=self.rank_num_cpus, placement_strategy=self.placement_strategy)
+                            rank_num_cpus=self.rank_num_cpus, placement_strategy=self.placement_strategy,
+                            cuda_graphs=not self.enforce_eager)
 
     def engine_options(self) -> dict[str, Any]:
         """Serve options of the engine deployment: replicas, their resources and the prefix-affinity router.
