@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from attnscope.capture import SKETCH_HUBS
@@ -26,7 +27,7 @@ class CaptureRow:
     position: int
     decode_step: int | None
     think_phase: str
-    block_table: list[int]
+    block_table: np.ndarray  # int32, the sequence's block table this step
 
 
 @dataclass
@@ -75,6 +76,7 @@ class StepCapture:
     finalized: bool = False
     packed: torch.Tensor | None = None
     """The results already packed for the host (``capture_records.pack_results``), by a CUDA graph."""
+    _groups: dict[tuple[int, bool], LayerCapture] = field(default_factory=dict, repr=False)
 
     def add(self, row: CaptureRow) -> None:
         """Register a row in every layer its request captures."""
@@ -83,15 +85,16 @@ class StepCapture:
             for layer in cap.layers:
                 self.full.setdefault(layer, FullCapture([])).rows.append(row)
             return
-        need_k = {"raw": cap.params.top_k, "sketch": SKETCH_HUBS, "fingerprint": 0}[cap.params.mode]
+        params = cap.params
+        need_k = params.top_k if params.mode == "raw" else SKETCH_HUBS if params.mode == "sketch" else 0
         for layer in cap.layers:
-            groups = self.layers.setdefault(layer, [])
-            group = next((g for g in groups if g.derotate == cap.params.derotate), None)
+            group = self._groups.get((layer, params.derotate))
             if group is None:
-                group = LayerCapture([], cap.params.derotate, 0)
-                groups.append(group)
+                group = self._groups[layer, params.derotate] = LayerCapture([], params.derotate, 0)
+                self.layers.setdefault(layer, []).append(group)
             group.rows.append(row)
-            group.top_k = max(group.top_k, need_k)
+            if need_k > group.top_k:
+                group.top_k = need_k
 
     def finalize(self, device: torch.device) -> None:
         """Build every group's per-row tensors on ``device``, once per step.
@@ -163,6 +166,12 @@ class StepCapture:
                        rope_cos=rope[0] if rope is not None else None,
                        rope_sin=rope[1] if rope is not None else None)
 
+    def sequences(self) -> dict[int, Sequence]:
+        """The sequences with a row captured in this step, by id."""
+        rows = [r for groups in self.layers.values() for g in groups for r in g.rows]
+        rows += [r for f in self.full.values() for r in f.rows]
+        return {r.seq.seq_id: r.seq for r in rows}
+
     @property
     def empty(self) -> bool:
         """True when nothing is captured this step."""
@@ -178,9 +187,10 @@ def _settings_to(settings: CaptureRequest, device: torch.device) -> CaptureReque
 
 def row_block_tables(rows: list[CaptureRow], device: torch.device) -> torch.Tensor:
     """The rows' block tables padded with block 0 into ``[R, max_blocks]`` int32."""
-    width = max(len(r.block_table) for r in rows)
-    return torch.tensor([r.block_table + [0] * (width - len(r.block_table)) for r in rows],
-                        dtype=torch.int32, device=device)
+    padded = np.zeros((len(rows), max(len(r.block_table) for r in rows)), dtype=np.int32)
+    for target, row in zip(padded, rows):
+        target[: len(row.block_table)] = row.block_table
+    return torch.from_numpy(padded).to(device)
 
 
 def _row_settings(group: LayerCapture, device: torch.device) -> tuple[torch.Tensor, CaptureRequest]:

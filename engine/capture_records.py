@@ -61,7 +61,7 @@ def step_records(step: StepCapture, packed: np.ndarray | None) -> dict[int, list
     """
     index: dict[tuple[int, int], int] = {}
     rows: list[CaptureRow] = []
-    layer_rows: list[dict[int, LayerRow]] = []
+    layer_rows: list[dict[int, LayerRow | dict]] = []
     per_group: list[tuple[np.ndarray, ...]] = []
     offset = 0
     for layer in sorted(step.layers):
@@ -69,6 +69,8 @@ def step_records(step: StepCapture, packed: np.ndarray | None) -> dict[int, list
             fields, offset = _unpack(group.result, packed, offset)
             n = len(group.rows)
             where = np.empty(n, dtype=np.int64)
+            modes = [row.seq.capture.params.mode for row in group.rows]
+            raws = _raw_layers(fields, group.rows) if "raw" in modes else None
             for i, row in enumerate(group.rows):
                 key = (row.seq.seq_id, row.position)
                 j = index.get(key)
@@ -77,7 +79,9 @@ def step_records(step: StepCapture, packed: np.ndarray | None) -> dict[int, list
                     rows.append(row)
                     layer_rows.append({})
                 where[i] = j
-                if row.seq.capture.params.mode != "fingerprint":
+                if modes[i] == "raw":
+                    layer_rows[j][layer] = raws[i]
+                elif modes[i] == "sketch":
                     layer_rows[j][layer] = _layer_row(fields, i)
             per_group.append((where, fields["hist"][:n], fields["entropy"][:n], fields["num_stat_positions"][:n],
                               fields["sink_mass"][:n]))
@@ -127,7 +131,7 @@ def _unpack(result, packed: np.ndarray, offset: int) -> tuple[dict[str, np.ndarr
     return fields, offset
 
 
-def _record(row: CaptureRow, layers: dict[int, LayerRow], fingerprint: list[float], sink_mass: float) -> dict:
+def _record(row: CaptureRow, layers: dict[int, LayerRow | dict], fingerprint: list[float], sink_mass: float) -> dict:
     """One wire entry for one captured row (``fingerprint``/``sink_mass``: means over its layers)."""
     cap = row.seq.capture
     mode = cap.params.mode
@@ -141,32 +145,38 @@ def _record(row: CaptureRow, layers: dict[int, LayerRow], fingerprint: list[floa
         sketches = {str(layer): _sketch(row, data) for layer, data in sorted(layers.items())}
         periodic = any(is_periodic((row.position - d.positions).tolist(), d.probs.tolist()) for d in layers.values())
         return {"mode": "sketch", "layer_sketches": sketches, "manifold": classify(fingerprint, periodic), **base}
-    raws = {layer: _raw(row, data) for layer, data in sorted(layers.items())}
+    raws = dict(sorted(layers.items()))
     if len(raws) == 1:
         (layer, data), = raws.items()
         return {**data, "layer_id": layer, **base}
     return {"layers": {str(layer): data for layer, data in raws.items()}, **base}
 
 
-def _raw(row: CaptureRow, data: LayerRow) -> dict:
-    """Raw top-k fields of one layer (DESIGN.md: true probabilities, renormalised scores, logits)."""
-    cap = row.seq.capture
-    n = cap.params.mask_prefix
-    k = cap.params.top_k
-    probs = data.probs[:k].astype(np.float64)
-    mass = float(probs.sum())
-    heads = cap.params.head_ids
-    lse = float(data.lse[heads[0]]) if heads is not None and len(heads) == 1 else 0.0
-    with np.errstate(divide="ignore"):
-        logits = np.log(probs) + lse
-    return {
-        "token_positions": (data.positions[:k] - n).tolist(),
-        "attention_scores": (probs / mass).tolist() if mass > 0 else [0.0] * len(probs),
-        "topk_logits": logits.tolist(),
-        "logsumexp_candidates": lse,
-        "true_probs": probs.tolist(),
-        "topk_mass": mass,
-    }
+def _raw_layers(fields: dict[str, np.ndarray], rows: list[CaptureRow]) -> list[dict]:
+    """Raw top-k fields of one layer for every row of a group, computed for the group at once.
+
+    DESIGN.md's raw entry: positions (shifted by the row's ``mask_prefix``), true
+    probabilities, scores renormalised over the row's top-k, logits (``log p`` plus the
+    head's logsumexp when one head is selected, else ``log p``), the captured mass.
+    """
+    n = len(rows)
+    params = [row.seq.capture.params for row in rows]
+    positions = fields["topk_pos"][:n].astype(np.int64)
+    probs = fields["topk_prob"][:n].astype(np.float64)
+    ks = np.minimum((positions >= 0).sum(axis=1), [p.top_k for p in params])
+    shift = np.array([p.mask_prefix for p in params], dtype=np.int64)[:, None]
+    lse = np.array([float(fields["lse"][i, p.head_ids[0]]) if p.head_ids is not None and len(p.head_ids) == 1
+                    else 0.0 for i, p in enumerate(params)])
+    mass = np.where(ks > 0, np.cumsum(probs, axis=1)[np.arange(n), np.maximum(ks - 1, 0)], 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scores = np.where(mass[:, None] > 0, probs / mass[:, None], 0.0)
+        logits = np.log(probs) + lse[:, None]
+    position_lists, prob_lists = (positions - shift).tolist(), probs.tolist()
+    score_lists, logit_lists = scores.tolist(), logits.tolist()
+    return [{"token_positions": position_lists[i][:k], "attention_scores": score_lists[i][:k],
+             "topk_logits": logit_lists[i][:k], "logsumexp_candidates": float(lse[i]),
+             "true_probs": prob_lists[i][:k], "topk_mass": float(mass[i])}
+            for i, k in enumerate(ks.tolist())]
 
 
 def _sketch(row: CaptureRow, data: LayerRow) -> dict:

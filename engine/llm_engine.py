@@ -24,12 +24,14 @@ from collections.abc import AsyncIterator, Sequence as SequenceOf
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
 from attnscope.capture import CaptureParams
 from attnscope.engine.block_manager import BlockManager
 from attnscope.engine.capture_records import append_full_rows, full_capture_data, pack_results, step_records
+from attnscope.engine.capture_plan import StepCapture
 from attnscope.engine.capture_state import SequenceCapture, ThinkTags
 from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.kv_cache import kv_cache_blocks
@@ -119,6 +121,15 @@ class _Request:
         )
 
 
+@dataclass
+class _DeferredCapture:
+    """A step's capture, its results on the host, and the requests whose outputs wait for its records."""
+
+    capture: StepCapture
+    packed: np.ndarray | None
+    requests: dict[str, _Request] = field(default_factory=dict)
+
+
 class LLMEngine:
     """A continuous-batching inference engine over a paged KV cache."""
 
@@ -145,6 +156,7 @@ class LLMEngine:
         self._inbox: list[_Request] = []
         self._active: dict[str, _Request] = {}
         self._aborts: list[_Request] = []
+        self._deferred: _DeferredCapture | None = None
         self._seq_ids = itertools.count()
         self._lock = threading.RLock()
         self._state = threading.Lock()
@@ -334,28 +346,29 @@ class LLMEngine:
             return self._has_work()
 
     def _has_work(self) -> bool:
-        """True while sequences wait in the inbox or the scheduler, or aborts are pending (state lock held)."""
-        return bool(self._inbox or self._aborts) or self.scheduler.has_work()
+        """True while sequences wait in the inbox or the scheduler, aborts are pending or captured outputs
+        wait to be published (state lock held)."""
+        return bool(self._inbox or self._aborts or self._deferred) or self.scheduler.has_work()
 
     # ----------------------------------------------------------------- stepping
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling + model step; the outputs it produced, one per advanced request."""
+        """Run one scheduling + model step; the outputs it produced, one per advanced request.
+
+        A request whose rows were captured this step is published in the next step, with
+        its capture records: those are built from the step's results while the GPU runs
+        that next step, so building them costs no decode time (a step with nothing to
+        schedule still publishes them).
+        """
         with self._lock:
             self._take_inbox()
             plan = self.scheduler.schedule()
+            deferred, self._deferred = self._deferred, None
             if not plan.chunks:
-                return []
+                return self._publish_deferred(deferred)
             inputs, captured = prepare_step(plan, self.blocks)
             logits = self.runner.run(inputs, captured)
-            if captured is not None:
-                append_full_rows(captured)
-                packed = captured.packed if captured.packed is not None else pack_results(captured)
-                host = packed.cpu().numpy() if packed is not None else None
-                by_id = {c.seq.seq_id: c.seq for c in plan.chunks}
-                for seq_id, records in step_records(captured, host).items():
-                    seq = by_id[seq_id]
-                    self._active[seq.request_id].choices[seq.index].pending_attention.extend(records)
+            outputs = self._publish_deferred(deferred)  # host work while the device runs this step
             sampling = [c.seq for c in plan.chunks if c.samples]
             result = self.sampler.sample(logits, SamplingInputs(
                 params=[s.params for s in sampling],
@@ -363,6 +376,12 @@ class LLMEngine:
                 prompt_token_ids=[s.prompt_token_ids for s in sampling],
                 output_token_ids=[s.output_token_ids for s in sampling],
             ))
+            held: set[str] = set()
+            if captured is not None:
+                append_full_rows(captured)
+                packed = captured.packed if captured.packed is not None else pack_results(captured)
+                self._deferred = _DeferredCapture(captured, packed.cpu().numpy() if packed is not None else None)
+                held = {seq.request_id for seq in captured.sequences().values()}
             for chunk in plan.chunks:
                 chunk.seq.num_computed_tokens += chunk.num_tokens
                 self.blocks.mark_computed(chunk.seq.seq_id, chunk.seq.all_token_ids, chunk.seq.num_computed_tokens)
@@ -374,7 +393,25 @@ class LLMEngine:
                     lp = self._token_logprob(result.token_ids[row], result.logprobs[row], result.top_logprobs[row])
                 self._append_token(req.choices[seq.index], result.token_ids[row], lp)
                 touched[req.request_id] = req
-            return [out for req in touched.values() if (out := self._publish(req)) is not None]
+            for rid, req in touched.items():
+                if rid in held:
+                    self._deferred.requests[rid] = req
+                elif (out := self._publish(req)) is not None:
+                    outputs.append(out)
+            return outputs
+
+    def _publish_deferred(self, deferred: _DeferredCapture | None) -> list[RequestOutput]:
+        """Turn the previous step's capture results into records and publish the requests held for them."""
+        if deferred is None:
+            return []
+        sequences = deferred.capture.sequences()
+        for seq_id, records in step_records(deferred.capture, deferred.packed).items():
+            seq = sequences[seq_id]
+            req = self._active.get(seq.request_id)
+            if req is not None:  # else aborted meanwhile
+                req.choices[seq.index].pending_attention.extend(records)
+        held = [self._active.get(rid) for rid in deferred.requests]
+        return [out for req in held if req is not None and (out := self._publish(req)) is not None]
 
     def _token_logprob(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
         """Logprob record with token strings for the API."""

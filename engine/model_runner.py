@@ -45,20 +45,20 @@ def prepare_step(plan: StepPlan, blocks: BlockManager) -> tuple[StepInputs, Step
         inputs.input_ids.extend(seq.all_token_ids[start:end])
         inputs.positions.extend(range(start, end))
         inputs.slots.extend(blocks.slots(seq.seq_id, start, end))
-        table = blocks.block_table(seq.seq_id)
+        table = blocks.block_table_array(seq.seq_id)
         if seq.capture is not None:
             _plan_capture(capture, chunk, offset, table)
         if chunk.num_tokens == 1 and chunk.samples:
-            inputs.decode_tables.append(blocks.block_table_array(seq.seq_id))
+            inputs.decode_tables.append(table)
             inputs.decode_lens.append(end)
         else:
-            inputs.prefills.append((offset, offset + chunk.num_tokens, start, table))
+            inputs.prefills.append((offset, offset + chunk.num_tokens, start, table.tolist()))
         if chunk.samples:
             inputs.sample_rows.append(len(inputs.input_ids) - 1)
     return inputs, None if capture.empty else capture
 
 
-def _plan_capture(capture: StepCapture, chunk: ScheduledChunk, offset: int, table: list[int]) -> None:
+def _plan_capture(capture: StepCapture, chunk: ScheduledChunk, offset: int, table: np.ndarray) -> None:
     """Register the chunk's captured query rows: decode steps and, when asked, prompt tokens.
 
     A row at a position already captured (recomputed after preemption) is not captured again.
