@@ -42,6 +42,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.kv_cache import kv_bytes_per_token
 from attnscope.engine.llm_engine import LLMEngine
+from report import emit  # bench/report.py, beside this script
 
 SHAPES = {
     "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
@@ -327,10 +328,7 @@ def main() -> None:
                 del model
                 gc.collect()
                 torch.cuda.empty_cache()
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.llm_engine import LLMEngine
+from report import emit  # bench/report.py, beside this script
 
 SHAPES = {
     "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
@@ -201,10 +202,7 @@ def main() -> None:
     for size in (1, 2):
         ms = report["runs"][f"tp{size}"]["decode_step_ms"]
         report["runs"][f"tp{size}"]["capture_over_none"] = {k: ms[k] / ms["none"] for k in ms if k != "none"}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    emit(report, args.json)
 
 
 if __name__ == "__main__":
