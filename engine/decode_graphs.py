@@ -157,22 +157,24 @@ class DecodeGraphs:
         for batch in reversed([b for b in BATCH_BUCKETS if b <= self.max_batch]):
             self._graph(batch, None)
 
-    def can_run(self, num_prefill_chunks: int, num_decodes: int, capture: StepCapture | None) -> bool:
-        """Whether a step is a pure decode step a graph can run."""
-        if num_prefill_chunks or not num_decodes or num_decodes > self.max_batch:
-            return False
-        return capture is None or capture_layout(capture, bucket(num_decodes, self.max_batch)) is not None
-
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[np.ndarray],
-            context_lens: list[int], capture: StepCapture | None) -> torch.Tensor:
-        """Replay (or record, first time) the graph of this decode step; logits ``[B, vocab]`` float32.
+            context_lens: list[int], num_prefill_chunks: int, capture: StepCapture | None) -> torch.Tensor | None:
+        """Replay (or record, first time) the graph of a pure decode step; logits ``[B, vocab]`` float32.
 
-        Fills ``capture``'s groups' results with views of the graph's outputs (rows past
-        each group's own rows are padding).
+        Returns ``None``, doing nothing, for a step no graph runs (prefill chunks, a batch
+        over ``max_batch``, full-matrix or de-rotated capture). Fills ``capture``'s groups'
+        results with views of the graph's outputs (rows past each group's own rows are padding).
         """
         batch = len(input_ids)
+        if num_prefill_chunks or not batch or batch > self.max_batch:
+            return None
         padded = bucket(batch, self.max_batch)
-        layout, members = capture_layout(capture, padded) if capture is not None else (None, [])
+        layout, members = None, []
+        if capture is not None:
+            found = capture_layout(capture, padded)
+            if found is None:
+                return None
+            layout, members = found
         graph = self._graph(padded, layout)
         used = self._fill(graph, input_ids, positions, slots, tables, context_lens, members)
         graph.device[:used].copy_(graph.host[:used], non_blocking=True)
@@ -303,7 +305,8 @@ class DecodeGraphs:
                 view[: len(rows)] = values
                 view[len(rows):] = -1 if name == "decode_rows" else 0
             weights = st.view(host, f"head_weights{s}", size * st.num_heads).view(np.float32).reshape(size, -1)
-            weights[: len(rows)] = torch.stack([row.seq.capture.head_weights for row in rows]).numpy()
+            for target, row in zip(weights, rows):
+                target[:] = row.seq.capture.head_weights.numpy()
         used = max(len(t) for t in tables)
         grid = st.view(host, "tables", st.width * st.batch).reshape(st.width, st.batch)
         for column, table in enumerate(tables):  # entries past a row's length are never read

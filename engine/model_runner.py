@@ -67,10 +67,10 @@ def _plan_capture(capture: StepCapture, chunk: ScheduledChunk, offset: int, tabl
     cap = seq.capture
     tokens = seq.all_token_ids
     prompt_len = len(seq.prompt_token_ids)
-    for i in range(chunk.num_tokens):
-        position = chunk.start + i
-        if position < cap.rows_upto:
-            continue
+    end = chunk.start + chunk.num_tokens
+    first = chunk.start if cap.needs_all_rows else end - 1  # else only a sampling row can be captured
+    for position in range(max(first, cap.rows_upto), end):
+        i = position - chunk.start
         sampling = chunk.samples and i == chunk.num_tokens - 1
         if sampling:
             step = len(seq.output_token_ids)
@@ -108,10 +108,11 @@ class ModelRunner:
 
     def run(self, inputs: StepInputs, capture: StepCapture | None) -> torch.Tensor:
         """Run one step; float32 logits ``[len(sample_rows), vocab]``. Fills ``capture``'s results."""
-        graphs = self.graphs
-        if graphs is not None and graphs.can_run(len(inputs.prefills), len(inputs.decode_lens), capture):
-            return graphs.run(inputs.input_ids, inputs.positions, inputs.slots, inputs.decode_tables,
-                              inputs.decode_lens, capture)
+        if self.graphs is not None:
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.slots, inputs.decode_tables,
+                                     inputs.decode_lens, len(inputs.prefills), capture)
+            if logits is not None:
+                return logits
         if capture is not None:
             capture.finalize(self.device)
         batch = AttentionBatch(
