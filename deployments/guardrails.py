@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import itertools
 import logging
@@ -124,9 +125,14 @@ class Guardrails:
                            None, "capture_limit_exceeded", {"Retry-After": str(RETRY_AFTER_S)})
 
     def release(self, session_id: str) -> None:
-        """Close a capture session (fire and forget: it runs from cancelled tasks too)."""
+        """Close a capture session (fire and forget: it runs from cancelled tasks too).
+
+        The call is made outside the request's context: Serve cancels the child calls a
+        cancelled request still has pending, and a client that disconnects must still free
+        its slot.
+        """
         if self._limiter is not None:
-            self._limiter.release.remote(session_id)
+            contextvars.Context().run(self._limiter.release.remote, session_id)
 
     async def _keep_lease(self) -> None:
         """Renew this replica's lease on its capture sessions for as long as the replica lives."""
