@@ -23,7 +23,7 @@ import itertools
 import logging
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from ray.exceptions import RayError

@@ -54,7 +54,7 @@ from attnscope.engine.outputs import (
 )
 from attnscope.engine.sampler import Sampler, SamplingInputs, make_generator
 from attnscope.engine.scheduler import Scheduler, SchedulerConfig
-from attnscope.engine.sequence import Sequence, SequenceStatus
+from attnscope.engine.sequence import Sequence
 from attnscope.engine.stop import StopStringText
 from attnscope.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from attnscope.engine.weights import LoadedCheckpoint, default_model_path, load_checkpoint

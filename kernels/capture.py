@@ -43,7 +43,6 @@ import triton.language as tl
 from attnscope.kernels.capture_reference import MAX_TOP_K, NUM_BINS, CaptureRequest, CaptureResult
 from attnscope.kernels.paged_decode import (
     MIN_DOT_ROWS,
-    MIN_TOKENS_PER_SPLIT,
     _check_inputs,
     _combine_splits_kernel,
     _num_sms,
