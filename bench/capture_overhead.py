@@ -28,7 +28,6 @@ Prints one JSON object (and writes it to ``--json PATH`` when given).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import statistics
@@ -46,6 +45,7 @@ from attnscope.kernels.capture import attention_capture
 from attnscope.kernels.capture_reference import CaptureRequest, CaptureResult, capture_rows_ref
 from attnscope.kernels.paged_decode import paged_decode_attention
 from attnscope.kernels.reference import gather_paged_kv
+from report import emit  # bench/report.py, beside this script
 
 HQ, HKV, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 TOP_K, HEAD_TOP_K = 32, 8
@@ -423,11 +423,7 @@ def main() -> None:
         report["long_context"] = long_context_memory(k_cache, v_cache, gen)
     report["wall_s"] = time.perf_counter() - started
 
-    text = json.dumps(report, indent=1)
-    print(text)
-    if cli.json:
-        with open(cli.json, "w") as f:
-            f.write(text)
+    emit(report, cli.json)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,14 @@ Prints one JSON object: tokens/s of each side and the ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import sys
 import time
 
 import torch
+
+from report import emit  # bench/report.py, beside this script
 
 
 def build_workload(tokenizer, num: int, seed: int) -> list[tuple[list[int], int]]:
@@ -121,7 +122,7 @@ def main() -> None:
         "concurrent": {"ours_tok_s": useful / ours_cc, "hf_tok_s": useful / hf_cc, "ratio": hf_cc / ours_cc,
                        "hf_batch": args.batch, "ours_preemptions": engine.scheduler.num_preemptions},
     }
-    print(json.dumps(result, indent=2))
+    emit(result, None)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import statistics
 import sys
@@ -37,12 +36,12 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.kv_cache import kv_bytes_per_token
 from attnscope.engine.llm_engine import LLMEngine
-from report import emit  # bench/report.py, beside this script
+from random_model import random_prompts, write_model_folder  # bench/, beside this script
+from report import emit
 
 SHAPES = {
     "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
@@ -66,19 +65,6 @@ DECODE_HEADROOM = 448
 def log(message: str) -> None:
     """A progress line on stderr."""
     print(f"[gpu_throughput] {message}", file=sys.stderr, flush=True)
-
-
-def write_model_folder(folder: Path, shape: dict, max_len: int) -> None:
-    """config.json of the shape and a word-level tokenizer.json covering its vocabulary."""
-    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": max_len,
-              "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
-              "head_dim": head_dim, **shape}
-    (folder / "config.json").write_text(json.dumps(config))
-    vocab = {f"w{i}": i for i in range(shape["vocab_size"])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(folder / "tokenizer.json"))
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -106,12 +92,6 @@ def step_bytes(shape: dict, batch: int, context: float) -> float:
     weights = 2 * (layers * per_layer + v * h + h)
     cache = batch * context * kv_bytes_per_token(layers, shape["num_key_value_heads"], head_dim, torch.bfloat16)
     return weights + cache
-
-
-def prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    """Random prompt token ids (avoiding the bos/eos ids)."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (count, length), generator=gen).tolist()
 
 
 def drain(engine: LLMEngine, rids: list[str]) -> None:
@@ -292,7 +272,7 @@ def main() -> None:
                         continue
                     seed += 1
                     case = {"batch": batch, "context": context,
-                            **run_case(engine, prompts(batch, context, shape["vocab_size"], seed), args.steps, args.rounds)}
+                            **run_case(engine, random_prompts(batch, context, shape["vocab_size"], seed), args.steps, args.rounds)}
                     ms = case["decode_ms"]
                     roofline_ms = 1000 * step_bytes(shape, batch, case["mean_context_at_decode"]) / bandwidth
                     case.update({
@@ -318,7 +298,7 @@ def main() -> None:
                 model = hf_model(folder)
                 entry["hf"] = []
                 for batch, context in hf_cases:
-                    ids = prompts(batch, context, shape["vocab_size"], 1000 + batch + context)
+                    ids = random_prompts(batch, context, shape["vocab_size"], 1000 + batch + context)
                     hf = {"batch": batch, "context": context, **hf_case(model, ids, args.hf_new_tokens)}
                     ours = next((c for c in entry["cases"] if (c["batch"], c["context"]) == (batch, context)), None)
                     if ours is not None:

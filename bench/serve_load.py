@@ -24,7 +24,6 @@ Serve and Ray are shut down at the end. About 1–2 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import socket
@@ -34,6 +33,8 @@ import time
 from typing import Any
 
 import numpy as np
+
+from report import emit  # bench/report.py, beside this script
 
 PROMPTS = [
     "What is the capital of France?",
@@ -251,11 +252,7 @@ def main() -> None:
         "configs": configs,
         "ratios_vs_off": {name: ratios(c, configs["off"]) for name, c in configs.items() if name != "off"},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

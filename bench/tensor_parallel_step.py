@@ -1,8 +1,8 @@
 """Tensor parallelism on two GPUs over NCCL: TP=2 against TP=1 on a random-weight Llama-shaped model.
 
-One run writes a random-weight checkpoint (Llama-1B shape by default: hidden 2048, 16 layers,
-32 query / 8 KV heads, MLP 8192, vocab 32000, bf16, a synthetic word-level tokenizer) and
-then, for TP=1 (one GPU) and TP=2 (rank processes, NCCL, ``tensor_parallel_backend
+One run loads a random-weight model (``load_format="dummy"``; Llama-1B shape by default: hidden
+2048, 16 layers, 32 query / 8 KV heads, MLP 8192, vocab 32000, bf16, a synthetic word-level
+tokenizer; every rank draws the same weights) and then, for TP=1 (one GPU) and TP=2 (rank processes, NCCL, ``tensor_parallel_backend
 "processes"``), the same workload:
 
 * agreement: ``--check-prompts`` random prompts, greedy, 6 new tokens, capture raw top-32 on
@@ -21,7 +21,6 @@ object (also written to ``--json PATH``). Needs two CUDA GPUs.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -29,12 +28,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.llm_engine import LLMEngine
-from report import emit  # bench/report.py, beside this script
+from random_model import random_prompts, write_model_folder  # bench/, beside this script
+from report import emit
 
 SHAPES = {
     "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
@@ -53,45 +51,6 @@ CAPTURES = {
 def log(message: str) -> None:
     """A progress line on stderr."""
     print(f"[tp_step] {message}", file=sys.stderr, flush=True)
-
-
-def write_checkpoint(folder: Path, seed: int) -> None:
-    """A random-weight Llama checkpoint (config.json, model.safetensors, tokenizer.json) in ``folder``."""
-    s = SHAPE
-    head_dim = s["hidden_size"] // s["num_attention_heads"]
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 8192,
-              "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-              "bos_token_id": 1, "eos_token_id": 2, "head_dim": head_dim, **s}
-    (folder / "config.json").write_text(json.dumps(config))
-    gen = torch.Generator().manual_seed(seed)
-    hidden, inter, kv = s["hidden_size"], s["intermediate_size"], s["num_key_value_heads"] * head_dim
-
-    def w(*shape: int) -> torch.Tensor:
-        return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
-
-    tensors = {"model.embed_tokens.weight": w(s["vocab_size"], hidden), "lm_head.weight": w(s["vocab_size"], hidden),
-               "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
-    for i in range(s["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        tensors.update({
-            p + "self_attn.q_proj.weight": w(hidden, hidden), p + "self_attn.k_proj.weight": w(kv, hidden),
-            p + "self_attn.v_proj.weight": w(kv, hidden), p + "self_attn.o_proj.weight": w(hidden, hidden),
-            p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
-            p + "mlp.down_proj.weight": w(hidden, inter),
-            p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-            p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-        })
-    save_file(tensors, str(folder / "model.safetensors"))
-    vocab = {f"w{i}": i for i in range(s["vocab_size"])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(folder / "tokenizer.json"))
-
-
-def prompts(count: int, length: int, seed: int) -> list[list[int]]:
-    """Random prompt token ids (avoiding the bos/eos ids)."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(3, SHAPE["vocab_size"], (count, length), generator=gen).tolist()
 
 
 def agreement_run(engine: LLMEngine, ids: list[list[int]]) -> list[dict]:
@@ -166,7 +125,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048, help="prompt tokens per sequence")
     parser.add_argument("--steps", type=int, default=16, help="timed decode steps per setting")
     parser.add_argument("--check-prompts", type=int, default=2, help="prompts of the agreement run")
-    parser.add_argument("--seed", type=int, default=0, help="weights and prompts seed")
+    parser.add_argument("--seed", type=int, default=0, help="prompts seed")
     parser.add_argument("--json", default=None, help="also write the JSON object here")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b", help="model shape")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
@@ -180,15 +139,14 @@ def main() -> None:
               "dtype": "bfloat16", "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        log("writing the random-weight checkpoint")
-        write_checkpoint(folder, args.seed)
+        write_model_folder(folder, {**SHAPE, "tie_word_embeddings": False, "rope_theta": 500000.0}, 8192)
         blocks = args.batch * (args.context + args.steps + 32) // 16 + 64
-        check = prompts(args.check_prompts, 300, args.seed + 1)
-        work = prompts(args.batch, args.context, args.seed + 2)
+        check = random_prompts(args.check_prompts, 300, SHAPE["vocab_size"], args.seed + 1)
+        work = random_prompts(args.batch, args.context, SHAPE["vocab_size"], args.seed + 2)
         agreement = {}
         for size in (1, 2):
             log(f"TP={size}: loading")
-            engine = LLMEngine(EngineConfig(model=str(folder), device=args.device, dtype="bfloat16", num_kv_blocks=blocks,
+            engine = LLMEngine(EngineConfig(model=str(folder), load_format="dummy", device=args.device, dtype="bfloat16", num_kv_blocks=blocks,
                                             max_num_seqs=max(args.batch, args.check_prompts),
                                             max_num_batched_tokens=8192, tensor_parallel_size=size,
                                             tensor_parallel_backend="processes"))

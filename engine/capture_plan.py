@@ -119,7 +119,8 @@ class StepCapture:
             full.block_tables = row_block_tables(full.rows, device)
 
     def shipped(self) -> StepCapture:
-        """The finalized plan without the sequences (what a tensor-parallel rank needs), on the CPU."""
+        """The plan, finalized on the CPU, without the sequences (what a tensor-parallel rank needs)."""
+        self.finalize(torch.device("cpu"))
         return StepCapture(
             layers={layer: [LayerCapture([], g.derotate, g.top_k, g.token_indices, g.index, g.settings)
                             for g in groups]
@@ -193,22 +194,28 @@ def row_block_tables(rows: list[CaptureRow], device: torch.device) -> torch.Tens
     return torch.from_numpy(padded).to(device)
 
 
+def row_columns(rows: list[CaptureRow]) -> dict[str, list[int]]:
+    """The captured rows' integer settings, by ``CaptureRequest`` field: query positions, mask
+    prefixes, windows, sink tokens (the eager plan and the CUDA-graph staging both take them here)."""
+    params = [r.seq.capture.params for r in rows]
+    return {
+        "query_pos": [r.position for r in rows],
+        "mask_prefix": [p.mask_prefix for p in params],
+        "window": [p.window for p in params],
+        "sink_tokens": [p.sink_tokens for p in params],
+    }
+
+
 def _row_settings(group: LayerCapture, device: torch.device) -> tuple[torch.Tensor, CaptureRequest]:
     """The rows' token indices and a request holding everything but the queries (built once per step)."""
     rows = group.rows
-
-    def ints(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=device)
-
-    params = [r.seq.capture.params for r in rows]
+    columns = {name: torch.tensor(values, dtype=torch.int32, device=device)
+               for name, values in row_columns(rows).items()}
     template = CaptureRequest(
         q=torch.empty(0, device=device),
         block_tables=row_block_tables(rows, device),
-        query_pos=ints([r.position for r in rows]),
         head_weights=torch.stack([r.seq.capture.head_weights for r in rows]).to(device),
-        mask_prefix=ints([p.mask_prefix for p in params]),
-        window=ints([p.window for p in params]),
-        sink_tokens=ints([p.sink_tokens for p in params]),
         top_k=group.top_k,
+        **columns,
     )
     return torch.tensor([r.token_index for r in rows], device=device), template

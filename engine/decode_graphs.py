@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from attnscope.engine.attention import AttentionBatch
-from attnscope.engine.capture_plan import CaptureRow, LayerCapture, StepCapture
+from attnscope.engine.capture_plan import CaptureRow, LayerCapture, StepCapture, row_columns
 from attnscope.engine.capture_records import pack_results
 from attnscope.engine.model import LlamaForCausalLM
 from attnscope.kernels.capture_reference import CaptureRequest
@@ -89,7 +89,7 @@ class _Staging:
     width: int
     num_heads: int
     row_sets: tuple[int, ...]
-    offsets: dict[str, int] = field(default_factory=dict)
+    fields: dict[str, slice] = field(default_factory=dict)
     size: int = 0
 
     def __post_init__(self) -> None:
@@ -102,13 +102,12 @@ class _Staging:
         self._add("tables", self.width * self.batch)
 
     def _add(self, name: str, length: int) -> None:
-        self.offsets[name] = self.size
+        self.fields[name] = slice(self.size, self.size + length)
         self.size += length
 
-    def view(self, buffer: torch.Tensor | np.ndarray, name: str, length: int) -> torch.Tensor | np.ndarray:
-        """The field ``name`` (``length`` entries) of a staging buffer."""
-        start = self.offsets[name]
-        return buffer[start : start + length]
+    def view(self, buffer: torch.Tensor | np.ndarray, name: str) -> torch.Tensor | np.ndarray:
+        """The field ``name`` of a staging buffer."""
+        return buffer[self.fields[name]]
 
 
 @dataclass
@@ -214,10 +213,10 @@ class DecodeGraphs:
     def _pad(self, graph: _DecodeGraph) -> None:
         """Fill a new graph's staging with padding only (what it records with: nothing read or written)."""
         st, host = graph.staging, graph.host_array
-        st.view(host, "slots", st.batch)[:] = -1
+        st.view(host, "slots")[:] = -1
         for s, rows in enumerate(st.row_sets):
-            st.view(host, f"decode_rows{s}", rows)[:] = -1
-            st.view(host, f"head_weights{s}", rows * st.num_heads).view(np.float32)[:] = 1.0 / st.num_heads
+            st.view(host, f"decode_rows{s}")[:] = -1
+            st.view(host, f"head_weights{s}").view(np.float32)[:] = 1.0 / st.num_heads
         graph.device.copy_(graph.host)
 
     def _record(self, graph: _DecodeGraph) -> None:
@@ -235,19 +234,19 @@ class DecodeGraphs:
         """The decode forward over the graph's device staging buffer (recorded once, or run as is)."""
         st, buf = graph.staging, graph.device
         batch = st.batch
-        tables = st.view(buf, "tables", st.width * batch).view(st.width, batch).t().contiguous()
+        tables = st.view(buf, "tables").view(st.width, batch).t().contiguous()
         graph.plan = self._capture_plan(graph, tables) if graph.layout is not None else None
         attention = AttentionBatch(
-            slot_mapping=st.view(buf, "slots", batch),
+            slot_mapping=st.view(buf, "slots"),
             prefills=[],
             decode_start=0,
             decode_block_tables=tables,
-            decode_context_lens=st.view(buf, "context_lens", batch),
+            decode_context_lens=st.view(buf, "context_lens"),
             kv_caches=self.kv_caches,
             capture=graph.plan,
             rope=(self.model.rope.cos, self.model.rope.sin),
         )
-        hidden = self.model(st.view(buf, "input_ids", batch), st.view(buf, "positions", batch), attention)
+        hidden = self.model(st.view(buf, "input_ids"), st.view(buf, "positions"), attention)
         logits = self.model.logits(hidden)
         graph.packed = pack_results(graph.plan) if graph.plan is not None else None
         return logits
@@ -257,26 +256,20 @@ class DecodeGraphs:
         st, buf = graph.staging, graph.device
         settings = []
         for s, rows in enumerate(st.row_sets):
-            def field_of(name: str, s: int = s, rows: int = rows) -> torch.Tensor:
-                return st.view(buf, f"{name}{s}", rows)
-
-            gather = field_of("gather")
-            settings.append((gather, field_of("decode_rows"), CaptureRequest(
+            fields = {name: st.view(buf, f"{name}{s}") for name in _ROW_FIELDS}
+            gather, decode_rows = fields.pop("gather"), fields.pop("decode_rows")
+            settings.append((gather, decode_rows, CaptureRequest(
                 q=torch.empty(0, device=self.device),
                 block_tables=tables.index_select(0, gather),
-                query_pos=field_of("query_pos"),
-                head_weights=st.view(buf, f"head_weights{s}", rows * st.num_heads).view(torch.float32)
-                .view(rows, st.num_heads),
-                mask_prefix=field_of("mask_prefix"),
-                window=field_of("window"),
-                sink_tokens=field_of("sink_tokens"),
+                head_weights=st.view(buf, f"head_weights{s}").view(torch.float32).view(rows, st.num_heads),
+                **fields,
             )))
         plan = StepCapture(finalized=True)
         for layer, s, top_k in graph.layout.layers:
             gather, decode_rows, request = settings[s]
             plan.layers[layer] = [LayerCapture(
                 [], derotate=False, top_k=top_k, token_indices=list(range(st.row_sets[s])), index=gather,
-                settings=CaptureRequest(**{**request.__dict__, "top_k": top_k}), decode_rows=decode_rows)]
+                settings=replace(request, top_k=top_k), decode_rows=decode_rows)]
         return plan
 
     def _fill(self, graph: _DecodeGraph, input_ids: list[int], positions: list[int], slots: list[int],
@@ -286,30 +279,23 @@ class DecodeGraphs:
         batch = len(input_ids)
         for name, values, filler in (("input_ids", input_ids, 0), ("positions", positions, 0), ("slots", slots, -1),
                                      ("context_lens", context_lens, 0)):
-            view = st.view(host, name, st.batch)
+            view = st.view(host, name)
             view[:batch] = values
             view[batch:] = filler
         for s, rows in enumerate(members):
             size = st.row_sets[s]
-            params = [row.seq.capture.params for row in rows]
-            columns = {
-                "gather": [row.token_index for row in rows],
-                "decode_rows": [row.token_index for row in rows],
-                "query_pos": [row.position for row in rows],
-                "mask_prefix": [p.mask_prefix for p in params],
-                "window": [p.window for p in params],
-                "sink_tokens": [p.sink_tokens for p in params],
-            }
+            indices = [row.token_index for row in rows]
+            columns = {"gather": indices, "decode_rows": indices, **row_columns(rows)}
             for name, values in columns.items():
-                view = st.view(host, f"{name}{s}", size)
+                view = st.view(host, f"{name}{s}")
                 view[: len(rows)] = values
                 view[len(rows):] = -1 if name == "decode_rows" else 0
-            weights = st.view(host, f"head_weights{s}", size * st.num_heads).view(np.float32).reshape(size, -1)
+            weights = st.view(host, f"head_weights{s}").view(np.float32).reshape(size, -1)
             for target, row in zip(weights, rows):
                 target[:] = row.seq.capture.head_weights.numpy()
         used = max(len(t) for t in tables)
-        grid = st.view(host, "tables", st.width * st.batch).reshape(st.width, st.batch)
+        grid = st.view(host, "tables").reshape(st.width, st.batch)
         for column, table in enumerate(tables):  # entries past a row's length are never read
             grid[: len(table), column] = table
         grid[:used, batch:] = 0
-        return st.offsets["tables"] + used * st.batch
+        return st.fields["tables"].start + used * st.batch

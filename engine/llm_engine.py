@@ -127,6 +127,7 @@ class _DeferredCapture:
 
     capture: StepCapture
     packed: np.ndarray | None
+    sequences: dict[int, Sequence]
     requests: dict[str, _Request] = field(default_factory=dict)
 
 
@@ -380,8 +381,10 @@ class LLMEngine:
             if captured is not None:
                 append_full_rows(captured)
                 packed = captured.packed if captured.packed is not None else pack_results(captured)
-                self._deferred = _DeferredCapture(captured, packed.cpu().numpy() if packed is not None else None)
-                held = {seq.request_id for seq in captured.sequences().values()}
+                sequences = captured.sequences()
+                self._deferred = _DeferredCapture(captured, packed.cpu().numpy() if packed is not None else None,
+                                                  sequences)
+                held = {seq.request_id for seq in sequences.values()}
             for chunk in plan.chunks:
                 chunk.seq.num_computed_tokens += chunk.num_tokens
                 self.blocks.mark_computed(chunk.seq.seq_id, chunk.seq.all_token_ids, chunk.seq.num_computed_tokens)
@@ -404,9 +407,8 @@ class LLMEngine:
         """Turn the previous step's capture results into records and publish the requests held for them."""
         if deferred is None:
             return []
-        sequences = deferred.capture.sequences()
         for seq_id, records in step_records(deferred.capture, deferred.packed).items():
-            seq = sequences[seq_id]
+            seq = deferred.sequences[seq_id]
             req = self._active.get(seq.request_id)
             if req is not None:  # else aborted meanwhile
                 req.choices[seq.index].pending_attention.extend(records)

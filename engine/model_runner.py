@@ -28,7 +28,7 @@ class StepInputs:
     input_ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
-    prefills: list[tuple[int, int, int, list[int]]] = field(default_factory=list)  # start, end, cached, table
+    prefills: list[tuple[int, int, int, np.ndarray]] = field(default_factory=list)  # start, end, cached, table
     decode_tables: list[np.ndarray] = field(default_factory=list)  # int32 block tables
     decode_lens: list[int] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)
@@ -52,7 +52,7 @@ def prepare_step(plan: StepPlan, blocks: BlockManager) -> tuple[StepInputs, Step
             inputs.decode_tables.append(table)
             inputs.decode_lens.append(end)
         else:
-            inputs.prefills.append((offset, offset + chunk.num_tokens, start, table.tolist()))
+            inputs.prefills.append((offset, offset + chunk.num_tokens, start, table))
         if chunk.samples:
             inputs.sample_rows.append(len(inputs.input_ids) - 1)
     return inputs, None if capture.empty else capture

@@ -77,8 +77,6 @@ class ProcessTensorParallelRunner:
 
     def run(self, inputs: StepInputs, capture: StepCapture | None) -> torch.Tensor:
         """Run one step on every rank; rank 0's logits, and the merged captures filled into ``capture``."""
-        if capture is not None:
-            capture.finalize(torch.device("cpu"))
         outputs = self._call_all("run", inputs, capture.shipped() if capture is not None else None)
         if capture is not None:
             capture.merge_ranks([out.partials for out in outputs], [out.full_probs for out in outputs])

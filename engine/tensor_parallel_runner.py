@@ -58,8 +58,6 @@ class TensorParallelRunner:
 
     def run(self, inputs: StepInputs, capture: StepCapture | None) -> torch.Tensor:
         """Run one step on every rank; rank 0's logits, and the merged captures filled into ``capture``."""
-        if capture is not None:
-            capture.finalize(torch.device("cpu"))
         shipped = capture.shipped() if capture is not None else None
         outputs = ray.get([w.run.remote(inputs, shipped) for w in self.workers])
         if capture is not None:
