@@ -8,7 +8,9 @@
    B in {1, 8, 32} and L in {2K, 32K, 128K} (one layer, every row the same length):
    (a) plain decode, (a0) the fused kernel with no row flagged, (b) fused decode + Pass A
    fingerprint statistics for all rows, (c) + head-mean top-32 (Pass A + B) on random keys
-   ("flat" attention: no key tile can be ruled out, so Pass B re-reads all of K) and
+   ("flat" attention: no key tile can be ruled out, so Pass B recomputes every tile, from the
+   logits Pass A stored when they fit ``LOGIT_STORE_MAX_BYTES``; (c_reread) forces the
+   re-read of K instead) and
    (c_peaked) on keys with a trained model's profile (a sink at position 0, the 16 most
    recent and 16 scattered positions attract every head: logits 14 / 10 / 11 against a bulk
    of N(0, 1)), with the fraction of key tiles Pass B re-read, (c_head) Pass A
@@ -41,7 +43,7 @@ import triton
 
 from attnscope.engine.rope import RotaryEmbedding
 from attnscope.kernels import capture as capture_kernels
-from attnscope.kernels.capture import attention_capture
+from attnscope.kernels.capture import attention_capture, paged_decode_attention_capture
 from attnscope.kernels.capture_reference import CaptureRequest, CaptureResult, capture_rows_ref
 from attnscope.kernels.paged_decode import paged_decode_attention
 from attnscope.kernels.reference import gather_paged_kv
@@ -230,6 +232,9 @@ def check_correctness(seed: int, shapes: list[tuple] = CHECK_SHAPES) -> dict:
         report["lse_vs_plain"] = float((lse - plain_lse).abs().max())
         report["ok"] = report["ok"] and report["out_vs_plain"] < 2e-2 and report["lse_vs_plain"] < 1e-3
         checks[f"{name}/fused_decode"] = report
+        _, _, reread = paged_decode_attention_capture(q, k_cache, v_cache, table, context, scale, decode_req, flagged,
+                                                      logit_store_bytes=0)
+        checks[f"{name}/fused_decode_reread"] = compare(reread, k_cache, decode_req, scale)
 
         long_rows = [r for r, n in enumerate(lens) if n > 40]
         index = torch.tensor(long_rows, device=DEVICE)
@@ -321,18 +326,23 @@ def bench_config(batch: int, length: int, k_cache: torch.Tensor, v_cache: torch.
         "a0_fused_no_rows": lambda: paged_decode_attention(*args, capture=no_rows, capture_rows=rows[:0]),
         "b_fused_stats": lambda: paged_decode_attention(*args, capture=stats_req, capture_rows=rows),
         "c_fused_stats_top32": lambda: paged_decode_attention(*args, capture=topk_req, capture_rows=rows),
+        "c_fused_stats_top32_reread": lambda: paged_decode_attention_capture(*args, topk_req, rows,
+                                                                             logit_store_bytes=0),
         "c_head_fused_stats_head_top8": lambda: paged_decode_attention(*args, capture=head_req, capture_rows=rows),
         "f_standalone_capture_top32": lambda: attention_capture(k_cache, topk_req, scale),
         "d_separate_pass_top32": lambda: separate_pass_topk(q, k_cache, table, length, scale),
         "d_plain_plus_separate_pass": lambda: (paged_decode_attention(*args),
                                                separate_pass_topk(q, k_cache, table, length, scale)),
     }
+    positions = math.ceil(table.shape[1] * BLOCK_SIZE / 64) * 64  # key tiles of 64 at D=128
+    topk_stores_logits = batch * HQ * positions * 4 <= capture_kernels.LOGIT_STORE_MAX_BYTES
     result = {"B": batch, "L": length, "ms": {name: graph_ms(fn, flush) for name, fn in runs.items()}}
     num_tiles = math.ceil(length / 64)
     result["pass_b_tiles_reread_fraction"] = {
         "flat": float(runs["c_fused_stats_top32"]()[2].recomputed_tiles.float().mean()) / num_tiles}
     restore = plant_peaks(q, k_cache, table, length, gen)
     result["ms"]["c_fused_stats_top32_peaked"] = graph_ms(runs["c_fused_stats_top32"], flush)
+    result["ms"]["c_fused_stats_top32_reread_peaked"] = graph_ms(runs["c_fused_stats_top32_reread"], flush)
     result["pass_b_tiles_reread_fraction"]["peaked"] = float(
         runs["c_fused_stats_top32"]()[2].recomputed_tiles.float().mean()) / num_tiles
     restore()
@@ -344,6 +354,9 @@ def bench_config(batch: int, length: int, k_cache: torch.Tensor, v_cache: torch.
         "fused_stats_over_plain": ms["b_fused_stats"] / ms["a_plain"],
         "fused_top32_over_plain": ms["c_fused_stats_top32"] / ms["a_plain"],
         "fused_top32_peaked_over_plain": ms["c_fused_stats_top32_peaked"] / ms["a_plain"],
+        "fused_top32_reread_over_plain": ms["c_fused_stats_top32_reread"] / ms["a_plain"],
+        "fused_top32_reread_peaked_over_plain": ms["c_fused_stats_top32_reread_peaked"] / ms["a_plain"],
+        "logits_stored": topk_stores_logits,
         "fused_no_rows_over_plain": ms["a0_fused_no_rows"] / ms["a_plain"],
         "sdpa_throughput_fraction_fused_stats": ms["e_sdpa_contiguous"] / ms["b_fused_stats"],
         "sdpa_throughput_fraction_fused_top32": ms["e_sdpa_contiguous"] / ms["c_fused_stats_top32"],

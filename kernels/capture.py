@@ -36,6 +36,8 @@ are merged the same way (lists with nothing above the running k-th are skipped u
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -76,6 +78,9 @@ MERGE_FAN_IN = 16  # top-k lists one merge program folds in; more lists take a f
 COMBINE_NUM_WARPS = 1
 HEAD_STATS = 18  # per (row, head) after the combine: weighted entropy, sink mass, then 16 histogram bins
 PASS_B_ROPE_NUM_WARPS = 8
+# Pass A stores the captured rows' logits for Pass B (instead of Pass B re-reading K) when the
+# buffer [R, Hq, tiles * TILE_N] float32 fits in this many bytes: 32 rows x 32 heads x 8K = 32 MiB.
+LOGIT_STORE_MAX_BYTES = 64 << 20
 
 SLOTS = tl.constexpr(TOPK_SLOTS)
 STATS_PER_HEAD = tl.constexpr(HEAD_STATS)
@@ -421,6 +426,12 @@ def _store_tile_max(tile_max_ptr, row_base, heads, row_valid, tile_start, tile_m
 
 
 @triton.jit
+def _store_logits(logits_ptr, row_base, heads, row_valid, tokens, logits, stride_lh):
+    """Keep a tile's logits ``[GROUP_PAD, TILE_N]`` for Pass B (positions past the split hold ``-inf``)."""
+    tl.store(logits_ptr + row_base + heads[:, None] * stride_lh + tokens[None, :], logits, mask=row_valid[:, None])
+
+
+@triton.jit
 def _store_head_keys(head_keys_ptr, keys_base, heads, row_valid, best, stride_kh):
     """Write one split's per-head top-k keys for a KV group's heads."""
     slots = tl.arange(0, SLOTS)
@@ -445,6 +456,7 @@ def _capture_split_kernel(
     stats_ptr,
     head_keys_ptr,
     tile_max_ptr,
+    logits_ptr,
     scale,
     num_splits,
     head_top_k,
@@ -464,6 +476,8 @@ def _capture_split_kernel(
     stride_ks,
     stride_tr,
     stride_th,
+    stride_lr,
+    stride_lh,
     GROUP_SIZE: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     LOG_GROUP_PAD: tl.constexpr,
@@ -474,6 +488,7 @@ def _capture_split_kernel(
     ROPE: tl.constexpr,
     HEAD_TOPK: tl.constexpr,
     TILE_MAX: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,
 ):
     """Standalone Pass A of one (row, KV group, split) over the split's share of ``U``.
 
@@ -514,6 +529,8 @@ def _capture_split_kernel(
         tile_max = tl.max(logits, axis=1)
         if TILE_MAX:
             _store_tile_max(tile_max_ptr, row * stride_tr, heads, row_valid, tile_start, tile_max, stride_th, TILE_N)
+        if STORE_LOGITS:
+            _store_logits(logits_ptr, row * stride_lr, heads, row_valid, tokens, logits, stride_lh)
         m_new = tl.maximum(m_i, tile_max)
         alpha = tl.exp(m_i - m_new)
         shifted = logits - m_new[:, None]
@@ -551,6 +568,7 @@ def _fused_decode_capture_kernel(
     stats_ptr,
     head_keys_ptr,
     tile_max_ptr,
+    logits_ptr,
     scale,
     num_splits,
     head_top_k,
@@ -579,6 +597,8 @@ def _fused_decode_capture_kernel(
     stride_ks,
     stride_tr,
     stride_th,
+    stride_lr,
+    stride_lh,
     GROUP_SIZE: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     LOG_GROUP_PAD: tl.constexpr,
@@ -588,6 +608,7 @@ def _fused_decode_capture_kernel(
     DOT_PRECISION: tl.constexpr,
     HEAD_TOPK: tl.constexpr,
     TILE_MAX: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,
     ROWS_PAD: tl.constexpr,
 ):
     """``_paged_decode_split_kernel`` plus Pass A in the same tile loop for captured sequences.
@@ -649,6 +670,8 @@ def _fused_decode_capture_kernel(
             )
             if TILE_MAX:
                 _store_tile_max(tile_max_ptr, cap * stride_tr, heads, row_valid, tile_start, tile_max, stride_th, TILE_N)
+            if STORE_LOGITS:
+                _store_logits(logits_ptr, cap * stride_lr, heads, row_valid, tokens, logits, stride_lh)
             if HEAD_TOPK:
                 best = _head_topk_tile(
                     best, logits, tokens, pos, u_lo, w_lo, head_top_k, GROUP_PAD, LOG_GROUP_PAD, TILE_N
@@ -816,6 +839,7 @@ def _tile_mean_topk_kernel(
     tile_ids_ptr,
     upper_ptr,
     floor_ptr,
+    logits_ptr,
     keys_ptr,
     recomputed_ptr,
     scale,
@@ -835,6 +859,8 @@ def _tile_mean_topk_kernel(
     stride_br,
     stride_kr,
     stride_kc,
+    stride_lgr,
+    stride_lgh,
     GROUP_SIZE: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -845,12 +871,14 @@ def _tile_mean_topk_kernel(
     ROPE: tl.constexpr,
     LISTED: tl.constexpr,
     FLOORED: tl.constexpr,
+    STORED: tl.constexpr,
 ):
     """Exact ``p̄`` over the candidate key tiles of one row's chunk, reduced to the chunk's top-k keys.
 
     The chunk is ``TILES_PER_PROGRAM`` entries of the tile list (``tile_ids[row]`` when
-    ``LISTED``, else tiles ``0 .. num_listed - 1``). A tile is recomputed -- its keys re-read
-    for every KV group with a head of nonzero weight, ``p̄[j] = sum_h w_h exp(s_h[j] -
+    ``LISTED``, else tiles ``0 .. num_listed - 1``). A tile is recomputed -- its logits read
+    back from Pass A's store (``STORED``) or its keys re-read, for every KV group with a head
+    of nonzero weight, ``p̄[j] = sum_h w_h exp(s_h[j] -
     lse_h)`` summed over heads in a fixed order -- only when its upper bound reaches the
     row's floor (``FLOORED``: ``floor[row]`` less a 1e-3 relative margin for the bound's
     rounding; else any tile inside ``W``). Positions outside ``W`` or below the floor get the
@@ -883,20 +911,27 @@ def _tile_mean_topk_kernel(
             if take > 0:
                 tokens = tile * TILE_N + tile_offsets
                 in_w = (tokens >= w_lo) & (tokens <= pos)
-                physical_block = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=in_w, other=0).to(tl.int64)
+                if not STORED:
+                    physical_block = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=in_w, other=0).to(tl.int64)
                 p_bar = tl.zeros([TILE_N], dtype=tl.float32)
                 for kv_head in range(num_kv_heads):
                     heads = kv_head * GROUP_SIZE + rows
                     weights = tl.load(head_weights_ptr + row * stride_wr + heads, mask=row_valid, other=0.0)
                     if tl.max(weights, axis=0) > 0.0:
-                        q_a, q_b = _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM, ROPE)
                         lse = tl.load(lse_ptr + row * stride_lr + heads, mask=row_valid, other=0.0)
                         lse = tl.where(lse == float("-inf"), 0.0, lse)
-                        k_rows = physical_block * stride_kb + (tokens % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
-                        logits = _key_logits(
-                            q_a, q_b, k_cache_ptr, k_rows, tokens, in_w, cos_ptr, sin_ptr, stride_rope, scale,
-                            HEAD_DIM, ROPE, DOT_PRECISION,
-                        )
+                        if STORED:
+                            logits = tl.load(
+                                logits_ptr + row * stride_lgr + heads[:, None] * stride_lgh + tokens[None, :],
+                                mask=row_valid[:, None] & in_w[None, :], other=float("-inf"),
+                            )
+                        else:
+                            q_a, q_b = _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM, ROPE)
+                            k_rows = physical_block * stride_kb + (tokens % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
+                            logits = _key_logits(
+                                q_a, q_b, k_cache_ptr, k_rows, tokens, in_w, cos_ptr, sin_ptr, stride_rope, scale,
+                                HEAD_DIM, ROPE, DOT_PRECISION,
+                            )
                         p_bar += tl.sum(weights[:, None] * tl.exp(logits - lse[:, None]), axis=0)
                 keys = _pack_keys(p_bar[None, :], tokens[None, :], (in_w & (p_bar >= floor))[None, :])
                 best = _update_topk(best, keys, top_k, 1, 0, TILE_N)
@@ -958,6 +993,17 @@ def _merge_topk_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
+@dataclass
+class PassAOutputs:
+    """Buffers Pass A fills for the combine and Pass B (see :func:`_empty_partials`)."""
+
+    stats: torch.Tensor
+    head_keys: torch.Tensor
+    tile_max: torch.Tensor
+    logits: torch.Tensor
+    stores_logits: bool
+
+
 def _group_pad(group: int) -> int:
     """Query rows of a KV group as the ``tl.dot`` M dimension: a power of two >= MIN_DOT_ROWS."""
     return max(MIN_DOT_ROWS, triton.next_power_of_2(group))
@@ -1005,9 +1051,10 @@ def _check_request(k_cache: torch.Tensor, req: CaptureRequest) -> None:
 
 
 def _empty_partials(rows: int, num_heads: int, num_splits: int, req: CaptureRequest, num_tiles: int,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pass A outputs: stats ``[R, Hq, S, STAT_WIDTH]``, per-head keys ``[R, Hq, S, TOPK_SLOTS]`` and tile
-    maxima ``[R, Hq, num_tiles]`` (the last two 1-element dummies when their top-k is 0).
+                    device: torch.device, logit_store_bytes: int) -> PassAOutputs:
+    """Pass A outputs: stats ``[R, Hq, S, STAT_WIDTH]``, per-head keys ``[R, Hq, S, TOPK_SLOTS]``, tile
+    maxima ``[R, Hq, num_tiles]`` and logits ``[R, Hq, num_tiles * TILE_N]`` (1-element dummies when
+    their top-k is 0; the logits also when they would take more than ``logit_store_bytes``).
 
     The stats are a view of a ``[R, STAT_WIDTH, Hq, S]`` buffer, so the combine kernel reads
     each statistic of all heads and splits as one contiguous block.
@@ -1018,11 +1065,14 @@ def _empty_partials(rows: int, num_heads: int, num_splits: int, req: CaptureRequ
         keys = torch.empty((rows, num_heads, num_splits, TOPK_SLOTS), dtype=torch.int64, device=device)
     else:
         keys = torch.empty((1, 1, 1, 1), dtype=torch.int64, device=device)
+    dummy = torch.empty((1, 1, 1), dtype=torch.float32, device=device)
+    tile_max = logits = dummy
     if req.top_k:
         tile_max = torch.empty((rows, num_heads, num_tiles), dtype=torch.float32, device=device)
-    else:
-        tile_max = torch.empty((1, 1, 1), dtype=torch.float32, device=device)
-    return stats, keys, tile_max
+        positions = num_tiles * _tile_tokens(req.q.shape[2])
+        if rows * num_heads * positions * 4 <= logit_store_bytes:
+            logits = torch.empty((rows, num_heads, positions), dtype=torch.float32, device=device)
+    return PassAOutputs(stats, keys, tile_max, logits, logits is not dummy)
 
 
 def _final_topk(keys: torch.Tensor, k: int, empty_value: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1067,12 +1117,10 @@ def _tiles_per_program(rows: int, num_listed: int, device: torch.device) -> int:
     return min(MAX_TILES_PER_PROGRAM, triton.next_power_of_2(wanted))
 
 
-def _finish(
-    k_cache: torch.Tensor, req: CaptureRequest, scale: float, stats: torch.Tensor, head_keys: torch.Tensor,
-    tile_max: torch.Tensor,
-) -> CaptureResult:
+def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: PassAOutputs) -> CaptureResult:
     """Combine Pass A partials, merge per-head top-k, and run Pass B when ``top_k > 0``."""
     rows, num_heads, head_dim = req.q.shape
+    stats = partials.stats
     num_splits = stats.shape[2]
     device = k_cache.device
     f32 = {"dtype": torch.float32, "device": device}
@@ -1097,17 +1145,21 @@ def _finish(
         )
     head_pos = head_logit = topk_pos = topk_prob = recomputed = None
     if req.head_top_k:
-        head_pos, head_logit = _final_topk(head_keys, req.head_top_k, float("-inf"))
+        head_pos, head_logit = _final_topk(partials.head_keys, req.head_top_k, float("-inf"))
     if req.top_k:
-        topk_pos, topk_prob, recomputed = _mean_topk(k_cache, req, scale, lse, tile_max)
+        topk_pos, topk_prob, recomputed = _mean_topk(k_cache, req, scale, lse, partials)
     return CaptureResult(lse, hist, entropy, sink_mass, num_stat, topk_pos, topk_prob, head_pos, head_logit,
                          recomputed)
 
 
 def _mean_topk(
-    k_cache: torch.Tensor, req: CaptureRequest, scale: float, lse: torch.Tensor, tile_max: torch.Tensor
+    k_cache: torch.Tensor, req: CaptureRequest, scale: float, lse: torch.Tensor, partials: PassAOutputs
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pass B: exact head-mean top-k positions and ``p̄`` of every row, re-reading only candidate key tiles.
+    """Pass B: exact head-mean top-k positions and ``p̄`` of every row, recomputing only candidate key tiles.
+
+    A tile's logits come from Pass A's store when it kept them (``partials.stores_logits``:
+    4 bytes per head and position, a small fraction of the key bytes a re-read would move),
+    else from its keys, read again.
 
     From Pass A's per-head tile maxima and the final ``lse``, ``_tile_bounds_kernel`` bounds
     ``p̄`` per tile from above and below. Round 1 recomputes ``p̄`` exactly on the ``k`` tiles
@@ -1119,9 +1171,10 @@ def _mean_topk(
     depends on the attention: peaked rows re-read a few tiles, flat ones (where no tile's
     bound falls below the floor) all of ``W``. Returns ``(pos, prob, recomputed_tiles)``;
     ranks past ``|W|`` are position -1 / value 0. Temporary memory per row: 4 bytes per
-    head and tile (Pass A's maxima), 8 per tile for the bounds, 512 per program's chunk keys.
-    No host sync.
+    head and tile (Pass A's maxima), 8 per tile for the bounds, 512 per program's chunk keys,
+    and the stored logits when kept. No host sync.
     """
+    tile_max, logits = partials.tile_max, partials.logits
     rows, num_heads, head_dim = req.q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -1153,11 +1206,11 @@ def _mean_topk(
         ids = upper if tile_ids is None else tile_ids
         _tile_mean_topk_kernel[(rows, num_chunks)](
             req.q, k_cache, req.block_tables, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
-            req.head_weights, lse, cos, sin, ids, upper, upper if floor is None else floor, keys,
+            req.head_weights, lse, cos, sin, ids, upper, upper if floor is None else floor, logits, keys,
             recomputed, scale, num_listed, num_kv_heads, k,
             req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
             req.head_weights.stride(0), lse.stride(0), ids.stride(0), upper.stride(0), keys.stride(0),
-            keys.stride(1),
+            keys.stride(1), *logits.stride()[:2],
             GROUP_SIZE=group,
             GROUP_PAD=_group_pad(group),
             HEAD_DIM=head_dim,
@@ -1168,7 +1221,8 @@ def _mean_topk(
             ROPE=rope,
             LISTED=tile_ids is not None,
             FLOORED=floor is not None,
-            num_warps=PASS_B_ROPE_NUM_WARPS if rope else PASS_B_NUM_WARPS,
+            STORED=partials.stores_logits,
+            num_warps=PASS_B_ROPE_NUM_WARPS if rope and not partials.stores_logits else PASS_B_NUM_WARPS,
         )
         return _final_topk(keys, k, 0.0)
 
@@ -1181,13 +1235,15 @@ def _mean_topk(
 
 
 def attention_capture(
-    k_cache: torch.Tensor, req: CaptureRequest, scale: float, num_splits: int | None = None
+    k_cache: torch.Tensor, req: CaptureRequest, scale: float, num_splits: int | None = None,
+    logit_store_bytes: int = LOGIT_STORE_MAX_BYTES,
 ) -> CaptureResult:
     """Capture every row of ``req`` from the paged ``k_cache`` ``[blocks, block_size, Hkv, D]``.
 
     Same contract and results as ``capture_rows_ref`` (float32 outputs on ``k_cache``'s
     device), computed by standalone Pass A over ``U`` (``num_splits`` splits per row, picked
-    from the table width by default), the combine kernel, and Pass B when ``req.top_k > 0``.
+    from the table width by default), the combine kernel, and Pass B when ``req.top_k > 0``
+    (from logits Pass A stored when they fit in ``logit_store_bytes``, else re-reading keys).
     Handles de-rotation (``rope_cos``/``rope_sin``).
     """
     _check_request(k_cache, req)
@@ -1197,16 +1253,17 @@ def attention_capture(
     if num_splits is None:
         max_len = req.block_tables.shape[1] * block_size
         num_splits = default_num_splits(rows, num_kv_heads, max_len, _num_sms(k_cache.device))
-    stats, head_keys, tile_max = _empty_partials(rows, num_heads, num_splits, req,
-                                                 _num_key_tiles(req.block_tables, block_size, head_dim),
-                                                 k_cache.device)
+    partials = _empty_partials(rows, num_heads, num_splits, req, _num_key_tiles(req.block_tables, block_size, head_dim),
+                               k_cache.device, logit_store_bytes)
     cos, sin, stride_rope, rope = _rope_args(req, k_cache)
     if rows:
         _capture_split_kernel[(rows, num_kv_heads, num_splits)](
             req.q, k_cache, req.block_tables, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
-            cos, sin, stats, head_keys, tile_max, scale, num_splits, req.head_top_k,
+            cos, sin, partials.stats, partials.head_keys, partials.tile_max, partials.logits, scale, num_splits,
+            req.head_top_k,
             req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
-            *stats.stride(), *head_keys.stride()[:3], *tile_max.stride()[:2],
+            *partials.stats.stride(), *partials.head_keys.stride()[:3], *partials.tile_max.stride()[:2],
+            *partials.logits.stride()[:2],
             GROUP_SIZE=group,
             GROUP_PAD=_group_pad(group),
             LOG_GROUP_PAD=_group_pad(group).bit_length() - 1,
@@ -1217,9 +1274,10 @@ def attention_capture(
             ROPE=rope,
             HEAD_TOPK=req.head_top_k > 0,
             TILE_MAX=req.top_k > 0,
+            STORE_LOGITS=partials.stores_logits,
             num_warps=PASS_A_NUM_WARPS,
         )
-    return _finish(k_cache, req, scale, stats, head_keys, tile_max)
+    return _finish(k_cache, req, scale, partials)
 
 
 def paged_decode_attention_capture(
@@ -1233,6 +1291,7 @@ def paged_decode_attention_capture(
     capture_rows: torch.Tensor,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    logit_store_bytes: int = LOGIT_STORE_MAX_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor, CaptureResult]:
     """Decode attention of the whole batch with capture of the decode rows ``capture_rows``.
 
@@ -1244,6 +1303,7 @@ def paged_decode_attention_capture(
     branch per program). Returns ``(out, lse, CaptureResult)`` with ``out``/``lse`` as the
     plain kernel's. With rope tables (de-rotated logits differ from the attention's) the
     plain kernel and :func:`attention_capture` run one after the other instead.
+    ``logit_store_bytes`` as in :func:`attention_capture`.
     """
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out)
     _check_request(k_cache, capture)
@@ -1255,7 +1315,7 @@ def paged_decode_attention_capture(
         raise ValueError(f"capture_rows must be int32 or int64, got {capture_rows.dtype}")
     if capture.rope_cos is not None:
         out, lse = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out)
-        return out, lse, attention_capture(k_cache, capture, scale)
+        return out, lse, attention_capture(k_cache, capture, scale, logit_store_bytes=logit_store_bytes)
 
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -1277,15 +1337,16 @@ def paged_decode_attention_capture(
         part_out_strides = part_out.stride()[:3]
         part_lse_strides = part_lse.stride()
     capture_rows = capture_rows.to(q.device)
-    stats, head_keys, tile_max = _empty_partials(rows, num_heads, num_splits, capture,
-                                                 _num_key_tiles(block_tables, block_size, head_dim), q.device)
+    partials = _empty_partials(rows, num_heads, num_splits, capture, _num_key_tiles(block_tables, block_size, head_dim),
+                               q.device, logit_store_bytes)
 
     _fused_decode_capture_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, capture_rows,
-        capture.query_pos, capture.mask_prefix, capture.window, capture.sink_tokens, stats, head_keys, tile_max,
-        scale, num_splits, capture.head_top_k, rows,
+        capture.query_pos, capture.mask_prefix, capture.window, capture.sink_tokens, partials.stats,
+        partials.head_keys, partials.tile_max, partials.logits, scale, num_splits, capture.head_top_k, rows,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        *part_out_strides, *part_lse_strides, *stats.stride(), *head_keys.stride()[:3], *tile_max.stride()[:2],
+        *part_out_strides, *part_lse_strides, *partials.stats.stride(), *partials.head_keys.stride()[:3],
+        *partials.tile_max.stride()[:2], *partials.logits.stride()[:2],
         GROUP_SIZE=group,
         GROUP_PAD=_group_pad(group),
         LOG_GROUP_PAD=_group_pad(group).bit_length() - 1,
@@ -1295,6 +1356,7 @@ def paged_decode_attention_capture(
         DOT_PRECISION=_dot_precision(q.dtype),
         HEAD_TOPK=capture.head_top_k > 0,
         TILE_MAX=capture.top_k > 0,
+        STORE_LOGITS=partials.stores_logits,
         ROWS_PAD=max(2, triton.next_power_of_2(rows)),
         num_warps=FUSED_HEAD_TOPK_NUM_WARPS if capture.head_top_k else FUSED_NUM_WARPS,
         maxnreg=FUSED_HEAD_TOPK_MAXNREG if capture.head_top_k else FUSED_MAXNREG,
@@ -1306,4 +1368,4 @@ def paged_decode_attention_capture(
             HEAD_DIM=head_dim,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
         )
-    return out, lse, _finish(k_cache, capture, scale, stats, head_keys, tile_max)
+    return out, lse, _finish(k_cache, capture, scale, partials)

@@ -27,10 +27,13 @@ import triton.language as tl  # noqa: E402
 from attnscope.engine.rope import RotaryEmbedding  # noqa: E402
 from attnscope.kernels.layer_ops_reference import rotate_ref as rotate  # noqa: E402
 from attnscope.kernels.capture import (  # noqa: E402
+    LOGIT_STORE_MAX_BYTES,
     _distance_bins,
+    _empty_partials,
     _pack_keys,
     _unpack_keys,
     attention_capture,
+    paged_decode_attention_capture,
 )
 from attnscope.kernels.capture_reference import (  # noqa: E402
     CaptureRequest,
@@ -224,6 +227,9 @@ def check_result(result: CaptureResult, case: Case, req: CaptureRequest, seed: i
             )
 
 
+# Pass B reads the logits Pass A stored, or (no store budget) re-reads the keys.
+LOGIT_PATHS = pytest.mark.parametrize("logit_store_bytes", [LOGIT_STORE_MAX_BYTES, 0], ids=["stored", "reread"])
+
 # (dtype, lens, Hq, Hkv, head_dim, block_size, splits, top_k, head_top_k)
 CAPTURE_CASES = [
     pytest.param(torch.float32, [37, 1, 64, 100], 8, 2, 32, 16, 3, 8, 5, id="gqa4-odd-len1-3splits"),
@@ -235,19 +241,22 @@ CAPTURE_CASES = [
 ]
 
 
+@LOGIT_PATHS
 @pytest.mark.parametrize(
     "dtype, lens, num_heads, num_kv_heads, head_dim, block_size, num_splits, top_k, head_top_k", CAPTURE_CASES
 )
 def test_attention_capture_matches_reference(
     seed: int, dtype: torch.dtype, lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
-    block_size: int, num_splits: int, top_k: int, head_top_k: int,
+    block_size: int, num_splits: int, top_k: int, head_top_k: int, logit_store_bytes: int,
 ) -> None:
     """Standalone capture agrees with the reference under random masks, windows, sinks and heads."""
     case = make_case(seed, lens, num_heads, num_kv_heads, head_dim, block_size, dtype)
     req = make_request(case, random.Random(seed), top_k, head_top_k)
     print(f"pos={req.query_pos.tolist()} mask={req.mask_prefix.tolist()} window={req.window.tolist()} "
           f"sinks={req.sink_tokens.tolist()}")
-    check_result(attention_capture(case.k_cache, req, case.scale, num_splits=num_splits), case, req, seed)
+    result = attention_capture(case.k_cache, req, case.scale, num_splits=num_splits,
+                               logit_store_bytes=logit_store_bytes)
+    check_result(result, case, req, seed)
 
 
 def test_attention_capture_edge_sets(seed: int) -> None:
@@ -319,12 +328,14 @@ def test_ties_rank_lower_position_first(seed: int, dtype: torch.dtype) -> None:
     check_result(result, case, req, seed)
 
 
-def test_attention_capture_derotates_keys(seed: int) -> None:
+@LOGIT_PATHS
+def test_attention_capture_derotates_keys(seed: int, logit_store_bytes: int) -> None:
     """With rope tables every key is rotated back by its own position before the logits."""
     case = make_case(seed, [70, 23], 8, 2, 64, 16, torch.float32)
     rope = RotaryEmbedding(64, 128, theta=10000.0, scaling=None, dtype=torch.float32)
     req = replace(make_request(case, random.Random(seed), 8, 4), rope_cos=rope.cos, rope_sin=rope.sin)
-    check_result(attention_capture(case.k_cache, req, case.scale, num_splits=3), case, req, seed)
+    result = attention_capture(case.k_cache, req, case.scale, num_splits=3, logit_store_bytes=logit_store_bytes)
+    check_result(result, case, req, seed)
 
 
 def plant_peaks(case: Case, row: int, positions: list[int], strength: float) -> None:
@@ -349,9 +360,12 @@ def tiles_in_window(req: CaptureRequest, row: int, tile: int) -> int:
     return 0 if lo > pos else pos // tile - lo // tile + 1
 
 
+@LOGIT_PATHS
 @pytest.mark.parametrize("fused", [False, True], ids=["standalone", "fused"])
-def test_head_mean_topk_rereads_only_candidate_tiles_and_stays_exact(seed: int, fused: bool) -> None:
-    """Peaked rows: Pass B re-reads a few key tiles, not all of ``W``; flat rows re-read what they must; both exact."""
+def test_head_mean_topk_rereads_only_candidate_tiles_and_stays_exact(
+    seed: int, fused: bool, logit_store_bytes: int
+) -> None:
+    """Peaked rows: Pass B recomputes a few key tiles, not all of ``W``; flat rows what they must; both exact."""
     rng = random.Random(seed)
     case = make_case(seed, [1500, 1300, 900], 8, 2, 32, 16, torch.float32)
     peaks = [0, *rng.sample(range(1, 1290), 5), 1297]
@@ -362,10 +376,10 @@ def test_head_mean_topk_rereads_only_candidate_tiles_and_stays_exact(seed: int, 
                        window=[0, 0, 700], sink_tokens=[1, 0, 0])
     if fused:
         args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale)
-        _, _, result = paged_decode_attention(*args, num_splits=3, capture=req,
-                                              capture_rows=torch.arange(3, dtype=torch.int32))
+        _, _, result = paged_decode_attention_capture(*args, req, torch.arange(3, dtype=torch.int32), num_splits=3,
+                                                      logit_store_bytes=logit_store_bytes)
     else:
-        result = attention_capture(case.k_cache, req, case.scale, num_splits=3)
+        result = attention_capture(case.k_cache, req, case.scale, num_splits=3, logit_store_bytes=logit_store_bytes)
     check_result(result, case, req, seed)
     in_window = [tiles_in_window(req, row, 64) for row in range(3)]
     recomputed = result.recomputed_tiles.tolist()
@@ -373,6 +387,17 @@ def test_head_mean_topk_rereads_only_candidate_tiles_and_stays_exact(seed: int, 
     assert recomputed[1] <= 3 * req.top_k < in_window[1], (recomputed, in_window)
     assert set(result.topk_pos[1].tolist()) <= set(peaks[1:])  # position 0 is masked
     assert recomputed[2] <= req.top_k + in_window[2]
+
+
+def test_logits_are_stored_only_within_the_budget(seed: int) -> None:
+    """Pass A keeps float32 logits for every head and key tile position only when they fit the byte budget."""
+    case = make_case(seed, [100, 30], 8, 2, 32, 16, torch.float32)
+    req = make_request(case, random.Random(seed), 4, 0)
+    needed = 2 * 8 * 2 * 64 * 4  # rows x heads x (2 tiles of 64 positions cover 7 blocks of 16) x float32
+    stored = _empty_partials(2, 8, 3, req, 2, torch.device("cpu"), needed)
+    assert stored.stores_logits and stored.logits.shape == (2, 8, 128)
+    assert not _empty_partials(2, 8, 3, req, 2, torch.device("cpu"), needed - 1).stores_logits
+    assert not _empty_partials(2, 8, 3, replace(req, top_k=0), 2, torch.device("cpu"), needed).stores_logits
 
 
 def test_ties_across_many_tiles_rank_lower_position_first(seed: int) -> None:
@@ -405,20 +430,21 @@ FUSED_CASES = [
 ]
 
 
+@LOGIT_PATHS
 @pytest.mark.parametrize(
     "dtype, lens, num_heads, num_kv_heads, head_dim, block_size, num_splits, rows, top_k, head_top_k", FUSED_CASES
 )
 def test_fused_decode_capture(
     seed: int, dtype: torch.dtype, lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
-    block_size: int, num_splits: int, rows: list[int], top_k: int, head_top_k: int,
+    block_size: int, num_splits: int, rows: list[int], top_k: int, head_top_k: int, logit_store_bytes: int,
 ) -> None:
     """Fused decode: attention equals the plain kernel's for every row, capture equals the reference."""
     case = make_case(seed, lens, num_heads, num_kv_heads, head_dim, block_size, dtype)
     req = decode_request(case, rows, random.Random(seed), top_k, head_top_k)
     args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale)
     plain_out, plain_lse = paged_decode_attention(*args, num_splits=num_splits)
-    out, lse, result = paged_decode_attention(
-        *args, num_splits=num_splits, capture=req, capture_rows=torch.tensor(rows, dtype=torch.int32)
+    out, lse, result = paged_decode_attention_capture(
+        *args, req, torch.tensor(rows, dtype=torch.int32), num_splits=num_splits, logit_store_bytes=logit_store_bytes
     )
     assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse), f"seed={seed}"
     index = torch.tensor(rows, dtype=torch.long)
