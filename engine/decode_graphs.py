@@ -21,7 +21,12 @@ set and ``top_k``; the no-capture graph of every bucket is recorded when the eng
 starts, capture layouts when first seen (at most ``MAX_LAYOUT_GRAPHS``, least recently
 used dropped). Steps with prefill chunks, full-matrix capture or de-rotated capture run
 eagerly. Results of a replay live in the graph's memory until the next replay: the
-engine reads them (sampling, capture records) before it steps again.
+engine queues what reads them (sampling, host copies of capture results) before it
+launches again. A step launched before the host has read the previous step's tokens
+(``EngineConfig.overlap_steps``) marks those inputs with a token source: the graph reads
+them from ``previous``, where the previous step's sampled ids are copied on the device.
+Each graph has two pinned host buffers used in turn, so filling one never races the
+copy of the step before, which may still be queued.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from attnscope.engine.attention import AttentionBatch
 from attnscope.engine.capture_plan import CaptureRow, LayerCapture, StepCapture, row_columns
 from attnscope.engine.capture_records import pack_results
 from attnscope.engine.model import LlamaForCausalLM
+from attnscope.engine.device_values import read_pending_tokens
 from attnscope.kernels.capture_reference import CaptureRequest
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -93,7 +99,7 @@ class _Staging:
     size: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("input_ids", "positions", "slots", "context_lens"):
+        for name in ("input_ids", "token_sources", "positions", "slots", "context_lens"):
             self._add(name, self.batch)
         for s, rows in enumerate(self.row_sets):
             for name in _ROW_FIELDS:
@@ -117,6 +123,7 @@ class _DecodeGraph:
     staging: _Staging
     layout: CaptureLayout | None
     host: torch.Tensor
+    spare: torch.Tensor  # the other host buffer: a step fills one while the last step's copy may read the other
     device: torch.Tensor
     plan: StepCapture | None = None
     logits: torch.Tensor | None = None
@@ -148,6 +155,8 @@ class DecodeGraphs:
         self._plain: dict[int, _DecodeGraph] = {}
         self._layouts: OrderedDict[tuple[int, CaptureLayout], _DecodeGraph] = OrderedDict()
         self._pool = torch.cuda.graph_pool_handle() if replay else None
+        self.previous = torch.zeros(self.max_batch, dtype=torch.long, device=device)
+        """The previous step's sampled tokens, where inputs with a token source read them."""
         self.replays = 0
         """Decode steps run through a graph so far."""
 
@@ -157,15 +166,20 @@ class DecodeGraphs:
             self._graph(batch, None)
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[np.ndarray],
-            context_lens: list[int], num_prefill_chunks: int, capture: StepCapture | None) -> torch.Tensor | None:
+            context_lens: list[int], num_prefill_chunks: int, capture: StepCapture | None,
+            token_sources: list[int] | None = None, previous_tokens: torch.Tensor | None = None,
+            ) -> torch.Tensor | None:
         """Replay (or record, first time) the graph of a pure decode step; logits ``[B, vocab]`` float32.
 
         Returns ``None``, doing nothing, for a step no graph runs (prefill chunks, a batch
         over ``max_batch``, full-matrix or de-rotated capture). Fills ``capture``'s groups'
         results with views of the graph's outputs (rows past each group's own rows are padding).
+        Inputs with a ``token_sources`` row >= 0 read ``previous_tokens[row]`` on the device.
         """
         batch = len(input_ids)
         if num_prefill_chunks or not batch or batch > self.max_batch:
+            return None
+        if previous_tokens is not None and len(previous_tokens) > len(self.previous):
             return None
         padded = bucket(batch, self.max_batch)
         layout, members = None, []
@@ -175,8 +189,11 @@ class DecodeGraphs:
                 return None
             layout, members = found
         graph = self._graph(padded, layout)
-        used = self._fill(graph, input_ids, positions, slots, tables, context_lens, members)
+        graph.host, graph.spare = graph.spare, graph.host
+        used = self._fill(graph, input_ids, positions, slots, tables, context_lens, members, token_sources or [])
         graph.device[:used].copy_(graph.host[:used], non_blocking=True)
+        if previous_tokens is not None:
+            self.previous[: len(previous_tokens)].copy_(previous_tokens)
         self.replays += 1
         if graph.graph is not None:
             graph.graph.replay()
@@ -197,8 +214,9 @@ class DecodeGraphs:
             self._layouts.move_to_end(key)
             return self._layouts[key]
         staging = _Staging(batch, self.width, self.num_heads, layout.row_sets if layout else ())
-        host = torch.zeros(staging.size, dtype=torch.int32, pin_memory=self.replay)
-        graph = _DecodeGraph(staging, layout, host, torch.zeros(staging.size, dtype=torch.int32, device=self.device))
+        host, spare = (torch.zeros(staging.size, dtype=torch.int32, pin_memory=self.replay) for _ in range(2))
+        graph = _DecodeGraph(staging, layout, host, spare,
+                             torch.zeros(staging.size, dtype=torch.int32, device=self.device))
         self._pad(graph)
         if self.replay:
             self._record(graph)
@@ -211,12 +229,14 @@ class DecodeGraphs:
         return graph
 
     def _pad(self, graph: _DecodeGraph) -> None:
-        """Fill a new graph's staging with padding only (what it records with: nothing read or written)."""
-        st, host = graph.staging, graph.host_array
-        st.view(host, "slots")[:] = -1
-        for s, rows in enumerate(st.row_sets):
-            st.view(host, f"decode_rows{s}")[:] = -1
-            st.view(host, f"head_weights{s}").view(np.float32)[:] = 1.0 / st.num_heads
+        """Fill a new graph's staging buffers with padding only (what it records with: nothing read or written)."""
+        st = graph.staging
+        for host in (graph.host.numpy(), graph.spare.numpy()):
+            st.view(host, "slots")[:] = -1
+            st.view(host, "token_sources")[:] = -1
+            for s, rows in enumerate(st.row_sets):
+                st.view(host, f"decode_rows{s}")[:] = -1
+                st.view(host, f"head_weights{s}").view(np.float32)[:] = 1.0 / st.num_heads
         graph.device.copy_(graph.host)
 
     def _record(self, graph: _DecodeGraph) -> None:
@@ -246,7 +266,8 @@ class DecodeGraphs:
             capture=graph.plan,
             rope=(self.model.rope.cos, self.model.rope.sin),
         )
-        hidden = self.model(st.view(buf, "input_ids"), st.view(buf, "positions"), attention)
+        input_ids = read_pending_tokens(st.view(buf, "input_ids"), st.view(buf, "token_sources"), self.previous)
+        hidden = self.model(input_ids, st.view(buf, "positions"), attention)
         logits = self.model.logits(hidden)
         graph.packed = pack_results(graph.plan) if graph.plan is not None else None
         return logits
@@ -273,11 +294,13 @@ class DecodeGraphs:
         return plan
 
     def _fill(self, graph: _DecodeGraph, input_ids: list[int], positions: list[int], slots: list[int],
-              tables: list[np.ndarray], context_lens: list[int], members: list[list[CaptureRow]]) -> int:
+              tables: list[np.ndarray], context_lens: list[int], members: list[list[CaptureRow]],
+              token_sources: list[int]) -> int:
         """Write a step into the graph's host staging; returns how many leading entries to copy."""
         st, host = graph.staging, graph.host_array
         batch = len(input_ids)
-        for name, values, filler in (("input_ids", input_ids, 0), ("positions", positions, 0), ("slots", slots, -1),
+        for name, values, filler in (("input_ids", input_ids, 0), ("token_sources", token_sources or -1, -1),
+                                     ("positions", positions, 0), ("slots", slots, -1),
                                      ("context_lens", context_lens, 0)):
             view = st.view(host, name)
             view[:batch] = values

@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Sequence as SequenceOf
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
@@ -33,6 +32,7 @@ from attnscope.engine.block_manager import BlockManager
 from attnscope.engine.capture_records import append_full_rows, full_capture_data, pack_results, step_records
 from attnscope.engine.capture_plan import StepCapture
 from attnscope.engine.capture_state import SequenceCapture, ThinkTags
+from attnscope.engine.device_values import copy_to_host
 from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.kv_cache import kv_cache_blocks
 from attnscope.engine.model import LlamaForCausalLM
@@ -52,8 +52,8 @@ from attnscope.engine.outputs import (
     TopLogprob,
     Usage,
 )
-from attnscope.engine.sampler import Sampler, SamplingInputs, make_generator
-from attnscope.engine.scheduler import Scheduler, SchedulerConfig
+from attnscope.engine.sampler import PendingSample, Sampler, SamplingInputs, make_generator, uses_token_history
+from attnscope.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from attnscope.engine.sequence import Sequence
 from attnscope.engine.stop import StopStringText
 from attnscope.engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -116,19 +116,25 @@ class _Request:
         """Token counts so far."""
         return Usage(
             prompt_tokens=len(self.prompt_token_ids),
-            completion_tokens=sum(len(c.seq.output_token_ids) for c in self.choices),
+            completion_tokens=sum(c.seq.num_known_outputs for c in self.choices),
             cached_prompt_tokens=self.choices[0].seq.num_cached_prompt_tokens,
         )
 
 
 @dataclass
-class _DeferredCapture:
-    """A step's capture, its results on the host, and the requests whose outputs wait for its records."""
+class _LaunchedStep:
+    """A step whose device work is queued, and what the host needs to finish it once the device is done.
 
-    capture: StepCapture
-    packed: np.ndarray | None
-    sequences: dict[int, Sequence]
-    requests: dict[str, _Request] = field(default_factory=dict)
+    ``output_indices[i]`` is where ``sampling[i]``'s sampled token goes among its outputs
+    (counted as pending until then); ``packed`` the host copy (in flight) of the capture results.
+    """
+
+    plan: StepPlan
+    sampling: list[Sequence]
+    output_indices: list[int]
+    sample: PendingSample
+    capture: StepCapture | None
+    packed: torch.Tensor | None
 
 
 class LLMEngine:
@@ -157,7 +163,9 @@ class LLMEngine:
         self._inbox: list[_Request] = []
         self._active: dict[str, _Request] = {}
         self._aborts: list[_Request] = []
-        self._deferred: _DeferredCapture | None = None
+        self._launched: _LaunchedStep | None = None
+        self._overlap = (config.overlap_steps if config.overlap_steps is not None else self.device.type == "cuda")
+        self._overlap = self._overlap and isinstance(self.runner, ModelRunner)
         self._seq_ids = itertools.count()
         self._lock = threading.RLock()
         self._state = threading.Lock()
@@ -347,73 +355,118 @@ class LLMEngine:
             return self._has_work()
 
     def _has_work(self) -> bool:
-        """True while sequences wait in the inbox or the scheduler, aborts are pending or captured outputs
-        wait to be published (state lock held)."""
-        return bool(self._inbox or self._aborts or self._deferred) or self.scheduler.has_work()
+        """True while sequences wait in the inbox or the scheduler, aborts are pending or a launched step
+        waits to be finished (state lock held)."""
+        return bool(self._inbox or self._aborts or self._launched) or self.scheduler.has_work()
 
     # ----------------------------------------------------------------- stepping
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling + model step; the outputs it produced, one per advanced request.
+        """Run one scheduling + model step; the outputs finished steps produced, one per advanced request.
 
-        A request whose rows were captured this step is published in the next step, with
-        its capture records: those are built from the step's results while the GPU runs
-        that next step, so building them costs no decode time (a step with nothing to
-        schedule still publishes them).
+        With overlapping steps (``EngineConfig.overlap_steps``) a step is launched before the
+        previous one is finished: its decode inputs read the previous step's sampled tokens
+        on the device, and the host reads those tokens, checks stops, builds capture records
+        and publishes while the device runs the new step. So a call returns the previous
+        step's outputs; a call with nothing new to launch returns the last ones. A sequence
+        that stopped meanwhile ran one step too many; that token is dropped.
         """
         with self._lock:
             self._take_inbox()
             plan = self.scheduler.schedule()
-            deferred, self._deferred = self._deferred, None
+            previous, self._launched = self._launched, None
+            outputs: list[RequestOutput] = []
+            if previous is not None and not self._can_overlap(plan):
+                outputs = self._finish_step(previous)
+                previous = None
+                plan.chunks = [c for c in plan.chunks if not c.seq.finished]
             if not plan.chunks:
-                return self._publish_deferred(deferred)
-            inputs, captured = prepare_step(plan, self.blocks)
-            logits = self.runner.run(inputs, captured)
-            outputs = self._publish_deferred(deferred)  # host work while the device runs this step
-            sampling = [c.seq for c in plan.chunks if c.samples]
-            result = self.sampler.sample(logits, SamplingInputs(
-                params=[s.params for s in sampling],
-                generators=[s.generator for s in sampling],
-                prompt_token_ids=[s.prompt_token_ids for s in sampling],
-                output_token_ids=[s.output_token_ids for s in sampling],
-            ))
-            held: set[str] = set()
-            if captured is not None:
-                append_full_rows(captured)
-                packed = captured.packed if captured.packed is not None else pack_results(captured)
-                sequences = captured.sequences()
-                self._deferred = _DeferredCapture(captured, packed.cpu().numpy() if packed is not None else None,
-                                                  sequences)
-                held = {seq.request_id for seq in sequences.values()}
+                return outputs + (self._finish_step(previous) if previous is not None else [])
+            launched = self._launch(plan, previous)
+            if previous is not None:
+                outputs = self._finish_step(previous)  # host work while the device runs the new step
             for chunk in plan.chunks:
-                chunk.seq.num_computed_tokens += chunk.num_tokens
-                self.blocks.mark_computed(chunk.seq.seq_id, chunk.seq.all_token_ids, chunk.seq.num_computed_tokens)
-            touched: dict[str, _Request] = {}
-            for row, seq in enumerate(sampling):
-                req = self._active[seq.request_id]
-                lp = None
-                if result.logprobs[row] is not None:
-                    lp = self._token_logprob(result.token_ids[row], result.logprobs[row], result.top_logprobs[row])
-                self._append_token(req.choices[seq.index], result.token_ids[row], lp)
-                touched[req.request_id] = req
-            for rid, req in touched.items():
-                if rid in held:
-                    self._deferred.requests[rid] = req
-                elif (out := self._publish(req)) is not None:
-                    outputs.append(out)
-            return outputs
+                if not chunk.seq.finished:
+                    self.blocks.mark_computed(chunk.seq.seq_id, chunk.seq.all_token_ids, chunk.seq.num_computed_tokens)
+            if self._overlap and not (launched.capture is not None and launched.capture.full):
+                self._launched = launched
+                return outputs
+            return outputs + self._finish_step(launched)
 
-    def _publish_deferred(self, deferred: _DeferredCapture | None) -> list[RequestOutput]:
-        """Turn the previous step's capture results into records and publish the requests held for them."""
-        if deferred is None:
-            return []
-        for seq_id, records in step_records(deferred.capture, deferred.packed).items():
-            seq = deferred.sequences[seq_id]
-            req = self._active.get(seq.request_id)
-            if req is not None:  # else aborted meanwhile
-                req.choices[seq.index].pending_attention.extend(records)
-        held = [self._active.get(rid) for rid in deferred.requests]
-        return [out for req in held if req is not None and (out := self._publish(req)) is not None]
+    def _can_overlap(self, plan: StepPlan) -> bool:
+        """Whether ``plan`` can launch before the previous step's tokens are on the host.
+
+        Not when a prefill chunk covers a pending token (only decode inputs read tokens on
+        the device), a penalty reads the token history, or a captured sequence needs token
+        values to plan (think-phase tags) or captures full matrices.
+        """
+        if not self._overlap:
+            return False
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            if seq.num_pending and chunk.num_tokens != 1:
+                return False
+            if chunk.samples and uses_token_history(seq.params):
+                return False
+            cap = seq.capture
+            if cap is not None and (cap.is_full or cap.tags.start or cap.tags.end):
+                return False
+        return True
+
+    def _launch(self, plan: StepPlan, previous: _LaunchedStep | None) -> _LaunchedStep:
+        """Queue a step's device work (forward, capture, sampling, host copies) and count its tokens as pending."""
+        pending_rows = None if previous is None else {seq.seq_id: row for row, seq in enumerate(previous.sampling)}
+        inputs, captured = prepare_step(plan, self.blocks, pending_rows)
+        if previous is None:
+            logits = self.runner.run(inputs, captured)
+        else:
+            logits = self.runner.run(inputs, captured, previous.sample.token_ids)
+        packed = None
+        if captured is not None:
+            append_full_rows(captured)
+            on_device = captured.packed if captured.packed is not None else pack_results(captured)
+            packed = copy_to_host(on_device) if on_device is not None else None
+        sampling = [c.seq for c in plan.chunks if c.samples]
+        sample = self.sampler.sample_async(logits, SamplingInputs(
+            params=[s.params for s in sampling],
+            generators=[s.generator for s in sampling],
+            prompt_token_ids=[s.prompt_token_ids for s in sampling],
+            output_token_ids=[s.output_token_ids for s in sampling],
+        ))
+        for chunk in plan.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+        indices = []
+        for seq in sampling:
+            index = seq.append_pending()
+            indices.append(index)
+            seq.final_pending = index + 1 >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
+        return _LaunchedStep(plan, sampling, indices, sample, captured, packed)
+
+    def _finish_step(self, step: _LaunchedStep) -> list[RequestOutput]:
+        """Read a launched step's results (waiting for them): capture records, tokens, stops; publish.
+
+        Sequences that ended while the step ran (stop, abort) get neither its token nor its records.
+        """
+        result = step.sample.result()
+        if step.capture is not None:
+            packed = step.packed.numpy() if step.packed is not None else None
+            sequences = step.capture.sequences()
+            for seq_id, records in step_records(step.capture, packed).items():
+                seq = sequences[seq_id]
+                req = self._active.get(seq.request_id)
+                if req is not None and not seq.finished:
+                    req.choices[seq.index].pending_attention.extend(records)
+        touched: dict[str, _Request] = {}
+        for row, seq in enumerate(step.sampling):
+            if seq.finished:
+                continue
+            req = self._active[seq.request_id]
+            lp = None
+            if result.logprobs[row] is not None:
+                lp = self._token_logprob(result.token_ids[row], result.logprobs[row], result.top_logprobs[row])
+            self._append_token(req.choices[seq.index], step.output_indices[row], result.token_ids[row], lp)
+            touched[req.request_id] = req
+        return [out for req in touched.values() if (out := self._publish(req)) is not None]
 
     def _token_logprob(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
         """Logprob record with token strings for the API."""
@@ -422,10 +475,11 @@ class LLMEngine:
 
         return TokenLogprob(token_id, text(token_id), logprob, [TopLogprob(i, text(i), p) for i, p in top])
 
-    def _append_token(self, choice: _Choice, token_id: int, logprob: TokenLogprob | None) -> None:
-        """Record a sampled token, extend the text, and end the sequence if a stop condition holds."""
+    def _append_token(self, choice: _Choice, index: int, token_id: int, logprob: TokenLogprob | None) -> None:
+        """Record the sampled token of output ``index`` (pending until now), extend the text, and end the
+        sequence if a stop condition holds."""
         seq = choice.seq
-        seq.append_token(token_id)
+        seq.set_output_token(index, token_id)
         choice.pending_ids.append(token_id)
         if logprob is not None:
             choice.pending_logprobs.append(logprob)
@@ -435,7 +489,7 @@ class LLMEngine:
             self._finish(choice, "stop")
         elif choice.text.add(choice.detokenizer.step(token_id)):
             self.scheduler.finish(seq, "stop")
-        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif index + 1 >= params.max_tokens or len(seq.prompt_token_ids) + index + 1 >= self.max_model_len:
             self._finish(choice, "length")
 
     def _finish(self, choice: _Choice, reason: str) -> None:

@@ -18,6 +18,7 @@ from attnscope.engine.capture_plan import CaptureRow, StepCapture
 from attnscope.engine.decode_graphs import DecodeGraphs
 from attnscope.engine.kv_cache import allocate_kv_cache
 from attnscope.engine.model import LlamaForCausalLM
+from attnscope.engine.device_values import read_pending_tokens
 from attnscope.engine.scheduler import ScheduledChunk, StepPlan
 
 
@@ -32,10 +33,19 @@ class StepInputs:
     decode_tables: list[np.ndarray] = field(default_factory=list)  # int32 block tables
     decode_lens: list[int] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)
+    # Per input token: the row of the previous step's sampled tokens (still on the device) that
+    # holds its value, or -1 (its value is in input_ids). Empty when no input is pending.
+    token_sources: list[int] = field(default_factory=list)
 
 
-def prepare_step(plan: StepPlan, blocks: BlockManager) -> tuple[StepInputs, StepCapture | None]:
-    """The step's model inputs and its capture plan (``None`` when nothing is captured)."""
+def prepare_step(plan: StepPlan, blocks: BlockManager,
+                 pending_rows: dict[int, int] | None = None) -> tuple[StepInputs, StepCapture | None]:
+    """The step's model inputs and its capture plan (``None`` when nothing is captured).
+
+    ``pending_rows`` maps a sequence id to its row in the previous step's sampled tokens
+    when its last token is still pending (only a decode chunk may end there): the input
+    then reads the token on the device (``token_sources``).
+    """
     inputs = StepInputs()
     capture = StepCapture()
     for chunk in plan.chunks:
@@ -43,6 +53,12 @@ def prepare_step(plan: StepPlan, blocks: BlockManager) -> tuple[StepInputs, Step
         start, end = chunk.start, chunk.start + chunk.num_tokens
         offset = len(inputs.input_ids)
         inputs.input_ids.extend(seq.all_token_ids[start:end])
+        if pending_rows:
+            source = pending_rows.get(seq.seq_id, -1) if seq.num_pending and end == seq.num_tokens else -1
+            if source >= 0 and chunk.num_tokens != 1:
+                raise ValueError(f"sequence {seq.seq_id}: a prefill chunk cannot read a pending token")
+            inputs.token_sources.extend([-1] * (chunk.num_tokens - 1))
+            inputs.token_sources.append(source)
         inputs.positions.extend(range(start, end))
         inputs.slots.extend(blocks.slots(seq.seq_id, start, end))
         table = blocks.block_table_array(seq.seq_id)
@@ -106,11 +122,17 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, -(-max_len // block_size), device)
             self.graphs.record_plain()
 
-    def run(self, inputs: StepInputs, capture: StepCapture | None) -> torch.Tensor:
-        """Run one step; float32 logits ``[len(sample_rows), vocab]``. Fills ``capture``'s results."""
+    def run(self, inputs: StepInputs, capture: StepCapture | None,
+            previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step; float32 logits ``[len(sample_rows), vocab]``. Fills ``capture``'s results.
+
+        ``previous_tokens`` (the previous step's sampled ids, on the device) supplies the
+        inputs ``inputs.token_sources`` points at, so the host need not have read them.
+        """
         if self.graphs is not None:
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.slots, inputs.decode_tables,
-                                     inputs.decode_lens, len(inputs.prefills), capture)
+                                     inputs.decode_lens, len(inputs.prefills), capture,
+                                     inputs.token_sources, previous_tokens)
             if logits is not None:
                 return logits
         if capture is not None:
@@ -127,7 +149,10 @@ class ModelRunner:
             rope=(self.model.rope.cos, self.model.rope.sin),
             q_heads=self.model.heads.q_heads if self.model.tp.size > 1 else None,
         )
-        hidden = self.model(self._tensor(inputs.input_ids), self._tensor(inputs.positions), batch)
+        input_ids = self._tensor(inputs.input_ids)
+        if inputs.token_sources:
+            input_ids = read_pending_tokens(input_ids, self._tensor(inputs.token_sources), previous_tokens)
+        hidden = self.model(input_ids, self._tensor(inputs.positions), batch)
         return self.model.logits(hidden[self._tensor(inputs.sample_rows)])
 
     def check_health(self) -> None:

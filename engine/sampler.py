@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnscope.engine.device_values import copy_to_host
 from attnscope.sampling import SamplingParams
 
 # Temperatures below this are treated as greedy, as vLLM does: dividing by them
@@ -67,8 +68,8 @@ def _is_greedy(params: SamplingParams) -> bool:
     return params.greedy or params.temperature < _GREEDY_TEMPERATURE
 
 
-def _is_penalised(params: SamplingParams) -> bool:
-    """True when any repetition, presence or frequency penalty changes the logits."""
+def uses_token_history(params: SamplingParams) -> bool:
+    """True when any repetition, presence or frequency penalty changes the logits (they read the token history)."""
     return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
 
@@ -205,30 +206,51 @@ def _validate(logits: torch.Tensor, inputs: SamplingInputs) -> None:
             raise ValueError(f"generator on {generator.device} cannot draw for logits on {logits.device}")
 
 
-def _logprobs(
-    raw: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]
-) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
-    """Chosen-token logprob and top-N alternatives from the raw float32 logits.
-
-    Only rows whose ``params.logprobs`` is set are computed; the others get ``None``.
-    """
-    batch, vocab_size = raw.shape
-    logprobs: list[float | None] = [None] * batch
-    top_logprobs: list[list[tuple[int, float]] | None] = [None] * batch
-    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, wanted: list[int], top_n: int) -> list[torch.Tensor]:
+    """Device tensors ``[chosen [W], top values [W, top_n], top ids [W, top_n]]`` of the rows ``wanted``
+    from the raw float32 logits (nothing when no row wants logprobs)."""
     if not wanted:
-        return logprobs, top_logprobs
+        return []
     rows = torch.tensor(wanted).to(raw.device)
     log_dist = raw[rows].log_softmax(dim=-1)
-    chosen = log_dist.gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()
-    top_n = min(max(params[i].logprobs or 0 for i in wanted), vocab_size)
+    chosen = log_dist.gather(1, tokens[rows].unsqueeze(1)).squeeze(1)
     top_values, top_ids = log_dist.topk(top_n, dim=-1, sorted=True)
-    top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
-    for j, i in enumerate(wanted):
-        n = params[i].logprobs or 0
-        logprobs[i] = chosen[j]
-        top_logprobs[i] = list(zip(top_ids_list[j][:n], top_values_list[j][:n]))
-    return logprobs, top_logprobs
+    return [chosen, top_values, top_ids]
+
+
+class PendingSample:
+    """One step's sampled tokens, still on the device, and their copies on their way to the host.
+
+    ``token_ids`` (``[R]`` int64, on the logits' device) can feed the next step's inputs
+    before the host has read them; :meth:`result` waits for the copies only.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, logprobs: list[torch.Tensor], wanted: list[int],
+                 params: list[SamplingParams]) -> None:
+        self.token_ids = token_ids
+        self._host = [copy_to_host(t) for t in (token_ids, *logprobs)]
+        self._event = None
+        if token_ids.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._wanted = wanted
+        self._params = params
+
+    def result(self) -> SampleResult:
+        """The host values (waits for this step's copies, not for later device work)."""
+        if self._event is not None:
+            self._event.synchronize()
+        tokens = self._host[0].tolist()
+        batch = len(tokens)
+        logprobs: list[float | None] = [None] * batch
+        top_logprobs: list[list[tuple[int, float]] | None] = [None] * batch
+        if self._wanted:
+            chosen, top_values, top_ids = (t.tolist() for t in self._host[1:])
+            for j, i in enumerate(self._wanted):
+                n = self._params[i].logprobs or 0
+                logprobs[i] = chosen[j]
+                top_logprobs[i] = list(zip(top_ids[j][:n], top_values[j][:n]))
+        return SampleResult(tokens, logprobs, top_logprobs)
 
 
 class Sampler:
@@ -245,15 +267,18 @@ class Sampler:
         min-p and a draw from the row's generator for the others. Logprobs, when
         asked for, are those of the raw ``logits``.
         """
+        return self.sample_async(logits, inputs).result()
+
+    def sample_async(self, logits: torch.Tensor, inputs: SamplingInputs) -> PendingSample:
+        """:meth:`sample` without waiting for the device: the tokens stay on it, their host copies in flight."""
         _validate(logits, inputs)
         params = inputs.params
-        batch = logits.shape[0]
-        if all(_is_greedy(p) and not _is_penalised(p) and p.logprobs is None for p in params):
-            return SampleResult(logits.argmax(dim=-1).tolist(), [None] * batch, [None] * batch)
+        if all(_is_greedy(p) and not uses_token_history(p) and p.logprobs is None for p in params):
+            return PendingSample(logits.argmax(dim=-1), [], [], params)
 
         raw = logits.float()
         scores = raw
-        penalised = [i for i, p in enumerate(params) if _is_penalised(p)]
+        penalised = [i for i, p in enumerate(params) if uses_token_history(p)]
         if penalised:
             rows = torch.tensor(penalised).to(logits.device)
             scores = raw.clone()
@@ -271,6 +296,7 @@ class Sampler:
             tokens[rows] = _sample_rows(
                 scores[rows], [params[i] for i in sampled], [inputs.generators[i] for i in sampled]
             )
-        logprobs, top_logprobs = _logprobs(raw, tokens, params)
-        return SampleResult(tokens.tolist(), logprobs, top_logprobs)
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        top_n = min(max((params[i].logprobs or 0 for i in wanted), default=0), logits.shape[1])
+        return PendingSample(tokens, _logprobs(raw, tokens, wanted, top_n), wanted, params)
 

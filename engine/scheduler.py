@@ -85,7 +85,7 @@ class Scheduler:
         queue = list(self.running)
         while queue:
             seq = queue.pop(0)
-            if budget == 0:
+            if budget == 0 or seq.final_pending:
                 scheduled.append(seq)
                 continue
             n = min(seq.num_uncomputed, budget)
@@ -143,9 +143,14 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """End a sequence (stop, length or abort) and release its blocks."""
+        """End a sequence (stop, length or abort) and release its blocks; tokens still pending are dropped.
+
+        Blocks a launched step still uses may be handed out again at once: that step's
+        kernels run before any later step's on the device's stream.
+        """
         if seq.finished:
             return
+        seq.drop_pending()
         if seq.status is SequenceStatus.RUNNING:
             self.blocks.free(seq.seq_id)
             self.running.remove(seq)

@@ -230,22 +230,3 @@ def test_copying_head_finds_the_needle(smollm_engine):
         assert head.completions[0].attention_tokens[step]["token_positions"][0] == needle_pos
         assert needle_pos in mean.completions[0].attention_tokens[step]["token_positions"]
     assert checked >= 3
-
-
-def test_capturing_request_is_published_a_step_later_with_its_records(smollm_engine):
-    engine = smollm_engine
-    plain = engine.add_request("Hello", params={"temperature": 0.0, "max_tokens": 2, "ignore_eos": True})
-    captured = engine.add_request("Hello", params={"temperature": 0.0, "max_tokens": 2, "ignore_eos": True},
-                                  capture={"mode": "fingerprint"})
-    first = engine.step()  # both prefilled and sampled; only the plain request is published now
-    assert [out.request_id for out in first] == [plain]
-    second = engine.step()  # the captured request's first token arrives with its record
-    held = {out.request_id: out for out in second}
-    delta = held[captured].deltas[0]
-    assert len(delta.token_ids) == 1 and [r["decode_step"] for r in delta.attention_tokens] == [0]
-    assert held[plain].finished and not held[captured].finished
-    assert engine.has_unfinished()  # the captured request's last output is still held
-    last = engine.step()  # nothing left to run: the held output is published
-    assert [out.request_id for out in last] == [captured] and last[0].finished
-    assert [r["decode_step"] for r in last[0].deltas[0].attention_tokens] == [1]
-    assert not engine.has_unfinished() and engine.step() == []

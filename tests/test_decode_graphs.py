@@ -48,18 +48,22 @@ def test_buckets_round_up_and_cap():
     assert list(BATCH_BUCKETS) == sorted(BATCH_BUCKETS)
 
 
-def test_static_decode_steps_match_eager_steps(smollm_engine):
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-step", "overlapped"])
+def test_static_decode_steps_match_eager_steps(smollm_engine, overlap):
+    """Overlapped: every decode input is the previous step's sampled token, read on the device by the graph."""
     engine = smollm_engine
     max_tokens = [9, 6, 3]  # the batch shrinks 3 -> 2 -> 1: buckets 4, 2, 1, with padding rows
     eager = _generate(engine, max_tokens)
     runner = engine.runner
     width = -(-engine.max_model_len // engine.config.block_size)
     runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 8, width, runner.device, replay=False)
+    engine._overlap = overlap
     try:
         static = _generate(engine, max_tokens)
         assert runner.graphs.replays >= max_tokens[0] - 1  # every decode step ran the static path
     finally:
         runner.graphs = None
+        engine._overlap = False
     for want, got in zip(eager, static):
         assert [t for d in got for t in d.token_ids] == [t for d in want for t in d.token_ids]
         want_records = [r for d in want for r in (d.attention_tokens or [])]
