@@ -5,13 +5,16 @@ Llama-3.2-1B, Llama-3.1-8B) and a synthetic word-level tokenizer. For every shap
 (batch, context) case that fits:
 
 * prefill tokens/s (all prompts of the case submitted together, 8192-token steps);
-* decode step time (median of ``--steps`` engine steps, each ending in sampling, so it is
-  synchronised and includes scheduling, sampling and detokenisation; the settings run in
+* decode step time (median of ``--steps`` engine steps: with overlapped steps the time
+  between launches, which covers the device's step plus the host's scheduling, sampling and
+  detokenisation where they do not hide behind it; the settings run in
   ``--rounds`` rounds and each keeps its best round's median), the GPU kernel time
   of a step (CUDA profiler over a few more steps) and tokens/s for
   (a) no capture, (b) fingerprint capture on every request and every step (``auto``
-  layers), (c) raw top-32 on ``auto`` layers for every request; the prompts of (b) and (c)
-  come from the prefix cache, so only decoding differs;
+  layers), (c) raw top-32 on ``auto`` layers for every request, all with overlapped steps,
+  and (d) no capture one step at a time (``overlap_steps`` off: the host reads each step's
+  tokens before launching the next); the prompts of (b), (c) and (d) come from the prefix
+  cache, so only decoding differs;
 * the roofline: bytes a decode step must read (every weight matrix except the embedding
   table, of which a step reads only its tokens' rows, plus the batch's KV cache) over the
   copy bandwidth measured in the same run;
@@ -57,6 +60,8 @@ CAPTURES = {
     "fingerprint": {"mode": "fingerprint", "layers": "auto", "fingerprint_max_steps": None},
     "raw_top32": {"mode": "raw", "top_k": 32, "layers": "auto"},
 }
+SETTINGS = {name: (capture, True) for name, capture in CAPTURES.items()}  # name -> (capture, overlap_steps)
+SETTINGS["none_one_step"] = (None, False)
 WARMUP_STEPS = 3
 PROFILED_STEPS = 3
 DECODE_HEADROOM = 448
@@ -111,13 +116,15 @@ def run_case(engine: LLMEngine, ids: list[list[int]], steps: int, rounds: int) -
     """
     result: dict = {"decode_ms": {}, "kernel_ms": {}}
     for round_index in range(rounds):
-        for name, capture in CAPTURES.items():
+        for name, (capture, overlap) in SETTINGS.items():
             first = round_index == 0
+            engine.overlap_steps = overlap
             median, kernels = run_setting(engine, ids, steps, capture, result if first and name == "none" else None,
                                           profile_kernels=first)
             result["decode_ms"][name] = min(median, result["decode_ms"].get(name, median))
             if first:
                 result["kernel_ms"][name] = kernels
+    engine.overlap_steps = True
     return result
 
 
@@ -279,7 +286,8 @@ def main() -> None:
                         "decode_tokens_per_s": {k: 1000 * batch / v for k, v in ms.items()},
                         "roofline_ms": roofline_ms,
                         "roofline_fraction": roofline_ms / ms["none"],
-                        "capture_overhead": {k: ms[k] / ms["none"] - 1 for k in ms if k != "none"},
+                        "capture_overhead": {k: ms[k] / ms["none"] - 1 for k in CAPTURES if k != "none"},
+                        "overlap_speedup": ms["none_one_step"] / ms["none"],
                     })
                     entry["cases"].append(case)
                     log(f"{shape_name}: B={batch} L={context}: " + ", ".join(

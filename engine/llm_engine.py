@@ -164,8 +164,9 @@ class LLMEngine:
         self._active: dict[str, _Request] = {}
         self._aborts: list[_Request] = []
         self._launched: _LaunchedStep | None = None
-        self._overlap = (config.overlap_steps if config.overlap_steps is not None else self.device.type == "cuda")
-        self._overlap = self._overlap and isinstance(self.runner, ModelRunner)
+        overlap = config.overlap_steps if config.overlap_steps is not None else self.device.type == "cuda"
+        self.overlap_steps = overlap and isinstance(self.runner, ModelRunner)
+        """Whether steps overlap (see ``step``); may be switched between steps (on only with one device)."""
         self._seq_ids = itertools.count()
         self._lock = threading.RLock()
         self._state = threading.Lock()
@@ -388,7 +389,7 @@ class LLMEngine:
             for chunk in plan.chunks:
                 if not chunk.seq.finished:
                     self.blocks.mark_computed(chunk.seq.seq_id, chunk.seq.all_token_ids, chunk.seq.num_computed_tokens)
-            if self._overlap and not (launched.capture is not None and launched.capture.full):
+            if self.overlap_steps and not (launched.capture is not None and launched.capture.full):
                 self._launched = launched
                 return outputs
             return outputs + self._finish_step(launched)
@@ -400,7 +401,7 @@ class LLMEngine:
         the device), a penalty reads the token history, or a captured sequence needs token
         values to plan (think-phase tags) or captures full matrices.
         """
-        if not self._overlap:
+        if not self.overlap_steps:
             return False
         for chunk in plan.chunks:
             seq = chunk.seq

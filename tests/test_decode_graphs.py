@@ -57,13 +57,13 @@ def test_static_decode_steps_match_eager_steps(smollm_engine, overlap):
     runner = engine.runner
     width = -(-engine.max_model_len // engine.config.block_size)
     runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 8, width, runner.device, replay=False)
-    engine._overlap = overlap
+    engine.overlap_steps = overlap
     try:
         static = _generate(engine, max_tokens)
         assert runner.graphs.replays >= max_tokens[0] - 1  # every decode step ran the static path
     finally:
         runner.graphs = None
-        engine._overlap = False
+        engine.overlap_steps = False
     for want, got in zip(eager, static):
         assert [t for d in got for t in d.token_ids] == [t for d in want for t in d.token_ids]
         want_records = [r for d in want for r in (d.attention_tokens or [])]

@@ -104,7 +104,7 @@ def test_cuda_graph_decode_matches_eager(tiny_llama):
     graphed = _engine(tiny_llama, "cuda")  # graphs, steps overlapped (the CUDA defaults)
     eager = LLMEngine(EngineConfig(model=str(tiny_llama), device="cuda", num_kv_blocks=256, cuda_graphs=False,
                                    overlap_steps=False))
-    assert eager.runner.graphs is None and graphed._overlap and not eager._overlap
+    assert eager.runner.graphs is None and graphed.overlap_steps and not eager.overlap_steps
     prompts = [" ".join(CORPUS[i : 2 * i + 3]) for i in range(3)]
     captures = [{"mode": "fingerprint", "layers": "auto", "fingerprint_max_steps": None},
                 {"mode": "raw", "top_k": 8, "layers": [1, 3], "head_ids": [0, 5], "window": 40},
