@@ -13,15 +13,13 @@ torch twin with the same API. Two passes over the keys, both split-K over positi
   de-rotated logits, which differ from the attention's). A combine kernel merges the
   splits per head into ``lse_U``, ``H_h = log l_C - e_C / l_C``, ``hist_h = hist_C / l_C``
   and ``l_S / l_U`` and sums them with the head weights.
-* Pass B (only when ``top_k > 0``) needs every head's final ``lse_U`` for
-  ``p̄ = sum_h w_h exp(s_h[j] - lse_h)`` (summed over KV groups in a fixed order). When the
-  captured rows' logits fit ``LOGIT_STORE_MAX_BYTES``, Pass A stores them and Pass B reads
-  them back: every position's ``(p̄, position)`` key, then ``torch.topk`` over the keys
-  (:func:`_dense_mean_topk`; no key re-read, peaked and flat rows alike). Otherwise Pass A
-  records each head's largest logit per key tile (tiles aligned to multiples of ``TILE_N``);
-  with ``lse`` they bound ``p̄`` per tile from above and below, and only the tiles whose
-  upper bound reaches a floor under the ``k``-th value are re-read (see :func:`_mean_topk`),
-  each chunk of tiles keeping its top-k keys, merged into the exact top-k.
+* Pass B (only when ``top_k > 0``) needs every head's final ``lse_U``. Pass A also records
+  each head's largest logit per key tile (tiles aligned to multiples of ``TILE_N``); with
+  ``lse`` they bound ``p̄`` per tile from above and below, and only the tiles whose upper
+  bound reaches a floor under the ``k``-th value are re-read (see :func:`_mean_topk`), each
+  by one program summing ``p̄ = sum_h w_h exp(s_h[j] - lse_h)`` over all KV groups in a fixed
+  order and keeping its chunk's top-k keys; ``torch.topk`` over the chunks picks the exact
+  top-k.
 
 Top-k are exact: each (value, position) is packed into one int64 key that sorts like
 (value descending, position ascending) -- the float32 bits made order-preserving in the high
@@ -80,11 +78,8 @@ MERGE_FAN_IN = 16  # top-k lists one merge program folds in; more lists take a f
 COMBINE_NUM_WARPS = 1
 HEAD_STATS = 18  # per (row, head) after the combine: weighted entropy, sink mass, then 16 histogram bins
 PASS_B_ROPE_NUM_WARPS = 8
-DENSE_BLOCK = 256  # Pass B from stored logits: positions per program
-DENSE_NUM_WARPS = 4
-# Pass A stores the captured rows' logits for Pass B (instead of Pass B re-reading K) when they and
-# Pass B's keys, (4 Hq + 8) bytes per row and position, fit in this many bytes: 32 rows x 8K
-# positions at Hq = 32 take 34 MiB; one row of 1M positions (136 MiB) re-reads instead.
+# Pass A stores the captured rows' logits for Pass B (instead of Pass B re-reading K) when the
+# buffer [R, Hq, tiles * TILE_N] float32 fits in this many bytes: 32 rows x 32 heads x 8K = 32 MiB.
 LOGIT_STORE_MAX_BYTES = 64 << 20
 
 SLOTS = tl.constexpr(TOPK_SLOTS)
@@ -844,6 +839,7 @@ def _tile_mean_topk_kernel(
     tile_ids_ptr,
     upper_ptr,
     floor_ptr,
+    logits_ptr,
     keys_ptr,
     recomputed_ptr,
     scale,
@@ -863,6 +859,8 @@ def _tile_mean_topk_kernel(
     stride_br,
     stride_kr,
     stride_kc,
+    stride_lgr,
+    stride_lgh,
     GROUP_SIZE: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -873,12 +871,14 @@ def _tile_mean_topk_kernel(
     ROPE: tl.constexpr,
     LISTED: tl.constexpr,
     FLOORED: tl.constexpr,
+    STORED: tl.constexpr,
 ):
     """Exact ``p̄`` over the candidate key tiles of one row's chunk, reduced to the chunk's top-k keys.
 
     The chunk is ``TILES_PER_PROGRAM`` entries of the tile list (``tile_ids[row]`` when
-    ``LISTED``, else tiles ``0 .. num_listed - 1``). A tile is recomputed -- its keys re-read
-    for every KV group with a head of nonzero weight, ``p̄[j] = sum_h w_h exp(s_h[j] -
+    ``LISTED``, else tiles ``0 .. num_listed - 1``). A tile is recomputed -- its logits read
+    back from Pass A's store (``STORED``) or its keys re-read, for every KV group with a head
+    of nonzero weight, ``p̄[j] = sum_h w_h exp(s_h[j] -
     lse_h)`` summed over heads in a fixed order -- only when its upper bound reaches the
     row's floor (``FLOORED``: ``floor[row]`` less a 1e-3 relative margin for the bound's
     rounding; else any tile inside ``W``). Positions outside ``W`` or below the floor get the
@@ -911,73 +911,33 @@ def _tile_mean_topk_kernel(
             if take > 0:
                 tokens = tile * TILE_N + tile_offsets
                 in_w = (tokens >= w_lo) & (tokens <= pos)
-                physical_block = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=in_w, other=0).to(tl.int64)
+                if not STORED:
+                    physical_block = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=in_w, other=0).to(tl.int64)
                 p_bar = tl.zeros([TILE_N], dtype=tl.float32)
                 for kv_head in range(num_kv_heads):
                     heads = kv_head * GROUP_SIZE + rows
                     weights = tl.load(head_weights_ptr + row * stride_wr + heads, mask=row_valid, other=0.0)
                     if tl.max(weights, axis=0) > 0.0:
-                        q_a, q_b = _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM, ROPE)
                         lse = tl.load(lse_ptr + row * stride_lr + heads, mask=row_valid, other=0.0)
                         lse = tl.where(lse == float("-inf"), 0.0, lse)
-                        k_rows = physical_block * stride_kb + (tokens % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
-                        logits = _key_logits(
-                            q_a, q_b, k_cache_ptr, k_rows, tokens, in_w, cos_ptr, sin_ptr, stride_rope, scale,
-                            HEAD_DIM, ROPE, DOT_PRECISION,
-                        )
+                        if STORED:
+                            logits = tl.load(
+                                logits_ptr + row * stride_lgr + heads[:, None] * stride_lgh + tokens[None, :],
+                                mask=row_valid[:, None] & in_w[None, :], other=float("-inf"),
+                            )
+                        else:
+                            q_a, q_b = _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM, ROPE)
+                            k_rows = physical_block * stride_kb + (tokens % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
+                            logits = _key_logits(
+                                q_a, q_b, k_cache_ptr, k_rows, tokens, in_w, cos_ptr, sin_ptr, stride_rope, scale,
+                                HEAD_DIM, ROPE, DOT_PRECISION,
+                            )
                         p_bar += tl.sum(weights[:, None] * tl.exp(logits - lse[:, None]), axis=0)
                 keys = _pack_keys(p_bar[None, :], tokens[None, :], (in_w & (p_bar >= floor))[None, :])
                 best = _update_topk(best, keys, top_k, 1, 0, TILE_N)
         tl.atomic_add(recomputed_ptr + row, num_wanted, sem="relaxed")
     slots = tl.arange(0, SLOTS)
     tl.store(keys_ptr + row * stride_kr + chunk * stride_kc + slots[None, :], best)
-
-
-@triton.jit
-def _dense_mean_keys_kernel(
-    logits_ptr,
-    head_weights_ptr,
-    lse_ptr,
-    query_pos_ptr,
-    mask_prefix_ptr,
-    window_ptr,
-    sink_tokens_ptr,
-    keys_ptr,
-    num_kv_heads,
-    num_positions,
-    stride_lgr,
-    stride_lgh,
-    stride_wr,
-    stride_lr,
-    stride_kr,
-    GROUP_SIZE: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Packed ``(p̄, position)`` keys of ``BLOCK`` positions of one row from Pass A's stored logits.
-
-    ``p̄[j] = sum_h w_h exp(s_h[j] - lse_h)``, summed over KV groups (and heads within a
-    group) in the same order as the tile recompute; positions outside ``W`` get the
-    empty key, so every position of the row's key buffer is written.
-    """
-    row = tl.program_id(0)
-    tokens = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
-    in_w = (tokens >= w_lo) & (tokens <= pos)
-    p_bar = tl.zeros([BLOCK], dtype=tl.float32)
-    if tl.max(in_w.to(tl.int32), axis=0) > 0:
-        rows = tl.arange(0, GROUP_PAD)
-        row_valid = rows < GROUP_SIZE
-        for kv_head in range(num_kv_heads):
-            heads = kv_head * GROUP_SIZE + rows
-            weights = tl.load(head_weights_ptr + row * stride_wr + heads, mask=row_valid, other=0.0)
-            if tl.max(weights, axis=0) > 0.0:
-                lse = tl.load(lse_ptr + row * stride_lr + heads, mask=row_valid, other=0.0)
-                lse = tl.where(lse == float("-inf"), 0.0, lse)
-                logits = tl.load(logits_ptr + row * stride_lgr + heads[:, None] * stride_lgh + tokens[None, :],
-                                 mask=row_valid[:, None] & in_w[None, :], other=float("-inf"))
-                p_bar += tl.sum(weights[:, None] * tl.exp(logits - lse[:, None]), axis=0)
-    tl.store(keys_ptr + row * stride_kr + tokens, _pack_keys(p_bar, tokens, in_w), mask=tokens < num_positions)
 
 
 @triton.jit
@@ -1092,9 +1052,9 @@ def _check_request(k_cache: torch.Tensor, req: CaptureRequest) -> None:
 
 def _empty_partials(rows: int, num_heads: int, num_splits: int, req: CaptureRequest, num_tiles: int,
                     device: torch.device, logit_store_bytes: int) -> PassAOutputs:
-    """Pass A outputs: stats ``[R, Hq, S, STAT_WIDTH]``, per-head keys ``[R, Hq, S, TOPK_SLOTS]``, and for
-    the head-mean top-k either logits ``[R, Hq, num_tiles * TILE_N]`` (when they and Pass B's keys fit
-    in ``logit_store_bytes``) or tile maxima ``[R, Hq, num_tiles]`` (1-element dummies when unused).
+    """Pass A outputs: stats ``[R, Hq, S, STAT_WIDTH]``, per-head keys ``[R, Hq, S, TOPK_SLOTS]``, tile
+    maxima ``[R, Hq, num_tiles]`` and logits ``[R, Hq, num_tiles * TILE_N]`` (1-element dummies when
+    their top-k is 0; the logits also when they would take more than ``logit_store_bytes``).
 
     The stats are a view of a ``[R, STAT_WIDTH, Hq, S]`` buffer, so the combine kernel reads
     each statistic of all heads and splits as one contiguous block.
@@ -1108,11 +1068,10 @@ def _empty_partials(rows: int, num_heads: int, num_splits: int, req: CaptureRequ
     dummy = torch.empty((1, 1, 1), dtype=torch.float32, device=device)
     tile_max = logits = dummy
     if req.top_k:
+        tile_max = torch.empty((rows, num_heads, num_tiles), dtype=torch.float32, device=device)
         positions = num_tiles * _tile_tokens(req.q.shape[2])
-        if rows * positions * (4 * num_heads + 8) <= logit_store_bytes:
+        if rows * num_heads * positions * 4 <= logit_store_bytes:
             logits = torch.empty((rows, num_heads, positions), dtype=torch.float32, device=device)
-        else:
-            tile_max = torch.empty((rows, num_heads, num_tiles), dtype=torch.float32, device=device)
     return PassAOutputs(stats, keys, tile_max, logits, logits is not dummy)
 
 
@@ -1196,10 +1155,13 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
 def _mean_topk(
     k_cache: torch.Tensor, req: CaptureRequest, scale: float, lse: torch.Tensor, partials: PassAOutputs
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pass B: exact head-mean top-k positions and ``p̄`` of every row.
+    """Pass B: exact head-mean top-k positions and ``p̄`` of every row, recomputing only candidate key tiles.
 
-    When Pass A stored the logits (``partials.stores_logits``), :func:`_dense_mean_topk`.
-    Else only candidate key tiles are re-read: from Pass A's per-head tile maxima and the final ``lse``, ``_tile_bounds_kernel`` bounds
+    A tile's logits come from Pass A's store when it kept them (``partials.stores_logits``:
+    4 bytes per head and position, a small fraction of the key bytes a re-read would move),
+    else from its keys, read again.
+
+    From Pass A's per-head tile maxima and the final ``lse``, ``_tile_bounds_kernel`` bounds
     ``p̄`` per tile from above and below. Round 1 recomputes ``p̄`` exactly on the ``k`` tiles
     with the best lower bounds; the ``k``-th best value found there is a floor under the
     true ``k``-th value. Round 2 recomputes every tile whose upper bound reaches that floor
@@ -1210,11 +1172,9 @@ def _mean_topk(
     bound falls below the floor) all of ``W``. Returns ``(pos, prob, recomputed_tiles)``;
     ranks past ``|W|`` are position -1 / value 0. Temporary memory per row: 4 bytes per
     head and tile (Pass A's maxima), 8 per tile for the bounds, 512 per program's chunk keys,
-    No host sync.
+    and the stored logits when kept. No host sync.
     """
-    if partials.stores_logits:
-        return _dense_mean_topk(req, lse, partials.logits, k_cache.shape[2])
-    tile_max = partials.tile_max
+    tile_max, logits = partials.tile_max, partials.logits
     rows, num_heads, head_dim = req.q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -1246,11 +1206,11 @@ def _mean_topk(
         ids = upper if tile_ids is None else tile_ids
         _tile_mean_topk_kernel[(rows, num_chunks)](
             req.q, k_cache, req.block_tables, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
-            req.head_weights, lse, cos, sin, ids, upper, upper if floor is None else floor, keys,
+            req.head_weights, lse, cos, sin, ids, upper, upper if floor is None else floor, logits, keys,
             recomputed, scale, num_listed, num_kv_heads, k,
             req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
             req.head_weights.stride(0), lse.stride(0), ids.stride(0), upper.stride(0), keys.stride(0),
-            keys.stride(1),
+            keys.stride(1), *logits.stride()[:2],
             GROUP_SIZE=group,
             GROUP_PAD=_group_pad(group),
             HEAD_DIM=head_dim,
@@ -1261,7 +1221,8 @@ def _mean_topk(
             ROPE=rope,
             LISTED=tile_ids is not None,
             FLOORED=floor is not None,
-            num_warps=PASS_B_ROPE_NUM_WARPS if rope else PASS_B_NUM_WARPS,
+            STORED=partials.stores_logits,
+            num_warps=PASS_B_ROPE_NUM_WARPS if rope and not partials.stores_logits else PASS_B_NUM_WARPS,
         )
         return _final_topk(keys, k, 0.0)
 
@@ -1271,46 +1232,6 @@ def _mean_topk(
         floor = chunk_topk(seeds, k, None)[1][:, k - 1].contiguous()
     pos, prob = chunk_topk(None, num_tiles, floor)
     return pos, prob, recomputed
-
-
-def _dense_mean_topk(req: CaptureRequest, lse: torch.Tensor, logits: torch.Tensor,
-                     num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pass B from Pass A's stored logits ``[R, Hq, P]``: exact head-mean top-k of every row, no key re-read.
-
-    ``_dense_mean_keys_kernel`` packs every position's ``(p̄, position)`` into an int64 key
-    (the empty key outside ``W``) and ``torch.topk`` over the keys picks the ``k`` largest:
-    ties go to the lower position, as the packing orders them. Reads 4 bytes per head and
-    position and writes 8 per position, against a re-read of 2 bytes per dimension, KV head
-    and position of the keys; no pruning, so peaked and flat rows cost the same.
-    Returns ``(pos, prob, recomputed_tiles)`` like :func:`_mean_topk` (no tile is re-read).
-    """
-    rows, num_heads, positions = logits.shape
-    group = num_heads // num_kv_heads
-    k = req.top_k
-    device = logits.device
-    keys = torch.empty((rows, positions), dtype=torch.int64, device=device)
-    _dense_mean_keys_kernel[(rows, triton.cdiv(positions, DENSE_BLOCK))](
-        logits, req.head_weights, lse, req.query_pos, req.mask_prefix, req.window, req.sink_tokens, keys,
-        num_kv_heads, positions, logits.stride(0), logits.stride(1), req.head_weights.stride(0), lse.stride(0),
-        keys.stride(0),
-        GROUP_SIZE=group, GROUP_PAD=_group_pad(group), BLOCK=DENSE_BLOCK, num_warps=DENSE_NUM_WARPS,
-    )
-    best = torch.topk(keys, min(k, positions), dim=1, sorted=True).values
-    if best.shape[1] < k:
-        best = torch.cat([best, torch.full((rows, k - best.shape[1]), EMPTY_KEY.value, dtype=torch.int64,
-                                           device=device)], dim=1)
-    pos, prob = _unpack_on_device(best)
-    return pos, prob, torch.zeros((rows,), dtype=torch.int32, device=device)
-
-
-def _unpack_on_device(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of :func:`_unpack_keys` for sorted top-k keys: int32 positions (-1 for the empty key) and
-    float32 values (0 for the empty key)."""
-    ordered = (keys >> 32).to(torch.int32)
-    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
-    empty = keys == EMPTY_KEY.value
-    positions = (0x7FFFFFFF - (keys & 0x7FFFFFFF)).to(torch.int32)
-    return positions.masked_fill(empty, -1), bits.view(torch.float32).masked_fill(empty, 0.0)
 
 
 def attention_capture(
@@ -1352,7 +1273,7 @@ def attention_capture(
             DOT_PRECISION="ieee" if rope else _dot_precision(req.q.dtype),
             ROPE=rope,
             HEAD_TOPK=req.head_top_k > 0,
-            TILE_MAX=req.top_k > 0 and not partials.stores_logits,
+            TILE_MAX=req.top_k > 0,
             STORE_LOGITS=partials.stores_logits,
             num_warps=PASS_A_NUM_WARPS,
         )
@@ -1434,7 +1355,7 @@ def paged_decode_attention_capture(
         TILE_N=_tile_tokens(head_dim),
         DOT_PRECISION=_dot_precision(q.dtype),
         HEAD_TOPK=capture.head_top_k > 0,
-        TILE_MAX=capture.top_k > 0 and not partials.stores_logits,
+        TILE_MAX=capture.top_k > 0,
         STORE_LOGITS=partials.stores_logits,
         ROWS_PAD=max(2, triton.next_power_of_2(rows)),
         num_warps=FUSED_HEAD_TOPK_NUM_WARPS if capture.head_top_k else FUSED_NUM_WARPS,
