@@ -2,11 +2,12 @@
 
 A step's tokens are laid out prefill chunks first, then one token per decoding sequence.
 New keys and values are already in their cache slots (the layer's rotate-and-store kernel
-wrote them), so every query attends
-to its sequence's tokens: prefill chunks through ``scaled_dot_product_attention``
-(reading earlier tokens from the cache when a prefix was cached or the prompt is
-chunked), decode tokens through the paged decode kernel (Triton on CUDA, its float32
-torch twin on the CPU).
+wrote them), so every query attends to its sequence's tokens: a prefill chunk that starts
+a sequence through ``scaled_dot_product_attention`` on its own keys; a chunk that
+continues a cached prefix (prefix-cache hit, later chunk of a chunked prompt) through the
+paged prefill kernel on CUDA, all such chunks of a step in one launch (on the CPU: SDPA
+over its keys gathered from the cache); decode tokens through the paged decode kernel
+(Triton on CUDA, its float32 torch twin on the CPU).
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ class PrefillChunk:
 
 
 @dataclass
+class CachedPrefills:
+    """The step's prefill chunks that continue a cached prefix, as the paged prefill kernel takes them (int32)."""
+
+    block_tables: torch.Tensor
+    q_starts: torch.Tensor
+    q_lens: torch.Tensor
+    cached: torch.Tensor
+    max_q_len: int
+
+
+@dataclass
 class AttentionBatch:
     """How the flattened tokens of one step map onto sequences and KV-cache slots."""
 
@@ -51,6 +63,8 @@ class AttentionBatch:
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     q_heads: range | None = None
     """A tensor-parallel rank's query heads (``None`` on one device): capture then yields partials."""
+    cached_prefills: CachedPrefills | None = None
+    """CUDA: the chunks of ``prefills`` with ``cached > 0``, run by the paged prefill kernel."""
 
     @property
     def num_decodes(self) -> int:
@@ -197,7 +211,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
     if not batch.prefills:
         return decoded
     out = torch.empty_like(q)
+    paged = batch.cached_prefills
+    if paged is not None:
+        from attnscope.kernels.paged_prefill import paged_prefill_attention
+
+        paged_prefill_attention(q, k_cache, v_cache, paged.block_tables, paged.q_starts, paged.q_lens, paged.cached,
+                                scale, paged.max_q_len, out=out)
     for chunk in batch.prefills:
+        if paged is not None and chunk.cached:
+            continue
         sl = slice(chunk.start, chunk.end)
         out[sl] = prefill_attention(q[sl], k[sl], v[sl], k_cache, v_cache, chunk, scale)
     if decoded is not None:

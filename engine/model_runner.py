@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from attnscope.engine.attention import AttentionBatch, PrefillChunk
+from attnscope.engine.attention import AttentionBatch, CachedPrefills, PrefillChunk
 from attnscope.engine.block_manager import BlockManager
 from attnscope.engine.capture_plan import CaptureRow, StepCapture
 from attnscope.engine.decode_graphs import DecodeGraphs
@@ -148,12 +148,23 @@ class ModelRunner:
             capture=capture,
             rope=(self.model.rope.cos, self.model.rope.sin),
             q_heads=self.model.heads.q_heads if self.model.tp.size > 1 else None,
+            cached_prefills=self._cached_prefills(inputs) if self.device.type == "cuda" else None,
         )
         input_ids = self._tensor(inputs.input_ids)
         if inputs.token_sources:
             input_ids = read_pending_tokens(input_ids, self._tensor(inputs.token_sources), previous_tokens)
         hidden = self.model(input_ids, self._tensor(inputs.positions), batch)
         return self.model.logits(hidden[self._tensor(inputs.sample_rows)])
+
+    def _cached_prefills(self, inputs: StepInputs) -> CachedPrefills | None:
+        """The prefill chunks that continue a cached prefix, packed for the paged prefill kernel (one copy each)."""
+        chunks = [(start, end - start, cached, table) for start, end, cached, table in inputs.prefills if cached]
+        if not chunks:
+            return None
+        columns = np.array([c[:3] for c in chunks], dtype=np.int32).T.copy()
+        q_starts, q_lens, cached = (torch.from_numpy(c).to(self.device) for c in columns)
+        return CachedPrefills(self._block_table_tensor([c[3] for c in chunks]), q_starts, q_lens, cached,
+                              int(columns[1].max()))
 
     def check_health(self) -> None:
         """Nothing remote to check on one device (the tensor-parallel runner pings its workers here)."""

@@ -73,3 +73,41 @@ def paged_decode_attention_ref(
     probs = logits.sub_(finite_lse[..., None]).exp_()
     out = torch.matmul(probs, values.transpose(1, 2))  # [B, Hkv, G, D]
     return out.reshape(batch, num_heads, head_dim).to(q.dtype), lse.reshape(batch, num_heads)
+
+
+def paged_prefill_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    q_starts: torch.Tensor,
+    q_lens: torch.Tensor,
+    cached: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Exact float32 causal attention of prefill chunks over their paged keys (twin of the Triton kernel).
+
+    Chunk ``c`` owns query rows ``q_starts[c] .. + q_lens[c]`` of ``q`` ``[N, Hq, D]`` at logical
+    positions ``cached[c] ..``; its keys and values, its own included, are read from the caches
+    through ``block_tables[c]``, and a query at position ``p`` attends to keys ``0 .. p``.
+    Returns ``[N, Hq, D]`` in ``q.dtype`` with the chunks' rows filled (other rows zero).
+    """
+    out = torch.zeros_like(q)
+    num_heads = q.shape[1]
+    group = num_heads // k_cache.shape[2]
+    for c in range(q_lens.shape[0]):
+        start, length, offset = int(q_starts[c]), int(q_lens[c]), int(cached[c])
+        if not length:
+            continue
+        context = offset + length
+        keys = gather_paged_kv(k_cache, block_tables[c : c + 1], context)[0].float()  # [T, Hkv, D]
+        values = gather_paged_kv(v_cache, block_tables[c : c + 1], context)[0].float()
+        queries = q[start : start + length].float()  # [L, Hq, D]
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+        logits = torch.einsum("lhd,thd->hlt", queries, keys) * scale
+        positions = torch.arange(offset, context, device=q.device)
+        allowed = torch.arange(context, device=q.device)[None, :] <= positions[:, None]
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+        out[start : start + length] = torch.einsum("hlt,thd->lhd", probs, values).to(q.dtype)
+    return out

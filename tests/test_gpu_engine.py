@@ -155,3 +155,43 @@ def test_layer_kernels_on_cuda_match_their_twins():
         torch.testing.assert_close(a, b, rtol=1.6e-2, atol=1.6e-2)
     gate_up = rand(37, 2 * 14336)
     torch.testing.assert_close(silu_and_mul(gate_up), silu_and_mul_ref(gate_up), rtol=1.6e-2, atol=1.6e-2)
+
+
+def test_paged_prefill_on_cuda_matches_its_twin():
+    from attnscope.kernels.paged_prefill import paged_prefill_attention
+    from attnscope.kernels.reference import paged_prefill_attention_ref
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    chunks = [(1000, 300), (16, 1), (4000, 65)]  # (cached, length)
+    caches = [torch.randn(400, 16, 8, 128, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(2)]
+    order = torch.randperm(400, generator=gen, device="cuda").int()
+    tables = torch.stack([order[i * 130 : i * 130 + 130] for i in range(3)])
+    q = torch.randn(sum(n for _, n in chunks) + 7, 32, 128, generator=gen, device="cuda").to(torch.bfloat16)
+    starts = torch.tensor([7, 307, 308], dtype=torch.int32, device="cuda")
+    lens, cached = (torch.tensor(c, dtype=torch.int32, device="cuda") for c in zip(*[(n, c) for c, n in chunks]))
+    got = paged_prefill_attention(q, *caches, tables, starts, lens, cached, 128**-0.5, 300)
+    want = paged_prefill_attention_ref(q, *caches, tables, starts, lens, cached, 128**-0.5)
+    torch.testing.assert_close(got[7:], want[7:], rtol=2e-2, atol=2e-2)
+
+
+def test_prefix_cache_hits_and_prompt_chunks_give_the_same_tokens_on_cuda(tiny_llama):
+    """The paged prefill kernel runs the second request's uncached tail and the later chunks of a chunked prompt
+    (float32, so greedy tokens cannot flip on rounding between the kernel paths)."""
+    from attnscope.engine.engine_config import EngineConfig
+    from attnscope.engine.llm_engine import LLMEngine
+
+    def engine(**extra):
+        return LLMEngine(EngineConfig(model=str(tiny_llama), device="cuda", dtype="float32", num_kv_blocks=256,
+                                      **extra))
+
+    prompt = " ".join(CORPUS[:40])
+    longer = prompt + " the early bird"
+    params = {"temperature": 0.0, "max_tokens": 12, "ignore_eos": True}
+    cached = engine()
+    first = cached.generate([prompt], params)[0]
+    again = cached.generate([longer], params)[0]
+    assert again.usage.cached_prompt_tokens >= 16
+    fresh = engine(enable_prefix_caching=False).generate([longer], params)[0]
+    assert again.completions[0].token_ids == fresh.completions[0].token_ids
+    chunked = engine(max_num_batched_tokens=48).generate([prompt], params)[0]
+    assert chunked.completions[0].token_ids == first.completions[0].token_ids
