@@ -4,10 +4,10 @@ A step's tokens are laid out prefill chunks first, then one token per decoding s
 New keys and values are already in their cache slots (the layer's rotate-and-store kernel
 wrote them), so every query attends to its sequence's tokens: a prefill chunk that starts
 a sequence through ``scaled_dot_product_attention`` on its own keys; a chunk that
-continues a cached prefix (prefix-cache hit, later chunk of a chunked prompt) through the
-paged prefill kernel on CUDA, all such chunks of a step in one launch (on the CPU: SDPA
-over its keys gathered from the cache); decode tokens through the paged decode kernel
-(Triton on CUDA, its float32 torch twin on the CPU).
+continues a cached prefix (prefix-cache hit, later chunk of a chunked prompt) at least as
+long as itself through the paged prefill kernel on CUDA, all such chunks of a step in one
+launch (shorter prefixes and the CPU: SDPA over its keys gathered from the cache); decode
+tokens through the paged decode kernel (Triton on CUDA, its float32 torch twin on the CPU).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class AttentionBatch:
     q_heads: range | None = None
     """A tensor-parallel rank's query heads (``None`` on one device): capture then yields partials."""
     cached_prefills: CachedPrefills | None = None
-    """CUDA: the chunks of ``prefills`` with ``cached > 0``, run by the paged prefill kernel."""
+    """CUDA: the chunks of ``prefills`` the paged prefill kernel runs (``cached >= `` their length)."""
 
     @property
     def num_decodes(self) -> int:
@@ -218,7 +218,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
         paged_prefill_attention(q, k_cache, v_cache, paged.block_tables, paged.q_starts, paged.q_lens, paged.cached,
                                 scale, paged.max_q_len, out=out)
     for chunk in batch.prefills:
-        if paged is not None and chunk.cached:
+        if paged is not None and chunk.cached >= chunk.end - chunk.start:
             continue
         sl = slice(chunk.start, chunk.end)
         out[sl] = prefill_attention(q[sl], k[sl], v[sl], k_cache, v_cache, chunk, scale)

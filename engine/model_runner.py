@@ -157,8 +157,11 @@ class ModelRunner:
         return self.model.logits(hidden[self._tensor(inputs.sample_rows)])
 
     def _cached_prefills(self, inputs: StepInputs) -> CachedPrefills | None:
-        """The prefill chunks that continue a cached prefix, packed for the paged prefill kernel (one copy each)."""
-        chunks = [(start, end - start, cached, table) for start, end, cached, table in inputs.prefills if cached]
+        """The prefill chunks that continue a cached prefix at least as long as themselves, packed for the paged
+        prefill kernel (one copy each). On an H100 it beat gathering the keys for SDPA by 15 % with 8K cached
+        and 512 new tokens; with as many new tokens as cached ones SDPA's flash kernel was 16 % faster."""
+        chunks = [(start, end - start, cached, table) for start, end, cached, table in inputs.prefills
+                  if cached >= end - start]
         if not chunks:
             return None
         columns = np.array([c[:3] for c in chunks], dtype=np.int32).T.copy()

@@ -163,9 +163,9 @@ def test_paged_prefill_on_cuda_matches_its_twin():
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     chunks = [(1000, 300), (16, 1), (4000, 65)]  # (cached, length)
-    caches = [torch.randn(400, 16, 8, 128, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(2)]
-    order = torch.randperm(400, generator=gen, device="cuda").int()
-    tables = torch.stack([order[i * 130 : i * 130 + 130] for i in range(3)])
+    caches = [torch.randn(800, 16, 8, 128, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(2)]
+    order = torch.randperm(800, generator=gen, device="cuda").int()
+    tables = torch.stack([order[i * 260 : i * 260 + 260] for i in range(3)])  # 260 blocks hold 4160 tokens
     q = torch.randn(sum(n for _, n in chunks) + 7, 32, 128, generator=gen, device="cuda").to(torch.bfloat16)
     starts = torch.tensor([7, 307, 308], dtype=torch.int32, device="cuda")
     lens, cached = (torch.tensor(c, dtype=torch.int32, device="cuda") for c in zip(*[(n, c) for c, n in chunks]))
