@@ -7,11 +7,10 @@ capture launch per layer) without recording it; the GPU test file replays real g
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from attnscope.engine.decode_graphs import BATCH_BUCKETS, DecodeGraphs, bucket
+from records import assert_records_close  # tests/records.py
 
 PROMPTS = ["Name three colours of the rainbow.", "Count from one to ten in words:",
            "Write one sentence about rivers and the sea."]
@@ -30,15 +29,6 @@ def _generate(engine, max_tokens: list[int]) -> list:
         for out in engine.step():
             outputs[out.request_id].append(out)
     return [[d for out in outputs[rid] for d in out.deltas] for rid in rids]
-
-
-def _flat(value, prefix=""):
-    """Numbers of a nested record, keyed by path."""
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}.{key}").items()}
-    if isinstance(value, list):
-        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{prefix}[{i}]").items()}
-    return {prefix: value}
 
 
 def test_buckets_round_up_and_cap():
@@ -66,14 +56,5 @@ def test_static_decode_steps_match_eager_steps(smollm_engine, overlap):
         engine.overlap_steps = False
     for want, got in zip(eager, static):
         assert [t for d in got for t in d.token_ids] == [t for d in want for t in d.token_ids]
-        want_records = [r for d in want for r in (d.attention_tokens or [])]
-        got_records = [r for d in got for r in (d.attention_tokens or [])]
-        assert len(got_records) == len(want_records)
-        for w, g in zip(want_records, got_records):
-            fw, fg = _flat(w), _flat(g)
-            assert fw.keys() == fg.keys()
-            for key, value in fw.items():
-                if isinstance(value, float) and not math.isinf(value):
-                    assert fg[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
-                else:
-                    assert fg[key] == value, key
+        assert_records_close([r for d in want for r in (d.attention_tokens or [])],
+                             [r for d in got for r in (d.attention_tokens or [])])

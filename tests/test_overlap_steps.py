@@ -8,12 +8,11 @@ their extra token, and fallbacks (penalties, chunked prefill over a pending toke
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.llm_engine import LLMEngine
+from records import assert_records_close  # tests/records.py
 
 LONG_PROMPT = " ".join(["The river runs past the old mill and under the stone bridge."] * 8)
 REQUESTS = [  # (prompt, sampling params, capture)
@@ -42,15 +41,6 @@ def _run(engine: LLMEngine, requests=REQUESTS) -> dict:
     return {rid: outputs[rid] for rid in rids}
 
 
-def _flat(value, prefix=""):
-    """Numbers of a nested record, keyed by path."""
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}.{key}").items()}
-    if isinstance(value, list):
-        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{prefix}[{i}]").items()}
-    return {prefix: value}
-
-
 def _completions(outputs: list) -> dict:
     """Per choice index: tokens, text, finish reason, logprob ids, capture records; plus the final usage."""
     merged: dict[int, dict] = {}
@@ -63,18 +53,6 @@ def _completions(outputs: list) -> dict:
             c["lp"] += [(lp.token_id, [t.token_id for t in lp.top]) for lp in d.logprobs or []]
             c["records"] += d.attention_tokens or []
     return {"choices": merged, "usage": outputs[-1].usage, "finished": outputs[-1].finished}
-
-
-def _assert_records_close(want: list, got: list) -> None:
-    assert len(got) == len(want)
-    for w, g in zip(want, got):
-        fw, fg = _flat(w), _flat(g)
-        assert fw.keys() == fg.keys()
-        for key, value in fw.items():
-            if isinstance(value, float) and not math.isinf(value):
-                assert fg[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
-            elif key.endswith("token_positions") or not isinstance(value, float):
-                assert fg[key] == value, key
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +72,7 @@ def test_overlapped_steps_give_the_same_outputs(smollm_path, one_step_outputs):
         for index, w in want["choices"].items():
             g = got["choices"][index]
             assert (g["ids"], g["text"], g["finish"], g["lp"]) == (w["ids"], w["text"], w["finish"], w["lp"])
-            _assert_records_close(w["records"], g["records"])
+            assert_records_close(w["records"], g["records"])
     finishes = {c["finish"] for out in one_step_outputs for c in _completions(out)["choices"].values()}
     assert finishes == {"stop", "length"}  # both kinds of end were exercised
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks  # no sequence holds a block
