@@ -45,7 +45,7 @@ class AppArgs(BaseModel):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=0.98, description="CUDA: fraction of free memory for the KV cache")
     max_num_seqs: int = Field(64, ge=1, description="sequences running at once per engine")
     enforce_eager: bool = Field(False, description="CUDA: run every step eagerly, without CUDA graphs")
-    num_threads: int | None = Field(None, ge=1, description="CPU: torch threads per engine (default: its reserved CPUs)")
+    num_threads: int | None = Field(None, ge=1, description="torch threads per engine: the CPU model's math, or a CUDA engine's host-side work (default: its reserved CPUs)")
     num_replicas: int = Field(1, ge=1, description="engine replicas (one model copy each) when not autoscaling")
     autoscaling_max_replicas: int | None = Field(None, ge=1, description="autoscale the engine replicas up to this many "
                                                                           "(between num_replicas and it)")

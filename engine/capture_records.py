@@ -92,9 +92,13 @@ def step_records(step: StepCapture, packed: np.ndarray | None) -> dict[int, list
         where, hist, entropy, count, sink = (np.concatenate(parts) for parts in zip(*per_group))
         layer_fingerprints = fingerprint_v1(torch.from_numpy(hist), torch.from_numpy(entropy),
                                             torch.from_numpy(count)).numpy()
-        np.add.at(fingerprint_sum, where, layer_fingerprints)  # a row recurs once per layer it captures
-        np.add.at(sink_sum, where, sink)
-        np.add.at(layer_count, where, 1)
+        start = 0
+        for group_where, *_ in per_group:  # a row recurs once per layer it captures, at most once per group
+            part = slice(start, start + len(group_where))
+            fingerprint_sum[group_where] += layer_fingerprints[part]
+            sink_sum[group_where] += sink[part]
+            layer_count[group_where] += 1
+            start = part.stop
     fingerprints = fingerprint_sum / layer_count[:, None]
     sinks = sink_sum / layer_count
     records: dict[int, list[dict]] = {}
