@@ -244,7 +244,7 @@ def main() -> None:
     parser.add_argument("--hf-new-tokens", type=int, default=16, help="tokens HF generates per case")
     parser.add_argument("--soak-seconds", type=float, default=0.0, help="mixed-workload run on the first shape")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="KV cache share of free memory")
-    parser.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: the engine's, 1 on CUDA)")
     parser.add_argument("--json", default=None, help="also write the JSON object here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -256,7 +256,7 @@ def main() -> None:
     bandwidth = copy_bandwidth(device)
     log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     report = {"device": torch.cuda.get_device_name(0), "dtype": "bfloat16", "torch": torch.__version__,
-              "copy_bandwidth_tb_s": bandwidth / 1e12, "torch_threads": args.num_threads or torch.get_num_threads(),
+              "copy_bandwidth_tb_s": bandwidth / 1e12, "torch_threads": args.num_threads or 1,
               "shapes": {}}
     max_len = max(contexts) + DECODE_HEADROOM + 64
     for shape_name in args.shapes.split(","):

@@ -145,8 +145,9 @@ class LLMEngine:
         # A tensor-parallel driver holds no weights: it schedules and samples on the CPU.
         self.device = torch.device("cpu") if config.tensor_parallel_size > 1 else config.resolved_device()
         self.dtype = config.resolved_dtype(self.device)
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
+        threads = config.num_threads or (1 if self.device.type == "cuda" else None)
+        if threads is not None:
+            torch.set_num_threads(threads)
         checkpoint = load_checkpoint(config.model or default_model_path(), config.load_format)
         self.model_config = checkpoint.config
         self.tokenizer = _load_tokenizer(checkpoint)
