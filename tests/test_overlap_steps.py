@@ -120,3 +120,16 @@ def test_abort_while_a_step_is_in_flight(smollm_path):
     assert len(outputs[dropped]) == received  # the launched step's token for it is dropped, not published
     assert _completions(outputs[kept])["choices"][0]["ids"] == want
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks  # no sequence holds a block
+
+
+def test_overlapped_steps_under_preemption_give_the_same_tokens(smollm_path):
+    """A cache too small for the batch: sequences with a pending token are preempted and recomputed."""
+    requests = [(prompt, {"temperature": 0.0, "max_tokens": 24, "ignore_eos": True}, None)
+                for prompt, _, _ in REQUESTS[:4]]
+    runs = []
+    for overlap in (False, True):
+        engine = _engine(smollm_path, overlap, num_kv_blocks=8, block_size=16)
+        outputs = _run(engine, requests)
+        runs.append([_completions(out)["choices"][0]["ids"] for out in outputs.values()])
+        assert engine.scheduler.num_preemptions > 0
+    assert runs[1] == runs[0] and all(len(ids) == 24 for ids in runs[0])
