@@ -26,7 +26,6 @@ class CaptureRow:
     token_index: int
     position: int
     decode_step: int | None
-    think_phase: str
     block_table: np.ndarray  # int32, the sequence's block table this step
 
 

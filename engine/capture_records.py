@@ -136,10 +136,17 @@ def _unpack(result, packed: np.ndarray, offset: int) -> tuple[dict[str, np.ndarr
 
 
 def _record(row: CaptureRow, layers: dict[int, LayerRow | dict], fingerprint: list[float], sink_mass: float) -> dict:
-    """One wire entry for one captured row (``fingerprint``/``sink_mass``: means over its layers)."""
+    """One wire entry for one captured row (``fingerprint``/``sink_mass``: means over its layers).
+
+    The think phase is read here, when the records are built, not when the step was
+    planned: by now the row's own token is on the host even if the step was launched
+    before it was (overlapped steps). Rows of a sequence arrive in position order, which
+    the phase scan relies on.
+    """
     cap = row.seq.capture
     mode = cap.params.mode
-    base = {"decode_step": row.decode_step, "query_position": row.position, "think_phase": row.think_phase}
+    phase = cap.think_phase(row.seq.all_token_ids, row.position + 1)
+    base = {"decode_step": row.decode_step, "query_position": row.position, "think_phase": phase}
     if row.decode_step is None:
         base["prompt"] = True
     if mode == "fingerprint":

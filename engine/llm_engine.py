@@ -399,8 +399,7 @@ class LLMEngine:
         """Whether ``plan`` can launch before the previous step's tokens are on the host.
 
         Not when a prefill chunk covers a pending token (only decode inputs read tokens on
-        the device), a penalty reads the token history, or a captured sequence needs token
-        values to plan (think-phase tags) or captures full matrices.
+        the device), a penalty reads the token history, or a sequence captures full matrices.
         """
         if not self.overlap_steps:
             return False
@@ -410,8 +409,7 @@ class LLMEngine:
                 return False
             if chunk.samples and uses_token_history(seq.params):
                 return False
-            cap = seq.capture
-            if cap is not None and (cap.is_full or cap.tags.start or cap.tags.end):
+            if seq.capture is not None and seq.capture.is_full:
                 return False
         return True
 

@@ -81,7 +81,6 @@ def _plan_capture(capture: StepCapture, chunk: ScheduledChunk, offset: int, tabl
     """
     seq = chunk.seq
     cap = seq.capture
-    tokens = seq.all_token_ids
     prompt_len = len(seq.prompt_token_ids)
     end = chunk.start + chunk.num_tokens
     first = chunk.start if cap.needs_all_rows else end - 1  # else only a sampling row can be captured
@@ -98,7 +97,7 @@ def _plan_capture(capture: StepCapture, chunk: ScheduledChunk, offset: int, tabl
         else:
             continue
         cap.rows_upto = position + 1
-        capture.add(CaptureRow(seq, offset + i, position, step, cap.think_phase(tokens, position + 1), table))
+        capture.add(CaptureRow(seq, offset + i, position, step, table))
 
 
 class ModelRunner:

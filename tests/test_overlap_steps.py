@@ -133,3 +133,27 @@ def test_overlapped_steps_under_preemption_give_the_same_tokens(smollm_path):
         runs.append([_completions(out)["choices"][0]["ids"] for out in outputs.values()])
         assert engine.scheduler.num_preemptions > 0
     assert runs[1] == runs[0] and all(len(ids) == 24 for ids in runs[0])
+
+
+def test_think_phases_are_tagged_from_the_generated_tokens(smollm_path, one_step_outputs):
+    """Think tags chosen among the tokens a greedy run generates: overlapped and one-at-a-time runs tag every
+    captured row like a scan of the tokens up to the row's query (its own token included)."""
+    ids = _completions(one_step_outputs[0])["choices"][0]["ids"]  # REQUESTS[0], greedy, 12 tokens
+    start, end = ids[2], ids[6]
+    prompt, params, _ = REQUESTS[0]
+    capture = {"mode": "fingerprint", "include_prompt": True}
+    phases = []
+    for overlap in (False, True):
+        engine = _engine(smollm_path, overlap, max_num_batched_tokens=48, think_start_token_ids=[start],
+                         think_end_token_ids=[end])
+        out = next(iter(_run(engine, [(prompt, params, capture)]).values()))
+        got = _completions(out)["choices"][0]
+        assert got["ids"] == ids
+        tokens = engine.tokenize_prompt(prompt) + ids
+        inside, expected = False, {}
+        for position, token in enumerate(tokens):
+            inside = True if token == start else False if token == end else inside
+            expected[position] = "think" if inside else "output"
+        phases.append([(r["query_position"], r["think_phase"]) for r in got["records"]])
+        assert all(phase == expected[position] for position, phase in phases[-1])
+    assert phases[0] == phases[1] and {"think", "output"} <= {phase for _, phase in phases[0]}
