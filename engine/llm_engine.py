@@ -52,7 +52,7 @@ from attnscope.engine.outputs import (
     TopLogprob,
     Usage,
 )
-from attnscope.engine.sampler import PendingSample, Sampler, SamplingInputs, make_generator, uses_token_history
+from attnscope.engine.sampler import PendingSample, Sampler, SamplingInputs, make_generator
 from attnscope.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from attnscope.engine.sequence import Sequence
 from attnscope.engine.stop import StopStringText
@@ -399,15 +399,13 @@ class LLMEngine:
         """Whether ``plan`` can launch before the previous step's tokens are on the host.
 
         Not when a prefill chunk covers a pending token (only decode inputs read tokens on
-        the device), a penalty reads the token history, or a sequence captures full matrices.
+        the device) or a sequence captures full matrices.
         """
         if not self.overlap_steps:
             return False
         for chunk in plan.chunks:
             seq = chunk.seq
             if seq.num_pending and chunk.num_tokens != 1:
-                return False
-            if chunk.samples and uses_token_history(seq.params):
                 return False
             if seq.capture is not None and seq.capture.is_full:
                 return False
@@ -432,6 +430,9 @@ class LLMEngine:
             generators=[s.generator for s in sampling],
             prompt_token_ids=[s.prompt_token_ids for s in sampling],
             output_token_ids=[s.output_token_ids for s in sampling],
+            pending_tokens=None if previous is None else previous.sample.token_ids,
+            pending_sources=None if previous is None else [
+                pending_rows.get(s.seq_id, -1) if s.num_pending else -1 for s in sampling],
         ))
         for chunk in plan.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens

@@ -25,13 +25,17 @@ class SamplingInputs:
 
     ``generators[i]`` is the row's own RNG (seeded per request, on the logits'
     device), or ``None`` to draw from torch's global RNG. The token id lists feed
-    the repetition, presence and frequency penalties.
+    the repetition, presence and frequency penalties. An output token the host has not
+    read yet is negative in ``output_token_ids``; its value is
+    ``pending_tokens[pending_sources[i]]`` on the device (the previous step's samples).
     """
 
     params: list[SamplingParams]
     generators: list[torch.Generator | None]
     prompt_token_ids: list[list[int]]
     output_token_ids: list[list[int]]
+    pending_tokens: torch.Tensor | None = None
+    pending_sources: list[int] | None = None
 
 
 @dataclass
@@ -78,17 +82,28 @@ def _row_values(values: list[float], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).to(device).unsqueeze(1)
 
 
-def _token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+def _token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device,
+                  pending: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
     """Per-row occurrence counts ``[R, V]`` (float32) of the given token ids.
 
     Rows are padded with an out-of-vocabulary column that is dropped afterwards, so
-    one ``scatter_add_`` counts the whole batch.
+    one ``scatter_add_`` counts the whole batch; negative (pending) ids land there too.
+    ``pending = (tokens, sources)`` adds ``tokens[sources[i]]`` to row ``i`` where
+    ``sources[i] >= 0``, on the device.
     """
     width = max((len(ids) for ids in token_ids), default=0)
     padded = torch.tensor([ids + [vocab_size] * (width - len(ids)) for ids in token_ids], dtype=torch.long)
-    padded = padded.reshape(len(token_ids), width).to(device)
+    padded = padded.reshape(len(token_ids), width)
+    padded = padded.masked_fill(padded < 0, vocab_size).to(device)
     counts = torch.zeros(len(token_ids), vocab_size + 1, dtype=torch.float32, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
+    if pending is not None:
+        tokens, sources = pending
+        rows = [i for i, s in enumerate(sources) if s >= 0]
+        if rows:
+            picked = tokens.index_select(0, torch.tensor([sources[i] for i in rows]).to(device))
+            counts.index_put_((torch.tensor(rows).to(device), picked), torch.ones(len(rows), device=device),
+                              accumulate=True)
     return counts[:, :vocab_size]
 
 
@@ -97,16 +112,17 @@ def _apply_penalties(
     params: list[SamplingParams],
     prompt_token_ids: list[list[int]],
     output_token_ids: list[list[int]],
+    pending: tuple[torch.Tensor, list[int]] | None = None,
 ) -> torch.Tensor:
     """Return penalised copies of float32 ``logits`` rows, in vLLM's order.
 
     Repetition penalty on tokens of prompt or output (positive logits divided,
     others multiplied), then ``frequency * count`` and ``presence`` subtracted for
-    tokens of the output.
+    tokens of the output (pending outputs counted from the device, see ``_token_counts``).
     """
     vocab_size = logits.shape[1]
     device = logits.device
-    output_counts = _token_counts(output_token_ids, vocab_size, device)
+    output_counts = _token_counts(output_token_ids, vocab_size, device, pending)
     in_output = output_counts > 0
     if any(p.repetition_penalty != 1.0 for p in params):
         seen = in_output | (_token_counts(prompt_token_ids, vocab_size, device) > 0)
@@ -282,11 +298,15 @@ class Sampler:
         if penalised:
             rows = torch.tensor(penalised).to(logits.device)
             scores = raw.clone()
+            pending = None
+            if inputs.pending_tokens is not None and inputs.pending_sources is not None:
+                pending = (inputs.pending_tokens, [inputs.pending_sources[i] for i in penalised])
             scores[rows] = _apply_penalties(
                 raw[rows],
                 [params[i] for i in penalised],
                 [inputs.prompt_token_ids[i] for i in penalised],
                 [inputs.output_token_ids[i] for i in penalised],
+                pending,
             )
 
         tokens = scores.argmax(dim=-1)

@@ -2,8 +2,9 @@
 
 On the CPU a launch computes the step, so nothing actually overlaps here; what these tests
 pin down is the bookkeeping: decode inputs read the previous step's sampled tokens on the
-device, pending tokens are counted but not yet known, sequences that stop meanwhile drop
-their extra token, and fallbacks (penalties, chunked prefill over a pending token) wait.
+device, pending tokens are counted but not yet known (penalties count them on the device),
+sequences that stop meanwhile drop their extra token, think phases come from the filled-in
+tokens, and preempted sequences with a pending token recompute correctly.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def one_step_outputs(smollm_path):
 
 
 def test_overlapped_steps_give_the_same_outputs(smollm_path, one_step_outputs):
-    """Greedy, seeded n=2 with logprobs, a penalty (waits for tokens), stop string, EOS, chunked prefill, capture."""
+    """Greedy, seeded n=2 with logprobs, a repetition penalty, stop string, EOS, chunked prefill, capture."""
     engine = _engine(smollm_path, True, max_num_batched_tokens=48)
     overlapped = list(_run(engine).values())
     for want_outputs, got_outputs in zip(one_step_outputs, overlapped):

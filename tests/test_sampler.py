@@ -313,3 +313,30 @@ def test_mismatched_inputs_are_rejected() -> None:
         Sampler().sample(torch.zeros(1, 4), inputs)
     with pytest.raises(ValueError, match="2-D"):
         Sampler().sample(torch.zeros(4), SamplingInputs([GREEDY], [None], [[]], [[]]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pending_output_tokens_are_counted_from_the_device(device: str) -> None:
+    """An output token the host has not read (negative id) is penalised from the previous step's device tokens
+    exactly as if its value were in the list."""
+    vocab = 40
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(13)).to(device)
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1.8, frequency_penalty=0.7, logprobs=3),
+              SamplingParams(temperature=0.9, presence_penalty=1.2, seed=5),
+              SamplingParams(temperature=0.0, frequency_penalty=2.0, presence_penalty=2.0)]
+    top = logits.argmax(dim=-1).tolist()
+    known = [[4, top[0]], [top[1], 6, top[1]], [top[2]]]  # each row's last output repeats its best token
+    previous = torch.tensor([11, top[2], top[0], 7, top[1]], device=device)  # the previous step's samples
+    pending = [[4, -1], [top[1], 6, -1], [-1]]
+    sources = [2, 4, 1]
+    sampler = Sampler()
+
+    def sample(output, **extra):
+        inputs = SamplingInputs(params, [make_generator(p.seed, device) for p in params], [[1, 2]] * 3, output,
+                                **extra)
+        return sampler.sample(logits, inputs)
+
+    want = sample(known)
+    got = sample(pending, pending_tokens=previous, pending_sources=sources)
+    assert got.token_ids == want.token_ids and got.top_logprobs == want.top_logprobs
+    assert want.token_ids[2] != top[2]  # the penalty moved the argmax: the pending token was counted
