@@ -83,10 +83,12 @@ def test_gpu_fingerprint_matches_cpu(tiny_llama):
         assert np.allclose(entry["fingerprint"], ref_rows[entry["query_position"]], atol=1.5e-2)
 
 
-def _step_all(engine, prompts, max_tokens, captures):
+def _step_all(engine, prompts, max_tokens, captures, penalties=None):
     """Greedy outputs of requests added together and stepped to the end: (tokens, records) per request."""
-    rids = [engine.add_request(p, params={"temperature": 0.0, "max_tokens": n, "ignore_eos": True}, capture=c)
-            for p, n, c in zip(prompts, max_tokens, captures)]
+    penalties = penalties or [{}] * len(prompts)
+    rids = [engine.add_request(p, params={"temperature": 0.0, "max_tokens": n, "ignore_eos": True, **extra},
+                               capture=c)
+            for p, n, c, extra in zip(prompts, max_tokens, captures, penalties)]
     tokens = {rid: [] for rid in rids}
     records = {rid: [] for rid in rids}
     while engine.has_unfinished():
@@ -110,9 +112,10 @@ def test_cuda_graph_decode_matches_eager(tiny_llama):
                 {"mode": "raw", "top_k": 8, "layers": [1, 3], "head_ids": [0, 5], "window": 40},
                 None]
     max_tokens = [14, 9, 5]  # the batch shrinks: buckets 4, 2, 1 with padding rows
-    got = _step_all(graphed, prompts, max_tokens, captures)
+    penalties = [{}, {"repetition_penalty": 1.5, "frequency_penalty": 0.5}, {"presence_penalty": 1.0}]
+    got = _step_all(graphed, prompts, max_tokens, captures, penalties)  # penalties count pending tokens on the GPU
     assert graphed.runner.graphs.replays >= max_tokens[0] - 1
-    want = _step_all(eager, prompts, max_tokens, captures)
+    want = _step_all(eager, prompts, max_tokens, captures, penalties)
     for (tokens, records), (want_tokens, want_records) in zip(got, want):
         assert tokens == want_tokens
         assert [r["query_position"] for r in records] == [r["query_position"] for r in want_records]
