@@ -485,8 +485,7 @@ class LLMEngine:
         if logprob is not None:
             choice.pending_logprobs.append(logprob)
         params = seq.params
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-        if token_id in stop_ids:
+        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
             self._finish(choice, "stop")
         elif choice.text.add(choice.detokenizer.step(token_id)):
             self.scheduler.finish(seq, "stop")
