@@ -115,16 +115,17 @@ def run_case(engine: LLMEngine, ids: list[list[int]], steps: int, rounds: int) -
     a ratio. Later rounds take their prompts from the prefix cache.
     """
     result: dict = {"decode_ms": {}, "kernel_ms": {}}
+    engine_overlaps = engine.overlap_steps
     for round_index in range(rounds):
         for name, (capture, overlap) in SETTINGS.items():
             first = round_index == 0
-            engine.overlap_steps = overlap
+            engine.overlap_steps = overlap and engine_overlaps
             median, kernels = run_setting(engine, ids, steps, capture, result if first and name == "none" else None,
                                           profile_kernels=first)
             result["decode_ms"][name] = min(median, result["decode_ms"].get(name, median))
             if first:
                 result["kernel_ms"][name] = kernels
-    engine.overlap_steps = True
+    engine.overlap_steps = engine_overlaps
     return result
 
 

@@ -155,7 +155,7 @@ class DecodeGraphs:
         self._plain: dict[int, _DecodeGraph] = {}
         self._layouts: OrderedDict[tuple[int, CaptureLayout], _DecodeGraph] = OrderedDict()
         self._pool = torch.cuda.graph_pool_handle() if replay else None
-        self.previous = torch.zeros(self.max_batch, dtype=torch.long, device=device)
+        self.previous = torch.zeros(self.max_batch, dtype=torch.int32, device=device)
         """The previous step's sampled tokens, where inputs with a token source read them."""
         self.replays = 0
         """Decode steps run through a graph so far."""

@@ -11,9 +11,9 @@ def read_pending_tokens(input_ids: torch.Tensor, sources: torch.Tensor, previous
 
     Runs on the device without a host sync (it is also recorded inside decode graphs), so a
     step can be launched before the host has the previous step's tokens. Keeps
-    ``input_ids``' dtype.
+    ``input_ids``' dtype (no cast when all three share it, as in a decode graph: int32).
     """
-    picked = previous_tokens.index_select(0, sources.clamp_min(0).to(torch.long)).to(input_ids.dtype)
+    picked = previous_tokens.index_select(0, sources.clamp_min(0)).to(input_ids.dtype)
     return torch.where(sources >= 0, picked, input_ids)
 
 

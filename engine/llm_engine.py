@@ -129,7 +129,6 @@ class _LaunchedStep:
     (counted as pending until then); ``packed`` the host copy (in flight) of the capture results.
     """
 
-    plan: StepPlan
     sampling: list[Sequence]
     output_indices: list[int]
     sample: PendingSample
@@ -431,8 +430,7 @@ class LLMEngine:
             prompt_token_ids=[s.prompt_token_ids for s in sampling],
             output_token_ids=[s.output_token_ids for s in sampling],
             pending_tokens=None if previous is None else previous.sample.token_ids,
-            pending_sources=None if previous is None else [
-                pending_rows.get(s.seq_id, -1) if s.num_pending else -1 for s in sampling],
+            pending_sources=None if previous is None else [pending_rows.get(s.seq_id, -1) for s in sampling],
         ))
         for chunk in plan.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
@@ -440,8 +438,8 @@ class LLMEngine:
         for seq in sampling:
             index = seq.append_pending()
             indices.append(index)
-            seq.final_pending = index + 1 >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
-        return _LaunchedStep(plan, sampling, indices, sample, captured, packed)
+            seq.final_pending = self._ends_by_length(seq, index)
+        return _LaunchedStep(sampling, indices, sample, captured, packed)
 
     def _finish_step(self, step: _LaunchedStep) -> list[RequestOutput]:
         """Read a launched step's results (waiting for them): capture records, tokens, stops; publish.
@@ -489,8 +487,12 @@ class LLMEngine:
             self._finish(choice, "stop")
         elif choice.text.add(choice.detokenizer.step(token_id)):
             self.scheduler.finish(seq, "stop")
-        elif index + 1 >= params.max_tokens or len(seq.prompt_token_ids) + index + 1 >= self.max_model_len:
+        elif self._ends_by_length(seq, index):
             self._finish(choice, "length")
+
+    def _ends_by_length(self, seq: Sequence, index: int) -> bool:
+        """Whether output ``index`` is the sequence's last by ``max_tokens`` or the context limit."""
+        return index + 1 >= seq.params.max_tokens or len(seq.prompt_token_ids) + index + 1 >= self.max_model_len
 
     def _finish(self, choice: _Choice, reason: str) -> None:
         """End a choice, first releasing text the detokeniser held back for an unfinished character."""

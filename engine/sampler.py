@@ -72,8 +72,8 @@ def _is_greedy(params: SamplingParams) -> bool:
     return params.greedy or params.temperature < _GREEDY_TEMPERATURE
 
 
-def uses_token_history(params: SamplingParams) -> bool:
-    """True when any repetition, presence or frequency penalty changes the logits (they read the token history)."""
+def _is_penalised(params: SamplingParams) -> bool:
+    """True when any repetition, presence or frequency penalty changes the logits."""
     return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
 
@@ -289,12 +289,12 @@ class Sampler:
         """:meth:`sample` without waiting for the device: the tokens stay on it, their host copies in flight."""
         _validate(logits, inputs)
         params = inputs.params
-        if all(_is_greedy(p) and not uses_token_history(p) and p.logprobs is None for p in params):
+        if all(_is_greedy(p) and not _is_penalised(p) and p.logprobs is None for p in params):
             return PendingSample(logits.argmax(dim=-1), [], [], params)
 
         raw = logits.float()
         scores = raw
-        penalised = [i for i, p in enumerate(params) if uses_token_history(p)]
+        penalised = [i for i, p in enumerate(params) if _is_penalised(p)]
         if penalised:
             rows = torch.tensor(penalised).to(logits.device)
             scores = raw.clone()
