@@ -4,8 +4,9 @@ The driver (the ``LLMEngine`` that owns the scheduler and the block tables) star
 worker per rank in a placement group, has rank 0 pick a rendezvous address, joins all of
 them into one ``torch.distributed`` group (gloo on CPUs, NCCL on GPUs), then sends every
 step's ``StepInputs`` and shipped capture plan to all ranks at once. The ranks run the
-forward together (one all-reduce per attention and MLP block); rank 0 returns the logits
-and every rank returns its partial capture, which the driver merges exactly.
+forward together (one all-reduce per attention and MLP block), sum their partial captures
+onto rank 0 in one collective (``reduce_captures``), and rank 0 returns the logits and the
+finished captures.
 """
 
 from __future__ import annotations
@@ -22,17 +23,16 @@ from attnscope.engine.kv_cache import kv_cache_blocks
 from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.model_runner import ModelRunner, StepInputs
 from attnscope.engine.parallel import TensorParallel
+from attnscope.engine.rank_capture import RankCaptures, reduce_captures
 from attnscope.engine.weights import default_model_path, load_checkpoint
-from attnscope.kernels.capture_reference import PartialCapture
 
 
 @dataclass
 class RankOutput:
-    """What one rank returns from a step: logits (rank 0 only) and its partial captures per layer, in plan order."""
+    """What one rank returns from a step: rank 0 the logits and the step's finished captures, others nothing."""
 
     logits: torch.Tensor | None
-    partials: dict[int, list[PartialCapture]]
-    full_probs: dict[int, list[torch.Tensor]]
+    captures: RankCaptures | None
 
 
 class RankWorker:
@@ -92,12 +92,11 @@ class RankWorker:
         if capture is not None:
             capture = capture.to(self.device)
         logits = self.runner.run(inputs, capture)
-        partials: dict[int, list[PartialCapture]] = {}
-        full_probs: dict[int, list[torch.Tensor]] = {}
+        captures = None
         if capture is not None:
-            partials = {layer: [g.partial.cpu() for g in groups] for layer, groups in capture.layers.items()}
-            full_probs = {layer: [p.cpu() for p in f.probs] for layer, f in capture.full.items()}
-        return RankOutput(logits.cpu() if self.rank == 0 else None, partials, full_probs)
+            model = self.model
+            captures = reduce_captures(capture, model.heads.q_heads, model.config.num_heads, model.tp)
+        return RankOutput(logits.cpu() if self.rank == 0 else None, captures)
 
     def stop(self) -> None:
         """Leave the process group."""

@@ -12,7 +12,7 @@ tokens through the paged decode kernel (Triton on CUDA, its float32 torch twin o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -127,9 +127,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 def _fusable(group: LayerCapture, batch: AttentionBatch, q: torch.Tensor) -> bool:
-    """Whether a group's capture can ride inside the decode kernel: one CUDA device, rotated logits, decode rows only."""
-    return (q.is_cuda and batch.q_heads is None and not group.derotate
-            and all(i >= batch.decode_start for i in group.token_indices))
+    """Whether a group's capture can ride inside the decode kernel: CUDA, rotated logits, decode rows only."""
+    return q.is_cuda and not group.derotate and all(i >= batch.decode_start for i in group.token_indices)
 
 
 def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch: AttentionBatch,
@@ -138,7 +137,8 @@ def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch:
 
     Returns the group to fuse into this layer's decode kernel instead (CUDA, decode rows
     with rotated logits), whose result the decode call fills in. On a tensor-parallel
-    rank every group gets the rank's ``PartialCapture`` (exact float32, to be merged).
+    rank every group gets the rank's ``PartialCapture`` instead (exact, to be summed over
+    the ranks; Triton on CUDA, the float32 twin elsewhere).
     """
     k_cache = batch.kv_caches[layer][0]
     fused = None
@@ -148,7 +148,11 @@ def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch:
             continue
         rope = batch.rope if group.derotate else None
         request = batch.capture.request(group, q_unrotated if group.derotate else q, rope, batch.q_heads)
-        if batch.q_heads is not None:
+        if batch.q_heads is not None and q.is_cuda:
+            from attnscope.kernels.capture import partial_capture
+
+            group.partial = partial_capture(k_cache, request, scale)
+        elif batch.q_heads is not None:
             group.partial = partial_capture_ref(k_cache, request, scale)
         elif q.is_cuda:
             from attnscope.kernels.capture import attention_capture
@@ -167,29 +171,39 @@ def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     """Decode attention of the step's decode rows, the group's capture statistics in the same pass.
 
     Only the captured rows run the capture kernel; the others run the plain decode kernel,
-    so requests without capture pay nothing for sharing the batch.
+    so requests without capture pay nothing for sharing the batch. On a tensor-parallel
+    rank the kernel computes the statistics of the rank's heads and the group's
+    ``PartialCapture`` adds the dense ``p̄`` share when the group has top-k.
     """
     from attnscope.kernels.paged_decode import paged_decode_attention
 
     decode_q = q[batch.decode_start :]
     tables, lengths = batch.decode_block_tables, batch.decode_context_lens
-    request = batch.capture.request(group, q, None)
+    request = batch.capture.request(group, q, None, batch.q_heads)
+    kernel_request = request if batch.q_heads is None else replace(request, top_k=0, head_top_k=0)
     if group.decode_rows is not None:  # a CUDA-graph step: padding capture rows match no decode row
-        out, _, group.result = paged_decode_attention(decode_q, k_cache, v_cache, tables, lengths, scale,
-                                                      capture=request, capture_rows=group.decode_rows)
-        return out
-    captured = group.index - batch.decode_start  # on the device already: no copy, no sync
-    if len(group.token_indices) == decode_q.shape[0]:
-        out, _, group.result = paged_decode_attention(decode_q, k_cache, v_cache, tables, lengths, scale,
-                                                      capture=request, capture_rows=captured)
-        return out
-    taken = {i - batch.decode_start for i in group.token_indices}
-    others = _to_device([i for i in range(decode_q.shape[0]) if i not in taken], q.device)
-    out = torch.empty_like(decode_q)
-    out[others] = paged_decode_attention(decode_q[others], k_cache, v_cache, tables[others], lengths[others], scale)[0]
-    out[captured], _, group.result = paged_decode_attention(
-        decode_q[captured], k_cache, v_cache, tables[captured], lengths[captured], scale,
-        capture=request, capture_rows=torch.arange(len(group.token_indices), device=q.device))
+        out, _, result = paged_decode_attention(decode_q, k_cache, v_cache, tables, lengths, scale,
+                                                capture=kernel_request, capture_rows=group.decode_rows)
+    elif len(group.token_indices) == decode_q.shape[0]:
+        captured = group.index - batch.decode_start  # on the device already: no copy, no sync
+        out, _, result = paged_decode_attention(decode_q, k_cache, v_cache, tables, lengths, scale,
+                                                capture=kernel_request, capture_rows=captured)
+    else:
+        captured = group.index - batch.decode_start
+        taken = {i - batch.decode_start for i in group.token_indices}
+        others = _to_device([i for i in range(decode_q.shape[0]) if i not in taken], q.device)
+        out = torch.empty_like(decode_q)
+        out[others] = paged_decode_attention(decode_q[others], k_cache, v_cache, tables[others], lengths[others],
+                                             scale)[0]
+        out[captured], _, result = paged_decode_attention(
+            decode_q[captured], k_cache, v_cache, tables[captured], lengths[captured], scale,
+            capture=kernel_request, capture_rows=torch.arange(len(group.token_indices), device=q.device))
+    if batch.q_heads is None:
+        group.result = result
+    else:
+        from attnscope.kernels.capture import partial_capture
+
+        group.partial = partial_capture(k_cache, request, scale, stats=result)
     return out
 
 

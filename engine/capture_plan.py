@@ -9,13 +9,17 @@ plan without the sequences, for tensor-parallel rank workers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from attnscope.capture import SKETCH_HUBS
 from attnscope.engine.sequence import Sequence
-from attnscope.kernels.capture_reference import CaptureRequest, CaptureResult, PartialCapture, merge_partials
+from attnscope.kernels.capture_reference import CaptureRequest, CaptureResult, PartialCapture
+
+if TYPE_CHECKING:
+    from attnscope.engine.rank_capture import RankCaptures
 
 
 @dataclass
@@ -139,18 +143,13 @@ class StepCapture:
             f.index, f.positions, f.block_tables = f.index.to(device), f.positions.to(device), f.block_tables.to(device)
         return self
 
-    def merge_ranks(self, partials: list[dict[int, list[PartialCapture]]],
-                    full_probs: list[dict[int, list[torch.Tensor]]]) -> None:
-        """Fill the results from tensor-parallel ranks' outputs (in rank order, as ``shipped`` plans ran them).
-
-        Groups get ``merge_partials`` of the ranks' partials; full-matrix rows concatenate
-        the ranks' heads (ranks hold consecutive query heads).
-        """
+    def fill_from_ranks(self, captures: RankCaptures) -> None:
+        """Take the results tensor-parallel ranks finished for this plan (as ``shipped`` ran it)."""
         for layer, groups in self.layers.items():
-            for i, group in enumerate(groups):
-                group.result = merge_partials([rank[layer][i] for rank in partials], group.top_k)
+            for group, result in zip(groups, captures.layers[layer]):
+                group.result = result
         for layer, full in self.full.items():
-            full.probs = [torch.cat([rank[layer][row] for rank in full_probs], dim=0) for row in range(len(full.rows))]
+            full.probs = captures.full[layer]
 
     @staticmethod
     def request(group: LayerCapture, q: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,

@@ -72,6 +72,12 @@ class TensorParallel:
             dist.all_reduce(tensor, group=self.group)
         return tensor
 
+    def reduce_to_first(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the ranks into rank 0's copy, in place (others' copies are left undefined)."""
+        if self.size > 1:
+            dist.reduce(tensor, dst=0, group=self.group)
+        return tensor
+
     def all_gather_last_dim(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Concatenate each rank's shard along the last dimension (vocab-parallel logits)."""
         if self.size == 1:

@@ -79,7 +79,7 @@ class ProcessTensorParallelRunner:
         """Run one step on every rank; rank 0's logits, and the merged captures filled into ``capture``."""
         outputs = self._call_all("run", inputs, capture.shipped() if capture is not None else None)
         if capture is not None:
-            capture.merge_ranks([out.partials for out in outputs], [out.full_probs for out in outputs])
+            capture.fill_from_ranks(outputs[0].captures)
         return outputs[0].logits
 
     @property

@@ -3,8 +3,8 @@
 ``TensorParallelRunner.run`` has ``ModelRunner.run``'s contract: it ships the step's
 inputs and the sequence-free capture plan to every ``RankWorker`` at once, returns rank
 0's logits (every rank holds the full logits after the LM head's all-gather), and fills
-the plan's capture results by merging the ranks' partials exactly (``merge_partials``:
-per-head values side by side, head sums added, ``p̄`` summed and ranked). A rank that
+the plan's capture results with rank 0's, which the ranks merged exactly in one collective
+(``attnscope.engine.rank_capture``: head sums and ``p̄`` shares added, then ranked). A rank that
 dies makes ``run`` raise, which fails the engine loop: the requests in flight get an
 error and a Serve replica reports itself unhealthy, so Serve replaces it.
 """
@@ -61,7 +61,7 @@ class TensorParallelRunner:
         shipped = capture.shipped() if capture is not None else None
         outputs = ray.get([w.run.remote(inputs, shipped) for w in self.workers])
         if capture is not None:
-            capture.merge_ranks([out.partials for out in outputs], [out.full_probs for out in outputs])
+            capture.fill_from_ranks(outputs[0].captures)
         return outputs[0].logits
 
     def check_health(self) -> None:

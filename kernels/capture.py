@@ -36,13 +36,13 @@ are merged the same way (lists with nothing above the running k-th are skipped u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from attnscope.kernels.capture_reference import MAX_TOP_K, NUM_BINS, CaptureRequest, CaptureResult
+from attnscope.kernels.capture_reference import MAX_TOP_K, NUM_BINS, CaptureRequest, CaptureResult, PartialCapture
 from attnscope.kernels.paged_decode import (
     MIN_DOT_ROWS,
     _check_inputs,
@@ -941,6 +941,72 @@ def _tile_mean_topk_kernel(
 
 
 @triton.jit
+def _dense_mean_probs_kernel(
+    q_ptr,
+    k_cache_ptr,
+    block_tables_ptr,
+    query_pos_ptr,
+    mask_prefix_ptr,
+    window_ptr,
+    sink_tokens_ptr,
+    head_weights_ptr,
+    lse_ptr,
+    cos_ptr,
+    sin_ptr,
+    out_ptr,
+    scale,
+    num_kv_heads,
+    width,
+    stride_qr,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_btr,
+    stride_rope,
+    stride_wr,
+    stride_lr,
+    stride_or,
+    GROUP_SIZE: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr,
+):
+    """``p̄[j] = sum_h w_h exp(s_h[j] - lse_h)`` of one row over one key tile (``-inf`` outside ``W``).
+
+    The keys are read again (only tiles that touch ``W``), every KV group with a head of
+    nonzero weight, summed over groups in a fixed order like the tile recompute of Pass B.
+    """
+    row = tl.program_id(0)
+    tokens = tl.program_id(1) * TILE_N + tl.arange(0, TILE_N)
+    pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
+    in_w = (tokens >= w_lo) & (tokens <= pos)
+    p_bar = tl.zeros([TILE_N], dtype=tl.float32)
+    if tl.max(in_w.to(tl.int32), axis=0) > 0:
+        rows = tl.arange(0, GROUP_PAD)
+        row_valid = rows < GROUP_SIZE
+        physical_block = tl.load(block_tables_ptr + row * stride_btr + tokens // BLOCK_SIZE, mask=in_w,
+                                 other=0).to(tl.int64)
+        for kv_head in range(num_kv_heads):
+            heads = kv_head * GROUP_SIZE + rows
+            weights = tl.load(head_weights_ptr + row * stride_wr + heads, mask=row_valid, other=0.0)
+            if tl.max(weights, axis=0) > 0.0:
+                lse = tl.load(lse_ptr + row * stride_lr + heads, mask=row_valid, other=0.0)
+                lse = tl.where(lse == float("-inf"), 0.0, lse)
+                q_a, q_b = _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM, ROPE)
+                k_rows = physical_block * stride_kb + (tokens % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
+                logits = _key_logits(
+                    q_a, q_b, k_cache_ptr, k_rows, tokens, in_w, cos_ptr, sin_ptr, stride_rope, scale,
+                    HEAD_DIM, ROPE, DOT_PRECISION,
+                )
+                p_bar += tl.sum(weights[:, None] * tl.exp(logits - lse[:, None]), axis=0)
+    tl.store(out_ptr + row * stride_or + tokens, tl.where(in_w, p_bar, float("-inf")), mask=tokens < width)
+
+
+@triton.jit
 def _merge_lists(row_keys, stride_ks, first_list, num_lists, k, LISTS_PAD: tl.constexpr):
     """The top ``SLOTS`` keys, sorted descending, of lists ``first_list ..`` (``num_lists`` of them, each sorted
     descending) at ``row_keys + list * stride_ks``.
@@ -1278,6 +1344,53 @@ def attention_capture(
             num_warps=PASS_A_NUM_WARPS,
         )
     return _finish(k_cache, req, scale, partials)
+
+
+def dense_mean_probs(k_cache: torch.Tensor, req: CaptureRequest, scale: float, lse: torch.Tensor) -> torch.Tensor:
+    """Dense ``p̄`` ``[R, max_blocks * block_size]`` float32 of every row over ``W`` (``-inf`` elsewhere).
+
+    ``lse`` ``[R, Hq]`` are the heads' logsumexps over ``U`` (a capture's ``lse``). A
+    tensor-parallel rank's share of the head mean: with ``req`` holding the rank's heads and
+    their global weights, the ranks' outputs sum to ``p̄`` over all heads. Re-reads the keys
+    of the tiles touching ``W`` (one program per row and key tile); no host sync.
+    """
+    _check_request(k_cache, req)
+    rows, num_heads, head_dim = req.q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    width = req.block_tables.shape[1] * block_size
+    tile_n = _tile_tokens(head_dim)
+    out = torch.empty((rows, width), dtype=torch.float32, device=k_cache.device)
+    cos, sin, stride_rope, rope = _rope_args(req, k_cache)
+    if rows and width:
+        _dense_mean_probs_kernel[(rows, triton.cdiv(width, tile_n))](
+            req.q, k_cache, req.block_tables, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
+            req.head_weights, lse, cos, sin, out, scale, num_kv_heads, width,
+            req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
+            req.head_weights.stride(0), lse.stride(0), out.stride(0),
+            GROUP_SIZE=group,
+            GROUP_PAD=_group_pad(group),
+            HEAD_DIM=head_dim,
+            BLOCK_SIZE=block_size,
+            TILE_N=tile_n,
+            DOT_PRECISION="ieee" if rope else _dot_precision(req.q.dtype),
+            ROPE=rope,
+            num_warps=PASS_B_ROPE_NUM_WARPS if rope else PASS_B_NUM_WARPS,
+        )
+    return out
+
+
+def partial_capture(k_cache: torch.Tensor, req: CaptureRequest, scale: float,
+                    stats: CaptureResult | None = None) -> PartialCapture:
+    """A tensor-parallel rank's ``PartialCapture`` of ``req`` (the rank's heads, global head weights).
+
+    Same contract as ``partial_capture_ref``: statistics from Pass A and the combine
+    (:func:`attention_capture` without top-k, unless the decode kernel already computed them
+    as ``stats``), and when ``req.top_k > 0`` the dense ``p̄`` share of :func:`dense_mean_probs`.
+    """
+    if stats is None:
+        stats = attention_capture(k_cache, replace(req, top_k=0, head_top_k=0), scale)
+    return PartialCapture(stats, dense_mean_probs(k_cache, req, scale, stats.lse) if req.top_k else None)
 
 
 def paged_decode_attention_capture(

@@ -82,6 +82,10 @@ class CaptureResult:
     head_topk_logit: torch.Tensor | None
     recomputed_tiles: torch.Tensor | None = None
 
+    def cpu(self) -> CaptureResult:
+        """A copy on the CPU (what a tensor-parallel rank ships to its driver)."""
+        return CaptureResult(*(None if (t := getattr(self, f.name)) is None else t.cpu() for f in fields(self)))
+
 
 def distance_bin(d: torch.Tensor) -> torch.Tensor:
     """log2 distance bin (int64) of ``d >= 0``: 0 for ``[0, 2)``, ``b`` for ``[2^b, 2^(b+1))``, 15 from 32768.
@@ -113,22 +117,17 @@ def capture_rows_ref(
 
 @dataclass
 class PartialCapture:
-    """One tensor-parallel rank's share of a capture, exact to merge with the others' (``merge_partials``).
+    """One tensor-parallel rank's share of a capture: summed over the ranks it is the capture of all heads.
 
     ``stats`` covers the rank's query heads (top-k fields ``None``): ``lse`` per local head;
     ``hist``, ``entropy`` and ``sink_mass`` are sums weighted by the *global* head weights,
-    so they add across ranks. ``p_bar`` ``[R, T]`` (``T`` = the longest row's ``P + 1``) is the
-    rank's ``Σ_h w_h p_h[j]`` over ``W`` (``-inf`` outside ``W``), ``None`` without top-k.
+    so they add across ranks. ``p_bar`` ``[R, max_blocks * block_size]`` is the rank's
+    ``Σ_h w_h p_h[j]`` over ``W`` (``-inf`` outside ``W``, on every rank alike), ``None``
+    without top-k. ``finish_partial`` ranks the sum.
     """
 
     stats: CaptureResult
     p_bar: torch.Tensor | None
-
-    def cpu(self) -> PartialCapture:
-        """A copy on the CPU (to ship from a rank to the driver)."""
-        stats = CaptureResult(*(None if (t := getattr(self.stats, f.name)) is None else t.cpu()
-                                for f in fields(CaptureResult)))
-        return PartialCapture(stats, None if self.p_bar is None else self.p_bar.cpu())
 
 
 def partial_capture_ref(k_cache: torch.Tensor, req: CaptureRequest, scale: float,
@@ -138,32 +137,24 @@ def partial_capture_ref(k_cache: torch.Tensor, req: CaptureRequest, scale: float
     return PartialCapture(stats, _mean_probs(k_cache, req, scale, rows_per_chunk) if req.top_k else None)
 
 
-def merge_partials(parts: list[PartialCapture], top_k: int) -> CaptureResult:
-    """The capture of all heads from the ranks' partials, in rank (= head) order.
-
-    ``lse`` is the ranks' heads side by side; head sums add; ``p̄`` is the sum of the ranks'
-    dense partials, ranked like ``capture_rows_ref`` (value descending, then position).
-    """
-    first = parts[0].stats
-    result = CaptureResult(
-        lse=torch.cat([p.stats.lse for p in parts], dim=1),
-        hist=torch.stack([p.stats.hist for p in parts]).sum(dim=0),
-        entropy=torch.stack([p.stats.entropy for p in parts]).sum(dim=0),
-        sink_mass=torch.stack([p.stats.sink_mass for p in parts]).sum(dim=0),
-        num_stat_positions=first.num_stat_positions,
-        topk_pos=None, topk_prob=None, head_topk_pos=None, head_topk_logit=None,
-    )
+def finish_partial(summed: PartialCapture, top_k: int) -> CaptureResult:
+    """The capture of all heads from the sum of the ranks' partials (``summed.stats.lse`` already holds
+    every head): head sums as they are, ``p̄`` ranked like ``capture_rows_ref`` (value descending,
+    then position)."""
+    result = replace(summed.stats, topk_pos=None, topk_prob=None, head_topk_pos=None, head_topk_logit=None,
+                     recomputed_tiles=None)
     if top_k:
-        p_bar = torch.stack([p.p_bar for p in parts]).sum(dim=0)
+        p_bar = summed.p_bar
         result.topk_pos, result.topk_prob = _rank_top_k(p_bar, torch.isfinite(p_bar).sum(dim=-1), top_k, 0.0)
     return result
 
 
 def _mean_probs(k_cache: torch.Tensor, req: CaptureRequest, scale: float, rows_per_chunk: int) -> torch.Tensor:
-    """Dense ``p̄`` ``[R, max P + 1]`` over each row's ``W`` (``-inf`` elsewhere), ``rows_per_chunk`` rows at a time."""
+    """Dense ``p̄`` ``[R, max_blocks * block_size]`` over each row's ``W`` (``-inf`` elsewhere), ``rows_per_chunk``
+    rows at a time."""
     num_rows = req.q.shape[0]
     device = k_cache.device
-    width = int(req.query_pos.max()) + 1 if num_rows else 1
+    width = req.block_tables.shape[1] * k_cache.shape[1]
     out = torch.full((num_rows, width), float("-inf"), dtype=torch.float32, device=device)
     for start in range(0, num_rows, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, num_rows))

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from attnscope.engine.parallel import partition_heads  # noqa: E402
 from attnscope.engine.rope import RotaryEmbedding  # noqa: E402
 from attnscope.kernels.layer_ops_reference import rotate_ref as rotate  # noqa: E402
 from attnscope.kernels.capture import (  # noqa: E402
@@ -34,12 +35,16 @@ from attnscope.kernels.capture import (  # noqa: E402
     _unpack_keys,
     attention_capture,
     paged_decode_attention_capture,
+    partial_capture,
 )
 from attnscope.kernels.capture_reference import (  # noqa: E402
     CaptureRequest,
     CaptureResult,
+    PartialCapture,
     capture_rows_ref,
     distance_bin,
+    finish_partial,
+    partial_capture_ref,
 )
 from attnscope.kernels.paged_decode import paged_decode_attention  # noqa: E402
 
@@ -336,6 +341,57 @@ def test_attention_capture_derotates_keys(seed: int, logit_store_bytes: int) -> 
     req = replace(make_request(case, random.Random(seed), 8, 4), rope_cos=rope.cos, rope_sin=rope.sin)
     result = attention_capture(case.k_cache, req, case.scale, num_splits=3, logit_store_bytes=logit_store_bytes)
     check_result(result, case, req, seed)
+
+
+
+def rank_request(case: Case, req: CaptureRequest, heads: range, kv_heads: range) -> tuple[torch.Tensor, CaptureRequest]:
+    """One tensor-parallel rank's view of ``req``: its KV heads' cache, its query heads and their global weights."""
+    k_cache = case.k_cache[:, :, kv_heads.start : kv_heads.stop].contiguous()
+    return k_cache, replace(req, q=req.q[:, heads.start : heads.stop].contiguous(),
+                            head_weights=req.head_weights[:, heads.start : heads.stop].contiguous())
+
+
+# (dtype, lens, Hq, Hkv, ranks, top_k, rope)
+PARTIAL_CASES = [
+    pytest.param(torch.float32, [37, 1, 100], 9, 3, 2, 8, False, id="uneven-6+3-heads"),
+    pytest.param(torch.float16, [130, 17], 8, 1, 2, 16, False, id="fp16-replicated-kv-head"),
+    pytest.param(torch.float32, [70, 23], 12, 4, 4, 5, True, id="derotated-4-ranks"),
+    pytest.param(torch.float32, [5, 64], 4, 4, 2, 0, False, id="no-top-k"),
+]
+
+
+@pytest.mark.parametrize("dtype, lens, num_heads, num_kv_heads, ranks, top_k, rope", PARTIAL_CASES)
+def test_rank_partials_match_reference_and_sum_to_the_whole_capture(
+    seed: int, dtype: torch.dtype, lens: list[int], num_heads: int, num_kv_heads: int, ranks: int, top_k: int,
+    rope: bool,
+) -> None:
+    """Each rank's Triton partial equals the float32 twin's; the ranks' partials summed (lse side by side)
+    and ranked give the capture of all heads at once."""
+    case = make_case(seed, lens, num_heads, num_kv_heads, 32, 16, dtype)
+    req = make_request(case, random.Random(seed), top_k, 0)
+    if rope:
+        tables = RotaryEmbedding(32, 128, theta=10000.0, scaling=None, dtype=torch.float32)
+        req = replace(req, rope_cos=tables.cos, rope_sin=tables.sin)
+    logit_tol, prob_tol = TOLERANCES[dtype]
+    parts = []
+    for rank in range(ranks):
+        part = partition_heads(num_heads, num_kv_heads, ranks, rank)
+        k_cache, rank_req = rank_request(case, req, part.q_heads, part.kv_heads)
+        mine = partial_capture(k_cache, rank_req, case.scale)
+        ref = partial_capture_ref(k_cache.float(), replace(rank_req, q=rank_req.q.float()), case.scale)
+        assert_close(mine.stats.lse, ref.stats.lse, logit_tol, f"rank {rank} lse", seed)
+        for name in ("hist", "entropy", "sink_mass"):
+            assert_close(getattr(mine.stats, name), getattr(ref.stats, name), 10 * prob_tol, f"rank {rank} {name}", seed)
+        assert (mine.p_bar is None) == (top_k == 0)
+        if top_k:
+            assert mine.p_bar.shape == ref.p_bar.shape == (len(lens), case.block_tables.shape[1] * 16)
+            assert torch.equal(torch.isinf(mine.p_bar), torch.isinf(ref.p_bar)), f"seed={seed}"
+            assert_close(mine.p_bar, ref.p_bar, prob_tol, f"rank {rank} p_bar", seed)
+        parts.append(mine)
+    stats = replace(parts[0].stats, lse=torch.cat([p.stats.lse for p in parts], dim=1),
+                    **{name: sum(getattr(p.stats, name) for p in parts) for name in ("hist", "entropy", "sink_mass")})
+    p_bar = sum(p.p_bar for p in parts) if top_k else None
+    check_result(finish_partial(PartialCapture(stats, p_bar), top_k), case, req, seed)
 
 
 def plant_peaks(case: Case, row: int, positions: list[int], strength: float) -> None:

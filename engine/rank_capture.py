@@ -1,0 +1,94 @@
+"""Tensor-parallel capture: every rank's partial captures of a step summed in one collective.
+
+After a step's forward, each rank holds a ``PartialCapture`` per captured group (its query
+heads' statistics weighted by the global head weights, and its dense share of ``p̄``) and,
+for full-matrix rows, its heads' probabilities. Everything is laid out in one float32
+buffer whose shape depends only on the step's plan, so it is the same on every rank:
+
+* per group: ``lse`` ``[R, Hq]`` with the rank's heads in their columns and zeros elsewhere
+  (query heads never overlap across ranks, so the sum is every head's ``lse``), ``hist``
+  ``[R, 16]``, ``entropy`` ``[R]``, ``sink_mass`` ``[R]`` (weighted head sums: they add), and
+  with top-k the dense ``p̄`` share ``[R, max_blocks * block_size]`` (4 bytes per position);
+* per full-matrix row: ``[Hq, P + 1]`` probabilities, the rank's heads in place, zeros elsewhere.
+
+One ``reduce`` (sum) to rank 0 merges all layers at once, exactly: adding zeros and ``-inf``
+outside ``W`` on every rank changes nothing. Rank 0 then ranks ``p̄`` (``finish_partial``)
+and returns the finished results; the others return nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from attnscope.engine.capture_plan import StepCapture
+from attnscope.engine.parallel import TensorParallel
+from attnscope.kernels.capture_reference import CaptureResult, PartialCapture, finish_partial
+
+
+@dataclass
+class RankCaptures:
+    """A step's finished captures from rank 0, on the CPU, in plan order: results per group, probabilities per
+    full-matrix row."""
+
+    layers: dict[int, list[CaptureResult]] = field(default_factory=dict)
+    full: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+
+def reduce_captures(capture: StepCapture, heads: range, num_heads: int, tp: TensorParallel) -> RankCaptures | None:
+    """Sum the ranks' partial captures of ``capture`` onto rank 0 in one collective; rank 0's finished results.
+
+    ``heads`` are this rank's query heads out of ``num_heads``. Every rank must call this
+    with the same plan. Returns ``None`` on the other ranks.
+    """
+    pieces = []
+    for groups in capture.layers.values():
+        for group in groups:
+            pieces.extend(_group_pieces(group.partial, heads, num_heads))
+    for full in capture.full.values():
+        for probs in full.probs:
+            pieces.append(_place_heads(probs, heads, num_heads, dim=0))
+    flat = torch.cat([p.reshape(-1) for p in pieces]) if pieces else None
+    if flat is not None:
+        tp.reduce_to_first(flat)
+    if tp.rank != 0:
+        return None
+    return _unpack(capture, flat, pieces)
+
+
+def _place_heads(values: torch.Tensor, heads: range, num_heads: int, dim: int) -> torch.Tensor:
+    """``values`` holding this rank's heads along ``dim``, placed in a zero tensor holding all ``num_heads``."""
+    shape = list(values.shape)
+    shape[dim] = num_heads
+    out = values.new_zeros(shape)
+    out.narrow(dim, heads.start, len(heads)).copy_(values)
+    return out
+
+
+def _group_pieces(partial: PartialCapture, heads: range, num_heads: int) -> list[torch.Tensor]:
+    """A group's summable float32 pieces, in the buffer's order."""
+    stats = partial.stats
+    pieces = [_place_heads(stats.lse, heads, num_heads, dim=1), stats.hist, stats.entropy, stats.sink_mass]
+    if partial.p_bar is not None:
+        pieces.append(partial.p_bar)
+    return pieces
+
+
+def _unpack(capture: StepCapture, flat: torch.Tensor | None, pieces: list[torch.Tensor]) -> RankCaptures:
+    """Rank 0: the summed buffer cut back into the pieces' shapes, finished into results on the CPU."""
+    summed = iter([]) if flat is None else iter(
+        part.view(piece.shape) for part, piece in zip(flat.split([p.numel() for p in pieces]), pieces))
+    out = RankCaptures()
+    for layer, groups in capture.layers.items():
+        results = []
+        for group in groups:
+            own = group.partial.stats
+            lse, hist, entropy, sink_mass = (next(summed) for _ in range(4))
+            p_bar = next(summed) if group.partial.p_bar is not None else None
+            stats = CaptureResult(lse, hist, entropy, sink_mass, own.num_stat_positions, None, None, None, None)
+            results.append(finish_partial(PartialCapture(stats, p_bar), group.top_k).cpu())
+        out.layers[layer] = results
+    for layer, full in capture.full.items():
+        out.full[layer] = [next(summed).cpu() for _ in full.probs]
+    return out
