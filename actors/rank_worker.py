@@ -47,8 +47,9 @@ class RankWorker:
         self.device = config.resolved_device()
         if self.device.type == "cuda":
             self.device = torch.device("cuda", 0)  # Ray shows each rank only its own GPU
-        if config.num_threads is not None and self.device.type == "cpu":
-            torch.set_num_threads(config.num_threads)
+        threads = config.host_threads(self.device)
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.model: LlamaForCausalLM | None = None
         self.runner: ModelRunner | None = None
 

@@ -13,9 +13,11 @@ tokenizer; every rank draws the same weights) and then, for TP=1 (one GPU) and T
   capture, with fingerprint capture on every request (``auto`` layers) and with raw top-32 on
   ``auto`` layers.
 
-On TP=2 the capture partials come from the float32 torch reference (the Triton capture
-kernels run on one device only so far), which the capture timings show. Prints one JSON
-object (also written to ``--json PATH``). Needs two CUDA GPUs.
+On TP=2 each rank computes its heads' capture partials with the Triton kernels and the
+ranks sum them onto rank 0 in one reduce per step. TP=1 runs twice: as configured by
+default (CUDA graphs, overlapped steps) and eagerly (``tp1_eager``: no graphs, one step at a
+time, like the rank workers), which separates the rank hand-off from the graph speed-up.
+Prints one JSON object (also written to ``--json PATH``). Needs two CUDA GPUs.
 """
 
 from __future__ import annotations
@@ -35,12 +37,15 @@ from random_model import random_prompts, write_model_folder  # bench/, beside th
 from report import emit
 
 SHAPES = {
+    "llama-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "vocab_size": 128256},
     "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
                  "num_key_value_heads": 8, "vocab_size": 32000},
     "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 8,
              "num_key_value_heads": 4, "vocab_size": 1000},
 }
 SHAPE = dict(SHAPES["llama-1b"])
+RUNS = [("tp1", 1, {}), ("tp1_eager", 1, {"cuda_graphs": False, "overlap_steps": False}), ("tp2", 2, {})]
 CAPTURES = {
     "none": None,
     "fingerprint": {"mode": "fingerprint", "layers": "auto"},
@@ -144,22 +149,24 @@ def main() -> None:
         check = random_prompts(args.check_prompts, 300, SHAPE["vocab_size"], args.seed + 1)
         work = random_prompts(args.batch, args.context, SHAPE["vocab_size"], args.seed + 2)
         agreement = {}
-        for size in (1, 2):
-            log(f"TP={size}: loading")
-            engine = LLMEngine(EngineConfig(model=str(folder), load_format="dummy", device=args.device, dtype="bfloat16", num_kv_blocks=blocks,
+        for run, size, options in RUNS:
+            log(f"{run}: loading")
+            engine = LLMEngine(EngineConfig(model=str(folder), load_format="dummy", device=args.device,
+                                            dtype="bfloat16", num_kv_blocks=blocks,
                                             max_num_seqs=max(args.batch, args.check_prompts),
                                             max_num_batched_tokens=8192, tensor_parallel_size=size,
-                                            tensor_parallel_backend="processes"))
+                                            tensor_parallel_backend="processes", **options))
             try:
-                agreement[size] = agreement_run(engine, check)
-                log(f"TP={size}: timing")
-                report["runs"][f"tp{size}"] = {"decode_step_ms": step_times(engine, work, args.steps)}
+                if not options:
+                    agreement[size] = agreement_run(engine, check)
+                log(f"{run}: timing")
+                report["runs"][run] = {"decode_step_ms": step_times(engine, work, args.steps)}
             finally:
                 engine.close()
     report["tp2_vs_tp1"] = compare(agreement[1], agreement[2])
-    for size in (1, 2):
-        ms = report["runs"][f"tp{size}"]["decode_step_ms"]
-        report["runs"][f"tp{size}"]["capture_over_none"] = {k: ms[k] / ms["none"] for k in ms if k != "none"}
+    for run in report["runs"].values():
+        ms = run["decode_step_ms"]
+        run["capture_over_none"] = {k: ms[k] / ms["none"] for k in ms if k != "none"}
     emit(report, args.json)
 
 

@@ -48,6 +48,10 @@ class EngineConfig(BaseModel):
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
+    def host_threads(self, device: torch.device) -> int | None:
+        """torch intra-op threads for a process computing on ``device`` (``None``: torch's choice); see ``num_threads``."""
+        return self.num_threads or (1 if device.type == "cuda" else None)
+
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype of weights, activations and the KV cache."""
         if self.dtype == "auto":

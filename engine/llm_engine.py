@@ -144,7 +144,7 @@ class LLMEngine:
         # A tensor-parallel driver holds no weights: it schedules and samples on the CPU.
         self.device = torch.device("cpu") if config.tensor_parallel_size > 1 else config.resolved_device()
         self.dtype = config.resolved_dtype(self.device)
-        threads = config.num_threads or (1 if self.device.type == "cuda" else None)
+        threads = config.host_threads(self.device)
         if threads is not None:
             torch.set_num_threads(threads)
         checkpoint = load_checkpoint(config.model or default_model_path(), config.load_format)

@@ -198,3 +198,34 @@ def test_prefix_cache_hits_and_prompt_chunks_give_the_same_tokens_on_cuda(tiny_l
     assert again.completions[0].token_ids == fresh.completions[0].token_ids
     chunked = engine(max_num_batched_tokens=48).generate([prompt], params)[0]
     assert chunked.completions[0].token_ids == first.completions[0].token_ids
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["standalone", "fused-into-decode"])
+def test_rank_partials_on_cuda_match_their_twin(fused: bool):
+    """A tensor-parallel rank's bf16 partial capture (its 12 of 32 heads, global weights) against the float32 twin."""
+    from dataclasses import replace
+
+    from attnscope.kernels.capture import partial_capture
+    from attnscope.kernels.capture_reference import CaptureRequest, partial_capture_ref
+    from attnscope.kernels.paged_decode import paged_decode_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    lens = [3000, 17, 1200]
+    k_cache, v_cache = (torch.randn(600, 16, 3, 128, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(2))
+    tables = torch.randperm(600, generator=gen, device="cuda").int()[:570].view(3, 190)
+    q = torch.randn(3, 12, 128, generator=gen, device="cuda").to(torch.bfloat16)
+    ints = lambda values: torch.tensor(values, dtype=torch.int32, device="cuda")  # noqa: E731
+    req = CaptureRequest(q=q, block_tables=tables, query_pos=ints([n - 1 for n in lens]),
+                         head_weights=torch.full((3, 12), 1 / 32, device="cuda"), mask_prefix=ints([0, 0, 5]),
+                         window=ints([0, 0, 500]), sink_tokens=ints([4, 0, 1]), top_k=32)
+    stats = None
+    if fused:
+        _, _, stats = paged_decode_attention(q, k_cache, v_cache, tables, ints(lens), 128**-0.5,
+                                             capture=replace(req, top_k=0), capture_rows=ints([0, 1, 2]))
+    got = partial_capture(k_cache, req, 128**-0.5, stats=stats)
+    want = partial_capture_ref(k_cache.float(), replace(req, q=q.float()), 128**-0.5)
+    torch.testing.assert_close(got.stats.lse, want.stats.lse, rtol=1e-2, atol=1e-2)
+    for name in ("hist", "entropy", "sink_mass"):
+        torch.testing.assert_close(getattr(got.stats, name), getattr(want.stats, name), rtol=2e-2, atol=2e-3)
+    assert torch.equal(torch.isinf(got.p_bar), torch.isinf(want.p_bar))
+    torch.testing.assert_close(got.p_bar, want.p_bar, rtol=2e-2, atol=1e-4)
