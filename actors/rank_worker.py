@@ -84,9 +84,14 @@ class RankWorker:
                                self.device)
 
     def allocate(self, num_blocks: int) -> None:
-        """Allocate this rank's share of ``num_blocks`` KV blocks (the same count on every rank)."""
+        """Allocate this rank's share of ``num_blocks`` KV blocks (the same count on every rank).
+
+        On CUDA (``cuda_graphs``) this records the no-capture decode graphs, their
+        all-reduces included, on every rank at once, in the same order.
+        """
         dtype = self.config.resolved_dtype(self.device)
-        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, dtype, self.device)
+        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, dtype, self.device,
+                                  self.config.cuda_graphs, self.config.max_num_seqs)
 
     def run(self, inputs: StepInputs, capture: StepCapture | None) -> RankOutput:
         """Run one step on this rank's shard."""

@@ -105,7 +105,8 @@ class ModelRunner:
 
     With ``cuda_graphs`` on a CUDA device, pure decode steps of up to ``max_num_seqs``
     sequences replay CUDA graphs (``DecodeGraphs``; the no-capture graphs are recorded here);
-    other steps run eagerly.
+    other steps run eagerly, and so do a tensor-parallel rank's capture steps (their partial
+    captures are summed across ranks after the forward).
     """
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
@@ -128,7 +129,7 @@ class ModelRunner:
         ``previous_tokens`` (the previous step's sampled ids, on the device) supplies the
         inputs ``inputs.token_sources`` points at, so the host need not have read them.
         """
-        if self.graphs is not None:
+        if self.graphs is not None and (capture is None or self.model.tp.size == 1):
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.slots, inputs.decode_tables,
                                      inputs.decode_lens, len(inputs.prefills), capture,
                                      inputs.token_sources, previous_tokens)
