@@ -27,6 +27,11 @@ launches again. A step launched before the host has read the previous step's tok
 them from ``previous``, where the previous step's sampled ids are copied on the device.
 Each graph has two pinned host buffers used in turn, so filling one never races the
 copy of the step before, which may still be queued.
+
+On a tensor-parallel rank the plan arrives without sequences (``StepCapture.shipped``):
+row settings come from its CPU-finalized settings instead, the graphs record the rank's
+all-reduces, and a captured layer yields the rank's partial (its heads) rather than a
+result; the rank worker sums the partials across ranks after the replay.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import numpy as np
 import torch
 
 from attnscope.engine.attention import AttentionBatch
-from attnscope.engine.capture_plan import CaptureRow, LayerCapture, StepCapture, row_columns
+from attnscope.engine.capture_plan import LayerCapture, StepCapture, row_columns
 from attnscope.engine.capture_records import pack_results
 from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.device_values import read_pending_tokens
@@ -66,25 +71,47 @@ class CaptureLayout:
     layers: tuple[tuple[int, int, int], ...]
 
 
-def capture_layout(capture: StepCapture, batch: int) -> tuple[CaptureLayout, list[list[CaptureRow]]] | None:
-    """The layout of a step's capture and the rows of each row set; ``None`` if no graph can run it
-    (full-matrix or de-rotated capture)."""
+@dataclass
+class RowSet:
+    """Rows capturing some layers of a step: token indices, integer settings (``row_columns``) and head weights
+    ``[R, Hq]`` float32 over all heads, as host values for the staging buffer."""
+
+    indices: list[int]
+    columns: dict[str, list[int]]
+    head_weights: np.ndarray
+
+
+def _row_set(group: LayerCapture) -> RowSet:
+    """A group's rows: from its sequences (the engine's plan) or, in a plan shipped to a tensor-parallel rank
+    (no sequences), from its settings finalized on the CPU."""
+    if group.rows:
+        rows = group.rows
+        return RowSet([r.token_index for r in rows], row_columns(rows),
+                      np.stack([r.seq.capture.head_weights.numpy() for r in rows]))
+    settings = group.settings
+    columns = {name: getattr(settings, name).tolist() for name in ("query_pos", "mask_prefix", "window", "sink_tokens")}
+    return RowSet(list(group.token_indices), columns, settings.head_weights.numpy())
+
+
+def capture_layout(capture: StepCapture, batch: int) -> tuple[CaptureLayout, list[RowSet]] | None:
+    """The layout of a step's capture and its row sets; ``None`` if no graph can run it (full-matrix or
+    de-rotated capture)."""
     if capture.full:
         return None
     sets: dict[tuple[int, ...], int] = {}
-    members: list[list[CaptureRow]] = []
+    members: list[RowSet] = []
     layers = []
     for layer in sorted(capture.layers):
         groups = capture.layers[layer]
         if len(groups) != 1 or groups[0].derotate:
             return None
         group = groups[0]
-        key = tuple(row.token_index for row in group.rows)
+        key = tuple(row.token_index for row in group.rows) if group.rows else tuple(group.token_indices)
         if key not in sets:
             sets[key] = len(members)
-            members.append(group.rows)
+            members.append(_row_set(group))
         layers.append((layer, sets[key], group.top_k))
-    return CaptureLayout(tuple(bucket(len(rows), batch) for rows in members), tuple(layers)), members
+    return CaptureLayout(tuple(bucket(len(rows.indices), batch) for rows in members), tuple(layers)), members
 
 
 @dataclass
@@ -151,7 +178,7 @@ class DecodeGraphs:
         self.width = max_blocks_per_seq
         self.device = device
         self.replay = replay
-        self.num_heads = len(model.heads.q_heads)
+        self.num_heads = model.config.num_heads  # head weights cover all heads; a rank uses its own
         self._plain: dict[int, _DecodeGraph] = {}
         self._layouts: OrderedDict[tuple[int, CaptureLayout], _DecodeGraph] = OrderedDict()
         self._pool = torch.cuda.graph_pool_handle() if replay else None
@@ -201,7 +228,8 @@ class DecodeGraphs:
             graph.logits = self._forward(graph)
         if capture is not None:
             for layer, _, _ in layout.layers:
-                capture.layers[layer][0].result = graph.plan.layers[layer][0].result
+                ours, recorded = capture.layers[layer][0], graph.plan.layers[layer][0]
+                ours.result, ours.partial = recorded.result, recorded.partial
             capture.packed = graph.packed
         return graph.logits[:batch]
 
@@ -265,11 +293,12 @@ class DecodeGraphs:
             kv_caches=self.kv_caches,
             capture=graph.plan,
             rope=(self.model.rope.cos, self.model.rope.sin),
+            q_heads=self.model.heads.q_heads if self.model.tp.size > 1 else None,
         )
         input_ids = read_pending_tokens(st.view(buf, "input_ids"), st.view(buf, "token_sources"), self.previous)
         hidden = self.model(input_ids, st.view(buf, "positions"), attention)
         logits = self.model.logits(hidden)
-        graph.packed = pack_results(graph.plan) if graph.plan is not None else None
+        graph.packed = pack_results(graph.plan) if graph.plan is not None and self.model.tp.size == 1 else None
         return logits
 
     def _capture_plan(self, graph: _DecodeGraph, tables: torch.Tensor) -> StepCapture:
@@ -294,7 +323,7 @@ class DecodeGraphs:
         return plan
 
     def _fill(self, graph: _DecodeGraph, input_ids: list[int], positions: list[int], slots: list[int],
-              tables: list[np.ndarray], context_lens: list[int], members: list[list[CaptureRow]],
+              tables: list[np.ndarray], context_lens: list[int], members: list[RowSet],
               token_sources: list[int]) -> int:
         """Write a step into the graph's host staging; returns how many leading entries to copy."""
         st, host = graph.staging, graph.host_array
@@ -306,16 +335,13 @@ class DecodeGraphs:
             view[:batch] = values
             view[batch:] = filler
         for s, rows in enumerate(members):
-            size = st.row_sets[s]
-            indices = [row.token_index for row in rows]
-            columns = {"gather": indices, "decode_rows": indices, **row_columns(rows)}
+            size, n = st.row_sets[s], len(rows.indices)
+            columns = {"gather": rows.indices, "decode_rows": rows.indices, **rows.columns}
             for name, values in columns.items():
                 view = st.view(host, f"{name}{s}")
-                view[: len(rows)] = values
-                view[len(rows):] = -1 if name == "decode_rows" else 0
-            weights = st.view(host, f"head_weights{s}").view(np.float32).reshape(size, -1)
-            for target, row in zip(weights, rows):
-                target[:] = row.seq.capture.head_weights.numpy()
+                view[:n] = values
+                view[n:] = -1 if name == "decode_rows" else 0
+            st.view(host, f"head_weights{s}").view(np.float32).reshape(size, -1)[:n] = rows.head_weights
         used = max(len(t) for t in tables)
         grid = st.view(host, "tables").reshape(st.width, st.batch)
         for column, table in enumerate(tables):  # entries past a row's length are never read

@@ -105,8 +105,8 @@ class ModelRunner:
 
     With ``cuda_graphs`` on a CUDA device, pure decode steps of up to ``max_num_seqs``
     sequences replay CUDA graphs (``DecodeGraphs``; the no-capture graphs are recorded here);
-    other steps run eagerly, and so do a tensor-parallel rank's capture steps (their partial
-    captures are summed across ranks after the forward).
+    other steps run eagerly. On a tensor-parallel rank a graph computes the rank's partial
+    captures, which the rank worker then sums across ranks.
     """
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
@@ -129,7 +129,7 @@ class ModelRunner:
         ``previous_tokens`` (the previous step's sampled ids, on the device) supplies the
         inputs ``inputs.token_sources`` points at, so the host need not have read them.
         """
-        if self.graphs is not None and (capture is None or self.model.tp.size == 1):
+        if self.graphs is not None:
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.slots, inputs.decode_tables,
                                      inputs.decode_lens, len(inputs.prefills), capture,
                                      inputs.token_sources, previous_tokens)

@@ -127,8 +127,9 @@ class ProcessTensorParallelRunner:
                 raise RankProcessError(f"rank {rank} exited with code {proc.exitcode}")
 
     def shutdown(self) -> None:
-        """Stop the rank processes."""
-        for conn, proc in zip(self._conns, self._procs):
+        """Stop the rank processes, rank 0 last: it hosts the process group's store, which the others still
+        reach while they leave the group."""
+        for conn, proc in reversed(list(zip(self._conns, self._procs))):
             if proc.is_alive():
                 try:
                     _send(conn, ("stop", ()))

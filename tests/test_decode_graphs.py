@@ -58,3 +58,44 @@ def test_static_decode_steps_match_eager_steps(smollm_engine, overlap):
         assert [t for d in got for t in d.token_ids] == [t for d in want for t in d.token_ids]
         assert_records_close([r for d in want for r in (d.attention_tokens or [])],
                              [r for d in got for r in (d.attention_tokens or [])])
+
+
+class _ShippedPlanRunner:
+    """The engine's runner fed the plan a tensor-parallel rank gets (``shipped``: no sequences), results copied back."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+
+    def run(self, inputs, capture, previous_tokens=None):
+        shipped = capture.shipped() if capture is not None else None
+        logits = self.runner.run(inputs, shipped, previous_tokens)
+        if capture is not None:
+            for layer, groups in capture.layers.items():
+                for group, done in zip(groups, shipped.layers[layer]):
+                    group.result = done.result
+            capture.packed = shipped.packed
+        return logits
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+
+def test_static_decode_steps_from_shipped_plans_match_eager_steps(smollm_engine):
+    """Row settings taken from a shipped plan (what a rank's graphs read) give the same tokens and captures."""
+    engine = smollm_engine
+    max_tokens = [7, 5, 3]
+    eager = _generate(engine, max_tokens)
+    runner = engine.runner
+    width = -(-engine.max_model_len // engine.config.block_size)
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 8, width, runner.device, replay=False)
+    engine.runner = _ShippedPlanRunner(runner)
+    try:
+        static = _generate(engine, max_tokens)
+        assert runner.graphs.replays >= max_tokens[0] - 1
+    finally:
+        engine.runner = runner
+        runner.graphs = None
+    for want, got in zip(eager, static):
+        assert [t for d in got for t in d.token_ids] == [t for d in want for t in d.token_ids]
+        assert_records_close([r for d in want for r in (d.attention_tokens or [])],
+                             [r for d in got for r in (d.attention_tokens or [])])
