@@ -95,8 +95,6 @@ class RankWorker:
 
     def run(self, inputs: StepInputs, capture: StepCapture | None) -> RankOutput:
         """Run one step on this rank's shard."""
-        if capture is not None:
-            capture = capture.to(self.device)
         logits = self.runner.run(inputs, capture)
         captures = None
         if capture is not None:
