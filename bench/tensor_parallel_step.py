@@ -17,9 +17,9 @@ tokenizer; every rank draws the same weights) and then, for TP=1 (one GPU) and T
 
 On TP=2 each rank computes its heads' capture partials with the Triton kernels and the
 ranks sum them onto rank 0 in one reduce per step. Each size runs twice: as configured by
-default (CUDA graphs; on TP=1 also overlapped steps; TP ranks replay graphs for steps
-without capture only) and eagerly (``_eager``: no graphs, one step at a time), which
-separates the rank hand-off and the capture work from the graph speed-up.
+default (CUDA graphs, on the ranks too, capture steps included; on TP=1 also overlapped
+steps) and eagerly (``_eager``: no graphs, one step at a time), which separates the rank
+hand-off and the capture work from the graph speed-up.
 Prints one JSON object (also written to ``--json PATH``). Needs two CUDA GPUs.
 """
 
