@@ -76,7 +76,8 @@ class StepCapture:
 
     layers: dict[int, list[LayerCapture]] = field(default_factory=dict)
     full: dict[int, FullCapture] = field(default_factory=dict)
-    finalized: bool = False
+    device: torch.device | None = None
+    """Where the per-row tensors live: ``None`` until ``finalize`` builds them."""
     packed: torch.Tensor | None = None
     """The results already packed for the host (``capture_records.pack_results``), by a CUDA graph."""
     _groups: dict[tuple[int, bool], LayerCapture] = field(default_factory=dict, repr=False)
@@ -103,11 +104,14 @@ class StepCapture:
         """Build every group's per-row tensors on ``device``, once per step.
 
         Layers capturing the same rows share one copy, so only the queries are gathered
-        per layer. A plan already finalized (or shipped) is left as it is.
+        per layer. A plan finalized elsewhere (shipped to a tensor-parallel rank on the CPU)
+        is moved instead.
         """
-        if self.finalized:
+        if self.device is not None:
+            if self.device != device:
+                self.to(device)
             return
-        self.finalized = True
+        self.device = device
         built: dict[tuple, tuple[torch.Tensor, CaptureRequest]] = {}
         for groups in self.layers.values():
             for group in groups:
@@ -130,15 +134,20 @@ class StepCapture:
                     for layer, groups in self.layers.items()},
             full={layer: FullCapture([], index=f.index, positions=f.positions, block_tables=f.block_tables)
                   for layer, f in self.full.items()},
-            finalized=True,
-        ).to(torch.device("cpu"))
+            device=self.device,
+        )
 
     def to(self, device: torch.device) -> StepCapture:
-        """The plan's per-row tensors moved to ``device`` (in place; returns self)."""
+        """The plan's per-row tensors moved to ``device`` (in place; returns self); groups that shared
+        settings still share one copy."""
+        self.device = device
+        moved: dict[int, tuple[torch.Tensor, CaptureRequest]] = {}
         for groups in self.layers.values():
             for g in groups:
-                g.index = g.index.to(device)
-                g.settings = _settings_to(g.settings, device)
+                key = id(g.settings)
+                if key not in moved:
+                    moved[key] = g.index.to(device), _settings_to(g.settings, device)
+                g.index, g.settings = moved[key]
         for f in self.full.values():
             f.index, f.positions, f.block_tables = f.index.to(device), f.positions.to(device), f.block_tables.to(device)
         return self

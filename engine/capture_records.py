@@ -20,7 +20,7 @@ import torch
 from attnscope.capture import SKETCH_HUBS
 from attnscope.engine.capture_plan import CaptureRow, StepCapture
 from attnscope.engine.sequence import Sequence
-from attnscope.kernels.capture_reference import FINGERPRINT_DIM, fingerprint_v1
+from attnscope.kernels.capture_reference import FINGERPRINT_DIM, CaptureResult, fingerprint_v1
 from attnscope.zones import classify, is_periodic
 
 
@@ -50,6 +50,29 @@ def pack_results(step: StepCapture) -> torch.Tensor | None:
              for layer in sorted(step.layers) for group in step.layers[layer]
              for name in _PACKED_FIELDS if getattr(group.result, name) is not None]
     return torch.cat(parts) if parts else None
+
+
+def results_to_host(step: StepCapture) -> None:
+    """Replace every group's device results by host copies brought over in one copy of ``pack_results(step)``.
+
+    The fields ``pack_results`` carries come back with their dtypes (positions and counts
+    int32); per-head top-k and ``recomputed_tiles`` are dropped (records do not use them).
+    """
+    packed = pack_results(step)
+    if packed is None:
+        return
+    host = packed.cpu()
+    offset = 0
+    for layer in sorted(step.layers):
+        for group in step.layers[layer]:
+            fields = {}
+            for name in _PACKED_FIELDS:
+                tensor = getattr(group.result, name)
+                if tensor is not None:
+                    fields[name] = host[offset : offset + tensor.numel()].view(tensor.shape).to(tensor.dtype)
+                    offset += tensor.numel()
+            group.result = CaptureResult(**{name: fields.get(name) for name in _PACKED_FIELDS},
+                                         head_topk_pos=None, head_topk_logit=None)
 
 
 def step_records(step: StepCapture, packed: np.ndarray | None) -> dict[int, list[dict]]:

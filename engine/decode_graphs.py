@@ -314,7 +314,7 @@ class DecodeGraphs:
                 head_weights=st.view(buf, f"head_weights{s}").view(torch.float32).view(rows, st.num_heads),
                 **fields,
             )))
-        plan = StepCapture(finalized=True)
+        plan = StepCapture(device=self.device)
         for layer, s, top_k in graph.layout.layers:
             gather, decode_rows, request = settings[s]
             plan.layers[layer] = [LayerCapture(

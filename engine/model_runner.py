@@ -137,7 +137,6 @@ class ModelRunner:
                 return logits
         if capture is not None:
             capture.finalize(self.device)
-            capture.to(self.device)  # a plan shipped to a tensor-parallel rank was finalized on the CPU
         batch = AttentionBatch(
             slot_mapping=self._tensor(inputs.slots),
             prefills=[PrefillChunk(start, end, cached, torch.tensor(table, dtype=torch.long, device=self.device))

@@ -13,7 +13,7 @@ buffer whose shape depends only on the step's plan, so it is the same on every r
 
 One ``reduce`` (sum) to rank 0 merges all layers at once, exactly: adding zeros and ``-inf``
 outside ``W`` on every rank changes nothing. Rank 0 then ranks ``p̄`` (``finish_partial``)
-and returns the finished results; the others return nothing.
+and returns the finished results (one device-to-host copy); the others return nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnscope.engine.capture_plan import StepCapture
+from attnscope.engine.capture_records import results_to_host
 from attnscope.engine.parallel import TensorParallel
 from attnscope.kernels.capture_reference import CaptureResult, PartialCapture, finish_partial
 
@@ -76,19 +77,19 @@ def _group_pieces(partial: PartialCapture, heads: range, num_heads: int) -> list
 
 
 def _unpack(capture: StepCapture, flat: torch.Tensor | None, pieces: list[torch.Tensor]) -> RankCaptures:
-    """Rank 0: the summed buffer cut back into the pieces' shapes, finished into results on the CPU."""
+    """Rank 0: the summed buffer cut back into the pieces' shapes, finished into results, brought to the CPU
+    in one copy (``results_to_host``)."""
     summed = iter([]) if flat is None else iter(
         part.view(piece.shape) for part, piece in zip(flat.split([p.numel() for p in pieces]), pieces))
-    out = RankCaptures()
-    for layer, groups in capture.layers.items():
-        results = []
+    for groups in capture.layers.values():
         for group in groups:
             own = group.partial.stats
             lse, hist, entropy, sink_mass = (next(summed) for _ in range(4))
             p_bar = next(summed) if group.partial.p_bar is not None else None
             stats = CaptureResult(lse, hist, entropy, sink_mass, own.num_stat_positions, None, None, None, None)
-            results.append(finish_partial(PartialCapture(stats, p_bar), group.top_k).cpu())
-        out.layers[layer] = results
+            group.result = finish_partial(PartialCapture(stats, p_bar), group.top_k)
+    results_to_host(capture)
+    out = RankCaptures({layer: [g.result for g in groups] for layer, groups in capture.layers.items()})
     for layer, full in capture.full.items():
         out.full[layer] = [next(summed).cpu() for _ in full.probs]
     return out

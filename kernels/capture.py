@@ -824,6 +824,70 @@ def _tile_bounds_kernel(
 
 
 @triton.jit
+def _tile_mean_probs(
+    q_ptr,
+    k_cache_ptr,
+    block_table_row,
+    head_weights_ptr,
+    lse_ptr,
+    logits_ptr,
+    cos_ptr,
+    sin_ptr,
+    row,
+    tokens,
+    in_w,
+    scale,
+    num_kv_heads,
+    stride_qr,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_rope,
+    stride_wr,
+    stride_lr,
+    stride_lgr,
+    stride_lgh,
+    GROUP_SIZE: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr,
+    STORED: tl.constexpr,
+):
+    """``p̄[j] = sum_h w_h exp(s_h[j] - lse_h)`` of one row over the key tile ``tokens`` (0 outside ``in_w``).
+
+    Logits are read back from Pass A's store (``STORED``) or recomputed from the keys, for
+    every KV group with a head of nonzero weight, summed over groups in a fixed order.
+    """
+    rows = tl.arange(0, GROUP_PAD)
+    row_valid = rows < GROUP_SIZE
+    if not STORED:
+        physical_block = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=in_w, other=0).to(tl.int64)
+    p_bar = tl.zeros([TILE_N], dtype=tl.float32)
+    for kv_head in range(num_kv_heads):
+        heads = kv_head * GROUP_SIZE + rows
+        weights = tl.load(head_weights_ptr + row * stride_wr + heads, mask=row_valid, other=0.0)
+        if tl.max(weights, axis=0) > 0.0:
+            lse = tl.load(lse_ptr + row * stride_lr + heads, mask=row_valid, other=0.0)
+            lse = tl.where(lse == float("-inf"), 0.0, lse)
+            if STORED:
+                logits = tl.load(logits_ptr + row * stride_lgr + heads[:, None] * stride_lgh + tokens[None, :],
+                                 mask=row_valid[:, None] & in_w[None, :], other=float("-inf"))
+            else:
+                q_a, q_b = _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM, ROPE)
+                k_rows = physical_block * stride_kb + (tokens % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
+                logits = _key_logits(
+                    q_a, q_b, k_cache_ptr, k_rows, tokens, in_w, cos_ptr, sin_ptr, stride_rope, scale,
+                    HEAD_DIM, ROPE, DOT_PRECISION,
+                )
+            p_bar += tl.sum(weights[:, None] * tl.exp(logits - lse[:, None]), axis=0)
+    return p_bar
+
+
+@triton.jit
 def _tile_mean_topk_kernel(
     q_ptr,
     k_cache_ptr,
@@ -901,8 +965,6 @@ def _tile_mean_topk_kernel(
     best = tl.full([1, SLOTS], EMPTY_KEY, tl.int64)
     num_wanted = tl.sum(wanted.to(tl.int32), axis=0)
     if num_wanted > 0:
-        rows = tl.arange(0, GROUP_PAD)
-        row_valid = rows < GROUP_SIZE
         tile_offsets = tl.arange(0, TILE_N)
         block_table_row = block_tables_ptr + row * stride_btr
         for i in range(TILES_PER_PROGRAM):
@@ -911,28 +973,12 @@ def _tile_mean_topk_kernel(
             if take > 0:
                 tokens = tile * TILE_N + tile_offsets
                 in_w = (tokens >= w_lo) & (tokens <= pos)
-                if not STORED:
-                    physical_block = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=in_w, other=0).to(tl.int64)
-                p_bar = tl.zeros([TILE_N], dtype=tl.float32)
-                for kv_head in range(num_kv_heads):
-                    heads = kv_head * GROUP_SIZE + rows
-                    weights = tl.load(head_weights_ptr + row * stride_wr + heads, mask=row_valid, other=0.0)
-                    if tl.max(weights, axis=0) > 0.0:
-                        lse = tl.load(lse_ptr + row * stride_lr + heads, mask=row_valid, other=0.0)
-                        lse = tl.where(lse == float("-inf"), 0.0, lse)
-                        if STORED:
-                            logits = tl.load(
-                                logits_ptr + row * stride_lgr + heads[:, None] * stride_lgh + tokens[None, :],
-                                mask=row_valid[:, None] & in_w[None, :], other=float("-inf"),
-                            )
-                        else:
-                            q_a, q_b = _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM, ROPE)
-                            k_rows = physical_block * stride_kb + (tokens % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
-                            logits = _key_logits(
-                                q_a, q_b, k_cache_ptr, k_rows, tokens, in_w, cos_ptr, sin_ptr, stride_rope, scale,
-                                HEAD_DIM, ROPE, DOT_PRECISION,
-                            )
-                        p_bar += tl.sum(weights[:, None] * tl.exp(logits - lse[:, None]), axis=0)
+                p_bar = _tile_mean_probs(
+                    q_ptr, k_cache_ptr, block_table_row, head_weights_ptr, lse_ptr, logits_ptr, cos_ptr, sin_ptr,
+                    row, tokens, in_w, scale, num_kv_heads, stride_qr, stride_qh, stride_kb, stride_kt, stride_kh,
+                    stride_rope, stride_wr, stride_lr, stride_lgr, stride_lgh,
+                    GROUP_SIZE, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, TILE_N, DOT_PRECISION, ROPE, STORED,
+                )
                 keys = _pack_keys(p_bar[None, :], tokens[None, :], (in_w & (p_bar >= floor))[None, :])
                 best = _update_topk(best, keys, top_k, 1, 0, TILE_N)
         tl.atomic_add(recomputed_ptr + row, num_wanted, sem="relaxed")
@@ -975,34 +1021,20 @@ def _dense_mean_probs_kernel(
     DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
 ):
-    """``p̄[j] = sum_h w_h exp(s_h[j] - lse_h)`` of one row over one key tile (``-inf`` outside ``W``).
-
-    The keys are read again (only tiles that touch ``W``), every KV group with a head of
-    nonzero weight, summed over groups in a fixed order like the tile recompute of Pass B.
-    """
+    """``p̄`` of one row over one key tile (``-inf`` outside ``W``), its keys read again (only tiles that
+    touch ``W``) by the same ``_tile_mean_probs`` as Pass B's tile recompute."""
     row = tl.program_id(0)
     tokens = tl.program_id(1) * TILE_N + tl.arange(0, TILE_N)
     pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
     in_w = (tokens >= w_lo) & (tokens <= pos)
     p_bar = tl.zeros([TILE_N], dtype=tl.float32)
     if tl.max(in_w.to(tl.int32), axis=0) > 0:
-        rows = tl.arange(0, GROUP_PAD)
-        row_valid = rows < GROUP_SIZE
-        physical_block = tl.load(block_tables_ptr + row * stride_btr + tokens // BLOCK_SIZE, mask=in_w,
-                                 other=0).to(tl.int64)
-        for kv_head in range(num_kv_heads):
-            heads = kv_head * GROUP_SIZE + rows
-            weights = tl.load(head_weights_ptr + row * stride_wr + heads, mask=row_valid, other=0.0)
-            if tl.max(weights, axis=0) > 0.0:
-                lse = tl.load(lse_ptr + row * stride_lr + heads, mask=row_valid, other=0.0)
-                lse = tl.where(lse == float("-inf"), 0.0, lse)
-                q_a, q_b = _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM, ROPE)
-                k_rows = physical_block * stride_kb + (tokens % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
-                logits = _key_logits(
-                    q_a, q_b, k_cache_ptr, k_rows, tokens, in_w, cos_ptr, sin_ptr, stride_rope, scale,
-                    HEAD_DIM, ROPE, DOT_PRECISION,
-                )
-                p_bar += tl.sum(weights[:, None] * tl.exp(logits - lse[:, None]), axis=0)
+        p_bar = _tile_mean_probs(
+            q_ptr, k_cache_ptr, block_tables_ptr + row * stride_btr, head_weights_ptr, lse_ptr, lse_ptr, cos_ptr,
+            sin_ptr, row, tokens, in_w, scale, num_kv_heads, stride_qr, stride_qh, stride_kb, stride_kt, stride_kh,
+            stride_rope, stride_wr, stride_lr, 0, 0,
+            GROUP_SIZE, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, TILE_N, DOT_PRECISION, ROPE, False,
+        )
     tl.store(out_ptr + row * stride_or + tokens, tl.where(in_w, p_bar, float("-inf")), mask=tokens < width)
 
 

@@ -8,7 +8,7 @@ Everything is vectorised over the rows of a chunk, their heads and positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -81,10 +81,6 @@ class CaptureResult:
     head_topk_pos: torch.Tensor | None
     head_topk_logit: torch.Tensor | None
     recomputed_tiles: torch.Tensor | None = None
-
-    def cpu(self) -> CaptureResult:
-        """A copy on the CPU (what a tensor-parallel rank ships to its driver)."""
-        return CaptureResult(*(None if (t := getattr(self, f.name)) is None else t.cpu() for f in fields(self)))
 
 
 def distance_bin(d: torch.Tensor) -> torch.Tensor:
