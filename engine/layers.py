@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnscope.engine.parallel import HeadPartition, TensorParallel, shard_range
-from attnscope.kernels.layer_ops import rms_norm, silu_and_mul
+from attnscope.kernels.decode_matmul import decode_matmul, decode_matmul_silu
+from attnscope.kernels.layer_ops import rms_norm
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -53,7 +54,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The full output, reduced over ranks (one all-reduce per call)."""
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        return self.tp.all_reduce(decode_matmul(x, self.weight))
 
     def load(self, full: torch.Tensor) -> None:
         """Cut this rank's input columns out of the full weight."""
@@ -75,7 +76,7 @@ class QKVParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values of this rank's heads, each ``[tokens, heads * head_dim]``."""
-        return F.linear(x, self.weight, self.bias).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return decode_matmul(x, self.weight, self.bias).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
 
     def load(self, which: str, full: torch.Tensor, bias: bool = False) -> None:
         """Place this rank's heads of the full ``q``, ``k`` or ``v`` projection into the fused weight."""
@@ -97,7 +98,7 @@ class GateUpParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` for this rank's intermediate features."""
-        return silu_and_mul(F.linear(x, self.weight))
+        return decode_matmul_silu(x, self.weight)
 
     def load(self, which: str, full: torch.Tensor) -> None:
         """Place this rank's rows of the full ``gate`` or ``up`` projection."""
@@ -141,7 +142,7 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits over the whole vocabulary."""
-        return self.tp.all_gather_last_dim(F.linear(hidden, self.weight).float(), self.sizes)
+        return self.tp.all_gather_last_dim(decode_matmul(hidden, self.weight).float(), self.sizes)
 
     def load(self, full: torch.Tensor) -> None:
         """Cut this rank's vocabulary rows out of the full projection."""

@@ -160,6 +160,20 @@ def test_layer_kernels_on_cuda_match_their_twins():
     torch.testing.assert_close(silu_and_mul(gate_up), silu_and_mul_ref(gate_up), rtol=1.6e-2, atol=1.6e-2)
 
 
+def test_decode_matmuls_on_cuda_match_their_twins():
+    """Every launch shape ``tile_config`` picks for Llama-8B/1B projections at decode batch sizes, in bf16."""
+    from attnscope.kernels.decode_matmul import decode_matmul, decode_matmul_ref, decode_matmul_silu, decode_matmul_silu_ref
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for rows in (2, 7, 32, 64):
+        for columns, depth in ((6144, 4096), (2048, 8192), (3 * 1000, 2048)):
+            x = torch.randn(rows, depth, generator=gen, device="cuda").bfloat16()
+            w = (torch.randn(columns, depth, generator=gen, device="cuda") / depth ** 0.5).bfloat16()
+            bias = torch.randn(columns, generator=gen, device="cuda").bfloat16()
+            torch.testing.assert_close(decode_matmul(x, w, bias), decode_matmul_ref(x, w, bias), rtol=1.6e-2, atol=1.6e-2)
+            torch.testing.assert_close(decode_matmul_silu(x, w), decode_matmul_silu_ref(x, w), rtol=1.6e-2, atol=1.6e-2)
+
+
 def test_paged_prefill_on_cuda_matches_its_twin():
     from attnscope.kernels.paged_prefill import paged_prefill_attention
     from attnscope.kernels.reference import paged_prefill_attention_ref
