@@ -98,7 +98,8 @@ def tile_config(rows: int, columns: int, silu: bool, num_sms: int, element_bytes
     Measured on an H100 and an H200 (``bench/decode_matmul.py --sweep``): the best shapes give
     about one program per SM — column blocks as narrow as that allows (16 to 128 weight rows),
     ``K`` steps of 256 for blocks of up to 32 rows and 128 for wider ones (shorter where three
-    stages would not fit) — and as many pipeline stages as shared memory holds, up to five.
+    stages would not fit) — and as many pipeline stages as shared memory holds, up to five; eight
+    warps where a program's tile is large (256 weight rows by 32 or more input rows), four elsewhere.
     """
     block_n = min(128, max(16, triton.next_power_of_2(triton.cdiv(columns, num_sms))))
     weight_rows = block_n * (2 if silu else 1)
@@ -106,7 +107,8 @@ def tile_config(rows: int, columns: int, silu: bool, num_sms: int, element_bytes
     while block_k > 32 and 3 * _stage_bytes(rows, weight_rows, block_k, element_bytes) > SHARED_MEMORY_BUDGET:
         block_k //= 2
     stages = max(2, min(5, SHARED_MEMORY_BUDGET // _stage_bytes(rows, weight_rows, block_k, element_bytes)))
-    return TileConfig(block_n=block_n, block_k=block_k, stages=stages, warps=4)
+    warps = 8 if weight_rows >= 256 and _block_rows(rows) >= 32 else 4
+    return TileConfig(block_n=block_n, block_k=block_k, stages=stages, warps=warps)
 
 
 @functools.lru_cache(maxsize=None)

@@ -214,18 +214,19 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int) -> int:
+def default_num_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int, unsplit_when_full: bool = True) -> int:
     """Pick how many splits each sequence's context is cut into.
 
     Aims for about two programs per SM (``batch * num_kv_heads * splits``)
     without giving a split fewer than ``MIN_TOKENS_PER_SPLIT`` tokens of the
     longest possible context ``max_len``, capped at ``MAX_SPLITS``. Long
-    contexts at small batch get many splits; a batch with a program per SM
-    without splitting gets one, which also skips the combine pass (on an H100,
-    32 sequences of 512 tokens ran 11 % faster unsplit than in two splits).
+    contexts at small batch get many splits; with ``unsplit_when_full`` a batch
+    with a program per SM without splitting gets one, which also skips the
+    combine pass (on an H100, 32 sequences of 512 tokens ran 11 % faster
+    unsplit than in two splits).
     """
     base_programs = max(batch * num_kv_heads, 1)
-    if base_programs >= num_sms:
+    if unsplit_when_full and base_programs >= num_sms:
         return 1
     wanted = triton.cdiv(2 * num_sms, base_programs)
     useful = triton.cdiv(max(max_len, 1), MIN_TOKENS_PER_SPLIT)
