@@ -1350,7 +1350,7 @@ def attention_capture(
     group = num_heads // num_kv_heads
     if num_splits is None:
         max_len = req.block_tables.shape[1] * block_size
-        num_splits = default_num_splits(rows, num_kv_heads, max_len, _num_sms(k_cache.device), unsplit_when_full=False)
+        num_splits = default_num_splits(rows, num_kv_heads, max_len, _num_sms(k_cache.device))
     partials = _empty_partials(rows, num_heads, num_splits, req, _num_key_tiles(req.block_tables, block_size, head_dim),
                                k_cache.device, logit_store_bytes)
     cos, sin, stride_rope, rope = _rope_args(req, k_cache)
@@ -1466,9 +1466,7 @@ def paged_decode_attention_capture(
     group = num_heads // num_kv_heads
     if num_splits is None:
         max_len = block_tables.shape[1] * block_size
-        # Capture keeps two programs per SM: per-tile statistics make long unsplit programs slow
-        # (an H100, Llama-1B shape at 32 × 8K: fingerprint steps +8 % of kernel time unsplit, +1 % split).
-        num_splits = default_num_splits(batch, num_kv_heads, max_len, _num_sms(q.device), unsplit_when_full=False)
+        num_splits = default_num_splits(batch, num_kv_heads, max_len, _num_sms(q.device))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if out is None:

@@ -200,12 +200,6 @@ def _tile_tokens(head_dim: int) -> int:
     return 64 if head_dim <= 128 else 32
 
 
-def _plain_tile_tokens(head_dim: int, num_splits: int) -> int:
-    """Keys per tile of the plain (no capture) kernel: 128 when a program walks a whole context
-    (one split: long loops, fewer iterations pay), else ``_tile_tokens``."""
-    return 128 if num_splits == 1 and head_dim <= 128 else _tile_tokens(head_dim)
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (the H100 count off-GPU, e.g. the interpreter)."""
@@ -214,20 +208,16 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int, unsplit_when_full: bool = True) -> int:
+def default_num_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int) -> int:
     """Pick how many splits each sequence's context is cut into.
 
     Aims for about two programs per SM (``batch * num_kv_heads * splits``)
     without giving a split fewer than ``MIN_TOKENS_PER_SPLIT`` tokens of the
     longest possible context ``max_len``, capped at ``MAX_SPLITS``. Long
-    contexts at small batch get many splits; with ``unsplit_when_full`` a batch
-    with a program per SM without splitting gets one, which also skips the
-    combine pass (on an H100, 32 sequences of 512 tokens ran 11 % faster
-    unsplit than in two splits).
+    contexts at small batch get many splits; large batches get one, which also
+    skips the combine pass.
     """
     base_programs = max(batch * num_kv_heads, 1)
-    if unsplit_when_full and base_programs >= num_sms:
-        return 1
     wanted = triton.cdiv(2 * num_sms, base_programs)
     useful = triton.cdiv(max(max_len, 1), MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, useful, MAX_SPLITS))
@@ -358,7 +348,7 @@ def paged_decode_attention(
         GROUP_PAD=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        TILE_N=_plain_tile_tokens(head_dim, num_splits),
+        TILE_N=_tile_tokens(head_dim),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     if num_splits > 1:

@@ -166,7 +166,7 @@ def test_decode_matmuls_on_cuda_match_their_twins():
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     for rows in (2, 7, 32, 64):
-        for columns, depth in ((6144, 4096), (2048, 8192), (3 * 1000, 2048)):
+        for columns, depth in ((6144, 4096), (2048, 8192), (3 * 1000, 2048), (2 * 14336, 4096)):
             x = torch.randn(rows, depth, generator=gen, device="cuda").bfloat16()
             w = (torch.randn(columns, depth, generator=gen, device="cuda") / depth ** 0.5).bfloat16()
             bias = torch.randn(columns, generator=gen, device="cuda").bfloat16()

@@ -252,9 +252,6 @@ def test_default_num_splits() -> None:
     assert default_num_splits(batch=1, num_kv_heads=8, max_len=8192, num_sms=132) == 33
     assert default_num_splits(batch=1, num_kv_heads=1, max_len=1 << 20, num_sms=132) == 64
     assert default_num_splits(batch=64, num_kv_heads=8, max_len=8192, num_sms=132) == 1
-    assert default_num_splits(batch=17, num_kv_heads=8, max_len=8192, num_sms=132) == 1  # a program per SM unsplit
-    assert default_num_splits(batch=16, num_kv_heads=8, max_len=8192, num_sms=132) == 3
-    assert default_num_splits(batch=17, num_kv_heads=8, max_len=8192, num_sms=132, unsplit_when_full=False) == 2
     assert default_num_splits(batch=1, num_kv_heads=3, max_len=200, num_sms=132) == 2
     assert default_num_splits(batch=1, num_kv_heads=3, max_len=0, num_sms=132) == 1
 
