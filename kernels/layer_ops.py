@@ -2,8 +2,10 @@
 
 Unfused, each of these is five to eight tiny elementwise launches; at decode batch sizes
 launches, not bytes, dominate them, so a Llama-8B step would spend milliseconds between
-its matmuls. Fused, a layer runs ten kernels: two norms, the QKV matmul, one
-rotate-and-store, attention, the output matmul, SwiGLU's two matmuls and one activation.
+its matmuls. Fused, a decode layer runs nine kernels: two norms, the QKV matmul, one
+rotate-and-store, attention, the output matmul, the gate/up matmul with SwiGLU's activation
+in its epilogue (``attnscope.kernels.decode_matmul``) and the down matmul; prefill chunks run
+the activation here, after a cuBLAS gate/up matmul.
 
 Every kernel computes in float32 and rounds once, exactly like its twin in
 ``attnscope.kernels.layer_ops_reference``. The public functions dispatch: Triton for
