@@ -10,8 +10,7 @@
    fingerprint statistics for all rows, (c) + head-mean top-32 (Pass A + B) on random keys
    ("flat" attention: no key tile can be ruled out, so Pass B recomputes every tile, from the
    logits Pass A stored when they fit ``LOGIT_STORE_MAX_BYTES``; (c_reread) forces the
-   re-read of K instead; (c_chunked) ranks tile chunks with sorting networks instead of the
-   dense keys Pass B ranks when they fit ``DENSE_TOPK_MAX_BYTES``) and
+   re-read of K instead) and
    (c_peaked) on keys with a trained model's profile (a sink at position 0, the 16 most
    recent and 16 scattered positions attract every head: logits 14 / 10 / 11 against a bulk
    of N(0, 1)), with the fraction of key tiles Pass B re-read, (c_head) Pass A
@@ -236,9 +235,6 @@ def check_correctness(seed: int, shapes: list[tuple] = CHECK_SHAPES) -> dict:
         _, _, reread = paged_decode_attention_capture(q, k_cache, v_cache, table, context, scale, decode_req, flagged,
                                                       logit_store_bytes=0)
         checks[f"{name}/fused_decode_reread"] = compare(reread, k_cache, decode_req, scale)
-        _, _, chunked = paged_decode_attention_capture(q, k_cache, v_cache, table, context, scale, decode_req, flagged,
-                                                       dense_topk_bytes=0)
-        checks[f"{name}/fused_decode_chunked"] = compare(chunked, k_cache, decode_req, scale)
 
         long_rows = [r for r, n in enumerate(lens) if n > 40]
         index = torch.tensor(long_rows, device=DEVICE)
@@ -332,8 +328,6 @@ def bench_config(batch: int, length: int, k_cache: torch.Tensor, v_cache: torch.
         "c_fused_stats_top32": lambda: paged_decode_attention(*args, capture=topk_req, capture_rows=rows),
         "c_fused_stats_top32_reread": lambda: paged_decode_attention_capture(*args, topk_req, rows,
                                                                              logit_store_bytes=0),
-        "c_fused_stats_top32_chunked": lambda: paged_decode_attention_capture(*args, topk_req, rows,
-                                                                              dense_topk_bytes=0),
         "c_head_fused_stats_head_top8": lambda: paged_decode_attention(*args, capture=head_req, capture_rows=rows),
         "f_standalone_capture_top32": lambda: attention_capture(k_cache, topk_req, scale),
         "d_separate_pass_top32": lambda: separate_pass_topk(q, k_cache, table, length, scale),
@@ -342,7 +336,6 @@ def bench_config(batch: int, length: int, k_cache: torch.Tensor, v_cache: torch.
     }
     positions = math.ceil(table.shape[1] * BLOCK_SIZE / 64) * 64  # key tiles of 64 at D=128
     topk_stores_logits = batch * HQ * positions * 4 <= capture_kernels.LOGIT_STORE_MAX_BYTES
-    topk_dense = batch * positions * 8 <= capture_kernels.DENSE_TOPK_MAX_BYTES
     result = {"B": batch, "L": length, "ms": {name: graph_ms(fn, flush) for name, fn in runs.items()}}
     num_tiles = math.ceil(length / 64)
     result["pass_b_tiles_reread_fraction"] = {
@@ -363,9 +356,7 @@ def bench_config(batch: int, length: int, k_cache: torch.Tensor, v_cache: torch.
         "fused_top32_peaked_over_plain": ms["c_fused_stats_top32_peaked"] / ms["a_plain"],
         "fused_top32_reread_over_plain": ms["c_fused_stats_top32_reread"] / ms["a_plain"],
         "fused_top32_reread_peaked_over_plain": ms["c_fused_stats_top32_reread_peaked"] / ms["a_plain"],
-        "fused_top32_chunked_over_plain": ms["c_fused_stats_top32_chunked"] / ms["a_plain"],
         "logits_stored": topk_stores_logits,
-        "ranked_densely": topk_dense,
         "fused_no_rows_over_plain": ms["a0_fused_no_rows"] / ms["a_plain"],
         "sdpa_throughput_fraction_fused_stats": ms["e_sdpa_contiguous"] / ms["b_fused_stats"],
         "sdpa_throughput_fraction_fused_top32": ms["e_sdpa_contiguous"] / ms["c_fused_stats_top32"],

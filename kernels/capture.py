@@ -81,7 +81,6 @@ PASS_B_ROPE_NUM_WARPS = 8
 # Pass A stores the captured rows' logits for Pass B (instead of Pass B re-reading K) when the
 # buffer [R, Hq, tiles * TILE_N] float32 fits in this many bytes: 32 rows x 32 heads x 8K = 32 MiB.
 LOGIT_STORE_MAX_BYTES = 64 << 20
-DENSE_TOPK_MAX_BYTES = 4 << 20  # Pass B ranks dense keys (8 bytes per row and position) up to this size
 
 SLOTS = tl.constexpr(TOPK_SLOTS)
 STATS_PER_HEAD = tl.constexpr(HEAD_STATS)
@@ -1040,78 +1039,6 @@ def _dense_mean_probs_kernel(
 
 
 @triton.jit
-def _dense_mean_keys_kernel(
-    q_ptr,
-    k_cache_ptr,
-    block_tables_ptr,
-    query_pos_ptr,
-    mask_prefix_ptr,
-    window_ptr,
-    sink_tokens_ptr,
-    head_weights_ptr,
-    lse_ptr,
-    cos_ptr,
-    sin_ptr,
-    upper_ptr,
-    floor_ptr,
-    logits_ptr,
-    keys_ptr,
-    recomputed_ptr,
-    scale,
-    num_kv_heads,
-    stride_qr,
-    stride_qh,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    stride_btr,
-    stride_rope,
-    stride_wr,
-    stride_lr,
-    stride_br,
-    stride_kr,
-    stride_lgr,
-    stride_lgh,
-    GROUP_SIZE: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    TILE_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    ROPE: tl.constexpr,
-    FLOORED: tl.constexpr,
-    STORED: tl.constexpr,
-):
-    """Packed ``(p̄, position)`` keys of one row over one key tile, for a dense top-k.
-
-    The tile is recomputed like in ``_tile_mean_topk_kernel`` -- only when its upper bound
-    reaches the row's floor (``FLOORED``, with the same 1e-3 margin) -- and its positions
-    inside ``W`` at or above the floor get their keys; every other position the empty key.
-    ``recomputed[row]`` counts the tiles recomputed.
-    """
-    row = tl.program_id(0)
-    tile = tl.program_id(1)
-    tokens = tile * TILE_N + tl.arange(0, TILE_N)
-    pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
-    upper = tl.load(upper_ptr + row * stride_br + tile)
-    floor = 0.0
-    if FLOORED:
-        floor = tl.load(floor_ptr + row) * (1.0 - 1e-3)
-    keys = tl.full([TILE_N], EMPTY_KEY, tl.int64)
-    if (upper >= 0.0) & (upper >= floor):
-        in_w = (tokens >= w_lo) & (tokens <= pos)
-        p_bar = _tile_mean_probs(
-            q_ptr, k_cache_ptr, block_tables_ptr + row * stride_btr, head_weights_ptr, lse_ptr, logits_ptr, cos_ptr,
-            sin_ptr, row, tokens, in_w, scale, num_kv_heads, stride_qr, stride_qh, stride_kb, stride_kt, stride_kh,
-            stride_rope, stride_wr, stride_lr, stride_lgr, stride_lgh,
-            GROUP_SIZE, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, TILE_N, DOT_PRECISION, ROPE, STORED,
-        )
-        keys = _pack_keys(p_bar, tokens, in_w & (p_bar >= floor))
-        tl.atomic_add(recomputed_ptr + row, 1, sem="relaxed")
-    tl.store(keys_ptr + row * stride_kr + tokens, keys)
-
-
-@triton.jit
 def _merge_lists(row_keys, stride_ks, first_list, num_lists, k, LISTS_PAD: tl.constexpr):
     """The top ``SLOTS`` keys, sorted descending, of lists ``first_list ..`` (``num_lists`` of them, each sorted
     descending) at ``row_keys + list * stride_ks``.
@@ -1288,8 +1215,7 @@ def _tiles_per_program(rows: int, num_listed: int, device: torch.device) -> int:
     return min(MAX_TILES_PER_PROGRAM, triton.next_power_of_2(wanted))
 
 
-def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: PassAOutputs,
-            dense_topk_bytes: int) -> CaptureResult:
+def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: PassAOutputs) -> CaptureResult:
     """Combine Pass A partials, merge per-head top-k, and run Pass B when ``top_k > 0``."""
     rows, num_heads, head_dim = req.q.shape
     stats = partials.stats
@@ -1319,14 +1245,13 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
     if req.head_top_k:
         head_pos, head_logit = _final_topk(partials.head_keys, req.head_top_k, float("-inf"))
     if req.top_k:
-        topk_pos, topk_prob, recomputed = _mean_topk(k_cache, req, scale, lse, partials, dense_topk_bytes)
+        topk_pos, topk_prob, recomputed = _mean_topk(k_cache, req, scale, lse, partials)
     return CaptureResult(lse, hist, entropy, sink_mass, num_stat, topk_pos, topk_prob, head_pos, head_logit,
                          recomputed)
 
 
 def _mean_topk(
-    k_cache: torch.Tensor, req: CaptureRequest, scale: float, lse: torch.Tensor, partials: PassAOutputs,
-    dense_topk_bytes: int,
+    k_cache: torch.Tensor, req: CaptureRequest, scale: float, lse: torch.Tensor, partials: PassAOutputs
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pass B: exact head-mean top-k positions and ``p̄`` of every row, recomputing only candidate key tiles.
 
@@ -1340,11 +1265,7 @@ def _mean_topk(
     true ``k``-th value. Round 2 recomputes every tile whose upper bound reaches that floor
     (with a relative margin for rounding), keeps each chunk's top-k keys at or above the
     floor, and ``_merge_topk_kernel`` merges the chunks -- exact, ties broken by position,
-    since a skipped tile or key holds only values below the true ``k``-th. When the keys of
-    every row and position fit ``dense_topk_bytes`` (8 bytes each), round 2 writes them
-    densely instead (``_dense_mean_keys_kernel``, same skipping) and ``torch.topk`` ranks the
-    packed keys -- unique per position, so ties still break by position: no per-tile sorting
-    network, which dominated flat rows (each tile holds a key above the floor). How many tiles are re-read
+    since a skipped tile or key holds only values below the true ``k``-th. How many tiles are re-read
     depends on the attention: peaked rows re-read a few tiles, flat ones (where no tile's
     bound falls below the floor) all of ``W``. Returns ``(pos, prob, recomputed_tiles)``;
     ranks past ``|W|`` are position -1 / value 0. Temporary memory per row: 4 bytes per
@@ -1403,53 +1324,24 @@ def _mean_topk(
         )
         return _final_topk(keys, k, 0.0)
 
-    def dense_topk(floor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k positions and ``p̄`` (-1 / 0 padded) from every row's dense keys, tiles below ``floor`` skipped."""
-        keys = torch.empty((rows, num_tiles * tile_n), dtype=torch.int64, device=device)
-        _dense_mean_keys_kernel[(rows, num_tiles)](
-            req.q, k_cache, req.block_tables, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
-            req.head_weights, lse, cos, sin, upper, upper if floor is None else floor, logits, keys, recomputed,
-            scale, num_kv_heads,
-            req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
-            req.head_weights.stride(0), lse.stride(0), upper.stride(0), keys.stride(0), *logits.stride()[:2],
-            GROUP_SIZE=group,
-            GROUP_PAD=_group_pad(group),
-            HEAD_DIM=head_dim,
-            BLOCK_SIZE=block_size,
-            TILE_N=tile_n,
-            DOT_PRECISION=_dot_precision(req.q.dtype),
-            ROPE=rope,
-            FLOORED=floor is not None,
-            STORED=partials.stores_logits,
-            num_warps=PASS_B_ROPE_NUM_WARPS if rope and not partials.stores_logits else PASS_B_NUM_WARPS,
-        )
-        best = torch.topk(keys, min(TOPK_SLOTS, keys.shape[1]), dim=1).values
-        if best.shape[1] < TOPK_SLOTS:
-            best = torch.nn.functional.pad(best, (0, TOPK_SLOTS - best.shape[1]), value=EMPTY_KEY.value)
-        return _final_topk(best.view(rows, 1, TOPK_SLOTS), k, 0.0)
-
     floor = None
     if num_tiles > FLOOR_MIN_TILES_PER_K * k:
         seeds = torch.topk(lower, k, dim=1, sorted=False).indices
         floor = chunk_topk(seeds, k, None)[1][:, k - 1].contiguous()
-    if rows * num_tiles * tile_n * 8 <= dense_topk_bytes:
-        pos, prob = dense_topk(floor)
-    else:
-        pos, prob = chunk_topk(None, num_tiles, floor)
+    pos, prob = chunk_topk(None, num_tiles, floor)
     return pos, prob, recomputed
 
 
 def attention_capture(
     k_cache: torch.Tensor, req: CaptureRequest, scale: float, num_splits: int | None = None,
-    logit_store_bytes: int = LOGIT_STORE_MAX_BYTES, dense_topk_bytes: int = DENSE_TOPK_MAX_BYTES,
+    logit_store_bytes: int = LOGIT_STORE_MAX_BYTES,
 ) -> CaptureResult:
     """Capture every row of ``req`` from the paged ``k_cache`` ``[blocks, block_size, Hkv, D]``.
 
     Same contract and results as ``capture_rows_ref`` (float32 outputs on ``k_cache``'s
     device), computed by standalone Pass A over ``U`` (``num_splits`` splits per row, picked
     from the table width by default), the combine kernel, and Pass B when ``req.top_k > 0``
-    (from logits Pass A stored when they fit in ``logit_store_bytes``, else re-reading keys;
-    ranked densely when the keys fit ``dense_topk_bytes``, else tile chunk by tile chunk).
+    (from logits Pass A stored when they fit in ``logit_store_bytes``, else re-reading keys).
     Handles de-rotation (``rope_cos``/``rope_sin``).
     """
     _check_request(k_cache, req)
@@ -1483,7 +1375,7 @@ def attention_capture(
             STORE_LOGITS=partials.stores_logits,
             num_warps=PASS_A_NUM_WARPS,
         )
-    return _finish(k_cache, req, scale, partials, dense_topk_bytes)
+    return _finish(k_cache, req, scale, partials)
 
 
 def dense_mean_probs(k_cache: torch.Tensor, req: CaptureRequest, scale: float, lse: torch.Tensor) -> torch.Tensor:
@@ -1545,7 +1437,6 @@ def paged_decode_attention_capture(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     logit_store_bytes: int = LOGIT_STORE_MAX_BYTES,
-    dense_topk_bytes: int = DENSE_TOPK_MAX_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor, CaptureResult]:
     """Decode attention of the whole batch with capture of the decode rows ``capture_rows``.
 
@@ -1557,7 +1448,7 @@ def paged_decode_attention_capture(
     branch per program). Returns ``(out, lse, CaptureResult)`` with ``out``/``lse`` as the
     plain kernel's. With rope tables (de-rotated logits differ from the attention's) the
     plain kernel and :func:`attention_capture` run one after the other instead.
-    ``logit_store_bytes`` and ``dense_topk_bytes`` as in :func:`attention_capture`.
+    ``logit_store_bytes`` as in :func:`attention_capture`.
     """
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out)
     _check_request(k_cache, capture)
@@ -1569,8 +1460,7 @@ def paged_decode_attention_capture(
         raise ValueError(f"capture_rows must be int32 or int64, got {capture_rows.dtype}")
     if capture.rope_cos is not None:
         out, lse = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out)
-        return out, lse, attention_capture(k_cache, capture, scale, logit_store_bytes=logit_store_bytes,
-                                           dense_topk_bytes=dense_topk_bytes)
+        return out, lse, attention_capture(k_cache, capture, scale, logit_store_bytes=logit_store_bytes)
 
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -1623,4 +1513,4 @@ def paged_decode_attention_capture(
             HEAD_DIM=head_dim,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
         )
-    return out, lse, _finish(k_cache, capture, scale, partials, dense_topk_bytes)
+    return out, lse, _finish(k_cache, capture, scale, partials)

@@ -28,7 +28,6 @@ from attnscope.engine.parallel import partition_heads  # noqa: E402
 from attnscope.engine.rope import RotaryEmbedding  # noqa: E402
 from attnscope.kernels.layer_ops_reference import rotate_ref as rotate  # noqa: E402
 from attnscope.kernels.capture import (  # noqa: E402
-    DENSE_TOPK_MAX_BYTES,
     LOGIT_STORE_MAX_BYTES,
     _distance_bins,
     _empty_partials,
@@ -233,13 +232,8 @@ def check_result(result: CaptureResult, case: Case, req: CaptureRequest, seed: i
             )
 
 
-# Pass B reads the logits Pass A stored, or (no store budget) re-reads the keys; it ranks dense keys,
-# or (no dense budget) tile chunks merged by sorting networks.
-LOGIT_PATHS = pytest.mark.parametrize(
-    "logit_store_bytes, dense_topk_bytes",
-    [(LOGIT_STORE_MAX_BYTES, DENSE_TOPK_MAX_BYTES), (0, DENSE_TOPK_MAX_BYTES), (LOGIT_STORE_MAX_BYTES, 0), (0, 0)],
-    ids=["stored-dense", "reread-dense", "stored-chunked", "reread-chunked"],
-)
+# Pass B reads the logits Pass A stored, or (no store budget) re-reads the keys.
+LOGIT_PATHS = pytest.mark.parametrize("logit_store_bytes", [LOGIT_STORE_MAX_BYTES, 0], ids=["stored", "reread"])
 
 # (dtype, lens, Hq, Hkv, head_dim, block_size, splits, top_k, head_top_k)
 CAPTURE_CASES = [
@@ -248,7 +242,6 @@ CAPTURE_CASES = [
     pytest.param(torch.float32, [5, 70], 4, 4, 32, 32, 1, 64, 64, id="mha-k-over-length"),
     pytest.param(torch.float16, [200, 9], 8, 1, 64, 16, 7, 4, 3, id="fp16-gqa8-7splits"),
     pytest.param(torch.float32, [48, 33], 4, 2, 256, 16, 2, 20, 12, id="d256-tile32"),
-    pytest.param(torch.float32, [7, 12], 4, 2, 256, 16, 1, 40, 0, id="d256-one-tile-k-over-width"),
     pytest.param(torch.float32, [16, 32, 3], 9, 3, 32, 16, 6, 3, 2, id="block-boundaries-more-splits-than-blocks"),
 ]
 
@@ -260,7 +253,6 @@ CAPTURE_CASES = [
 def test_attention_capture_matches_reference(
     seed: int, dtype: torch.dtype, lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
     block_size: int, num_splits: int, top_k: int, head_top_k: int, logit_store_bytes: int,
-    dense_topk_bytes: int,
 ) -> None:
     """Standalone capture agrees with the reference under random masks, windows, sinks and heads."""
     case = make_case(seed, lens, num_heads, num_kv_heads, head_dim, block_size, dtype)
@@ -268,8 +260,7 @@ def test_attention_capture_matches_reference(
     print(f"pos={req.query_pos.tolist()} mask={req.mask_prefix.tolist()} window={req.window.tolist()} "
           f"sinks={req.sink_tokens.tolist()}")
     result = attention_capture(case.k_cache, req, case.scale, num_splits=num_splits,
-                               logit_store_bytes=logit_store_bytes,
-                               dense_topk_bytes=dense_topk_bytes)
+                               logit_store_bytes=logit_store_bytes)
     check_result(result, case, req, seed)
 
 
@@ -343,13 +334,12 @@ def test_ties_rank_lower_position_first(seed: int, dtype: torch.dtype) -> None:
 
 
 @LOGIT_PATHS
-def test_attention_capture_derotates_keys(seed: int, logit_store_bytes: int, dense_topk_bytes: int) -> None:
+def test_attention_capture_derotates_keys(seed: int, logit_store_bytes: int) -> None:
     """With rope tables every key is rotated back by its own position before the logits."""
     case = make_case(seed, [70, 23], 8, 2, 64, 16, torch.float32)
     rope = RotaryEmbedding(64, 128, theta=10000.0, scaling=None, dtype=torch.float32)
     req = replace(make_request(case, random.Random(seed), 8, 4), rope_cos=rope.cos, rope_sin=rope.sin)
-    result = attention_capture(case.k_cache, req, case.scale, num_splits=3, logit_store_bytes=logit_store_bytes,
-                               dense_topk_bytes=dense_topk_bytes)
+    result = attention_capture(case.k_cache, req, case.scale, num_splits=3, logit_store_bytes=logit_store_bytes)
     check_result(result, case, req, seed)
 
 
@@ -429,7 +419,7 @@ def tiles_in_window(req: CaptureRequest, row: int, tile: int) -> int:
 @LOGIT_PATHS
 @pytest.mark.parametrize("fused", [False, True], ids=["standalone", "fused"])
 def test_head_mean_topk_rereads_only_candidate_tiles_and_stays_exact(
-    seed: int, fused: bool, logit_store_bytes: int, dense_topk_bytes: int
+    seed: int, fused: bool, logit_store_bytes: int
 ) -> None:
     """Peaked rows: Pass B recomputes a few key tiles, not all of ``W``; flat rows what they must; both exact."""
     rng = random.Random(seed)
@@ -443,11 +433,9 @@ def test_head_mean_topk_rereads_only_candidate_tiles_and_stays_exact(
     if fused:
         args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale)
         _, _, result = paged_decode_attention_capture(*args, req, torch.arange(3, dtype=torch.int32), num_splits=3,
-                                                      logit_store_bytes=logit_store_bytes,
-                               dense_topk_bytes=dense_topk_bytes)
+                                                      logit_store_bytes=logit_store_bytes)
     else:
-        result = attention_capture(case.k_cache, req, case.scale, num_splits=3, logit_store_bytes=logit_store_bytes,
-                               dense_topk_bytes=dense_topk_bytes)
+        result = attention_capture(case.k_cache, req, case.scale, num_splits=3, logit_store_bytes=logit_store_bytes)
     check_result(result, case, req, seed)
     in_window = [tiles_in_window(req, row, 64) for row in range(3)]
     recomputed = result.recomputed_tiles.tolist()
@@ -468,12 +456,11 @@ def test_logits_are_stored_only_within_the_budget(seed: int) -> None:
     assert not _empty_partials(2, 8, 3, replace(req, top_k=0), 2, torch.device("cpu"), needed).stores_logits
 
 
-@pytest.mark.parametrize("dense_topk_bytes", [DENSE_TOPK_MAX_BYTES, 0], ids=["dense", "chunked"])
-def test_ties_across_many_tiles_rank_lower_position_first(seed: int, dense_topk_bytes: int) -> None:
+def test_ties_across_many_tiles_rank_lower_position_first(seed: int) -> None:
     """Exact ties spread over more tiles than the floor search looks at still rank by position."""
     case = make_case(seed, [1000], 4, 2, 32, 16, torch.float32, key_alphabet=3)
     req = make_request(case, random.Random(seed), 3, 0, query_pos=[999], mask_prefix=[0], window=[0], sink_tokens=[0])
-    result = attention_capture(case.k_cache, req, case.scale, dense_topk_bytes=dense_topk_bytes)
+    result = attention_capture(case.k_cache, req, case.scale)
     assert result.topk_pos[0].tolist() == exact_tie_ranking(case, req, 0)[:3], f"seed={seed}"
     check_result(result, case, req, seed)
 
@@ -506,7 +493,6 @@ FUSED_CASES = [
 def test_fused_decode_capture(
     seed: int, dtype: torch.dtype, lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
     block_size: int, num_splits: int, rows: list[int], top_k: int, head_top_k: int, logit_store_bytes: int,
-    dense_topk_bytes: int,
 ) -> None:
     """Fused decode: attention equals the plain kernel's for every row, capture equals the reference."""
     case = make_case(seed, lens, num_heads, num_kv_heads, head_dim, block_size, dtype)
@@ -514,8 +500,7 @@ def test_fused_decode_capture(
     args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale)
     plain_out, plain_lse = paged_decode_attention(*args, num_splits=num_splits)
     out, lse, result = paged_decode_attention_capture(
-        *args, req, torch.tensor(rows, dtype=torch.int32), num_splits=num_splits, logit_store_bytes=logit_store_bytes,
-        dense_topk_bytes=dense_topk_bytes,
+        *args, req, torch.tensor(rows, dtype=torch.int32), num_splits=num_splits, logit_store_bytes=logit_store_bytes
     )
     assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse), f"seed={seed}"
     index = torch.tensor(rows, dtype=torch.long)
