@@ -18,7 +18,6 @@ interpreter tests), torch otherwise.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +27,10 @@ import triton.language as tl
 
 from attnscope.kernels.layer_ops import silu_and_mul
 from attnscope.kernels.layer_ops_reference import silu_and_mul_ref
+from attnscope.kernels.paged_decode import _num_sms
 
 MAX_ROWS = 64
 MIN_COLUMNS = 4096
-DEFAULT_NUM_SMS = 132
 SHARED_MEMORY_BUDGET = 224 * 1024  # of the 227 KB a Hopper block may hold
 
 
@@ -110,14 +109,6 @@ def tile_config(rows: int, columns: int, silu: bool, num_sms: int, element_bytes
     stages = max(2, min(5, SHARED_MEMORY_BUDGET // _stage_bytes(rows, weight_rows, block_k, element_bytes)))
     warps = 8 if weight_rows >= 256 and _block_rows(rows) >= 32 else 4
     return TileConfig(block_n=block_n, block_k=block_k, stages=stages, warps=warps)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA ``device`` (the H100's count elsewhere, e.g. the interpreter)."""
-    if device.type != "cuda":
-        return DEFAULT_NUM_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, columns: int, silu: bool,
