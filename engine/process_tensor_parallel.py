@@ -5,9 +5,11 @@ over a pipe; rank ``r`` sees only GPU ``r`` on CUDA. Messages are pickled with
 ``_WirePickler``: small CPU tensors (a step's capture settings, results) travel by value
 as numpy arrays, large ones (logits) through shared memory as torch.multiprocessing
 sends them. Sending every tensor through shared memory costs a file-descriptor hand-off
-each: a round trip of 30 small tensors took 11 ms that way and 0.5 ms by value (2-core CPU). Used where Ray is not installed or not
-wanted (a single host, benchmarks); the Serve deployment uses the Ray runner, whose workers
-live in the replica's placement group and can span a node's GPUs under Ray's control.
+each: a round trip of 30 small tensors took 11 ms that way and 0.5 ms by value (2-core CPU).
+
+Used where Ray is not installed or not wanted (a single host, benchmarks); the Serve
+deployment uses the Ray runner, whose workers live in the replica's placement group and
+can span a node's GPUs under Ray's control.
 """
 
 from __future__ import annotations

@@ -31,6 +31,22 @@ def _generate(engine, max_tokens: list[int]) -> list:
     return [[d for out in outputs[rid] for d in out.deltas] for rid in rids]
 
 
+def _static_graphs(engine) -> DecodeGraphs:
+    """Graph decode steps without replay on the engine's runner (removed again by the caller)."""
+    runner = engine.runner
+    width = -(-engine.max_model_len // engine.config.block_size)
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 8, width, runner.device, replay=False)
+    return runner.graphs
+
+
+def _assert_same_outputs(eager: list, static: list) -> None:
+    """Same tokens and capture records, request by request."""
+    for want, got in zip(eager, static):
+        assert [t for d in got for t in d.token_ids] == [t for d in want for t in d.token_ids]
+        assert_records_close([r for d in want for r in (d.attention_tokens or [])],
+                             [r for d in got for r in (d.attention_tokens or [])])
+
+
 def test_buckets_round_up_and_cap():
     assert [bucket(n) for n in (1, 3, 5, 17, 33, 256)] == [1, 4, 8, 24, 48, 256]
     assert bucket(257) is None
@@ -44,20 +60,15 @@ def test_static_decode_steps_match_eager_steps(smollm_engine, overlap):
     engine = smollm_engine
     max_tokens = [9, 6, 3]  # the batch shrinks 3 -> 2 -> 1: buckets 4, 2, 1, with padding rows
     eager = _generate(engine, max_tokens)
-    runner = engine.runner
-    width = -(-engine.max_model_len // engine.config.block_size)
-    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 8, width, runner.device, replay=False)
+    graphs = _static_graphs(engine)
     engine.overlap_steps = overlap
     try:
         static = _generate(engine, max_tokens)
-        assert runner.graphs.replays >= max_tokens[0] - 1  # every decode step ran the static path
+        assert graphs.replays >= max_tokens[0] - 1  # every decode step ran the static path
     finally:
-        runner.graphs = None
+        engine.runner.graphs = None
         engine.overlap_steps = False
-    for want, got in zip(eager, static):
-        assert [t for d in got for t in d.token_ids] == [t for d in want for t in d.token_ids]
-        assert_records_close([r for d in want for r in (d.attention_tokens or [])],
-                             [r for d in got for r in (d.attention_tokens or [])])
+    _assert_same_outputs(eager, static)
 
 
 class _ShippedPlanRunner:
@@ -86,16 +97,12 @@ def test_static_decode_steps_from_shipped_plans_match_eager_steps(smollm_engine)
     max_tokens = [7, 5, 3]
     eager = _generate(engine, max_tokens)
     runner = engine.runner
-    width = -(-engine.max_model_len // engine.config.block_size)
-    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 8, width, runner.device, replay=False)
+    graphs = _static_graphs(engine)
     engine.runner = _ShippedPlanRunner(runner)
     try:
         static = _generate(engine, max_tokens)
-        assert runner.graphs.replays >= max_tokens[0] - 1
+        assert graphs.replays >= max_tokens[0] - 1
     finally:
         engine.runner = runner
         runner.graphs = None
-    for want, got in zip(eager, static):
-        assert [t for d in got for t in d.token_ids] == [t for d in want for t in d.token_ids]
-        assert_records_close([r for d in want for r in (d.attention_tokens or [])],
-                             [r for d in got for r in (d.attention_tokens or [])])
+    _assert_same_outputs(eager, static)
