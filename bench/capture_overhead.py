@@ -8,12 +8,12 @@
    B in {1, 8, 32} and L in {2K, 32K, 128K} (one layer, every row the same length):
    (a) plain decode, (a0) the fused kernel with no row flagged, (b) fused decode + Pass A
    fingerprint statistics for all rows, (c) + head-mean top-32 (Pass A + B) on random keys
-   ("flat" attention: no key tile can be ruled out, so Pass B recomputes every tile, from the
-   logits Pass A stored when they fit ``LOGIT_STORE_MAX_BYTES``; (c_reread) forces the
-   re-read of K instead) and
+   ("flat" attention: no key tile can be ruled out), with ``p̄`` from the logits Pass A
+   stored when they fit ``LOGIT_STORE_MAX_BYTES``; (c_reread) forces the re-read of K
+   instead, which recomputes only candidate tiles -- every tile when flat) and
    (c_peaked) on keys with a trained model's profile (a sink at position 0, the 16 most
    recent and 16 scattered positions attract every head: logits 14 / 10 / 11 against a bulk
-   of N(0, 1)), with the fraction of key tiles Pass B re-read, (c_head) Pass A
+   of N(0, 1)), with the fraction of key tiles the re-read path re-read, (c_head) Pass A
    with per-head top-8, (f) our standalone capture pass (top-32), (d) the separate-pass
    baseline of the reference systems (gather K, scores for all heads, logsumexp, softmax,
    head mean, ``torch.topk(32)``; timed alone and after the plain decode), (e) torch SDPA
@@ -339,12 +339,12 @@ def bench_config(batch: int, length: int, k_cache: torch.Tensor, v_cache: torch.
     result = {"B": batch, "L": length, "ms": {name: graph_ms(fn, flush) for name, fn in runs.items()}}
     num_tiles = math.ceil(length / 64)
     result["pass_b_tiles_reread_fraction"] = {
-        "flat": float(runs["c_fused_stats_top32"]()[2].recomputed_tiles.float().mean()) / num_tiles}
+        "flat": float(runs["c_fused_stats_top32_reread"]()[2].recomputed_tiles.float().mean()) / num_tiles}
     restore = plant_peaks(q, k_cache, table, length, gen)
     result["ms"]["c_fused_stats_top32_peaked"] = graph_ms(runs["c_fused_stats_top32"], flush)
     result["ms"]["c_fused_stats_top32_reread_peaked"] = graph_ms(runs["c_fused_stats_top32_reread"], flush)
     result["pass_b_tiles_reread_fraction"]["peaked"] = float(
-        runs["c_fused_stats_top32"]()[2].recomputed_tiles.float().mean()) / num_tiles
+        runs["c_fused_stats_top32_reread"]()[2].recomputed_tiles.float().mean()) / num_tiles
     restore()
     result["ms"]["e_sdpa_contiguous"] = sdpa_ms(q, k_cache, v_cache, table, length, scale, flush)
     result["eager_ms"] = {name: triton.testing.do_bench(runs[name], return_mode="median")

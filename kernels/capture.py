@@ -13,13 +13,16 @@ torch twin with the same API. Two passes over the keys, both split-K over positi
   de-rotated logits, which differ from the attention's). A combine kernel merges the
   splits per head into ``lse_U``, ``H_h = log l_C - e_C / l_C``, ``hist_h = hist_C / l_C``
   and ``l_S / l_U`` and sums them with the head weights.
-* Pass B (only when ``top_k > 0``) needs every head's final ``lse_U``. Pass A also records
-  each head's largest logit per key tile (tiles aligned to multiples of ``TILE_N``); with
-  ``lse`` they bound ``p̄`` per tile from above and below, and only the tiles whose upper
-  bound reaches a floor under the ``k``-th value are re-read (see :func:`_mean_topk`), each
-  by one program summing ``p̄ = sum_h w_h exp(s_h[j] - lse_h)`` over all KV groups in a fixed
-  order and keeping its chunk's top-k keys; ``torch.topk`` over the chunks picks the exact
-  top-k.
+* Pass B (only when ``top_k > 0``) needs every head's final ``lse_U``. When the captured
+  rows' logits fit ``LOGIT_STORE_MAX_BYTES``, Pass A stores them and Pass B streams them
+  into a dense ``p̄ = sum_h w_h exp(s_h[j] - lse_h)`` per row, whose exact top-k
+  :func:`dense_topk` finds without sorting: the k-th value bit by bit over its float32
+  pattern, then the keys reaching it. Otherwise Pass A records each head's largest logit
+  per key tile (tiles aligned to multiples of ``TILE_N``); with ``lse`` they bound ``p̄``
+  per tile from above and below, and only the tiles whose upper bound reaches a floor
+  under the ``k``-th value are re-read (see :func:`_mean_topk`), each by one program
+  summing ``p̄`` over all KV groups in a fixed order and keeping its chunk's top-k keys,
+  merged into the exact top-k.
 
 Top-k are exact: each (value, position) is packed into one int64 key that sorts like
 (value descending, position ascending) -- the float32 bits made order-preserving in the high
@@ -30,8 +33,8 @@ the top ``TOPK_SLOTS`` of the union) and one bitonic merge. The compare-exchange
 ``tl.min``/``tl.max`` over the axes of a ``[2, 2, ...]`` view, which also keeps the Triton
 interpreter fast (its ``tl.sort`` reduces with a Python-level xor). A tile with no key above
 the running k-th is skipped. Per-split candidates are merged by a small kernel the same way,
-exact since the union of per-split top-k holds the global top-k. Pass B's chunk keys go
-are merged the same way (lists with nothing above the running k-th are skipped unread).
+exact since the union of per-split top-k holds the global top-k. Pass B's chunk keys are
+merged the same way (lists with nothing above the running k-th are skipped unread).
 """
 
 from __future__ import annotations
@@ -78,6 +81,11 @@ MERGE_FAN_IN = 16  # top-k lists one merge program folds in; more lists take a f
 COMBINE_NUM_WARPS = 1
 HEAD_STATS = 18  # per (row, head) after the combine: weighted entropy, sink mass, then 16 histogram bins
 PASS_B_ROPE_NUM_WARPS = 8
+# Pass B from stored logits: dense p̄ in blocks of positions (all heads per load), then an exact
+# top-k per chunk of up to DENSE_TOPK_MAX_CHUNK positions (one chunk per row up to that width).
+DENSE_BLOCK = 128
+DENSE_NUM_WARPS = 4
+DENSE_TOPK_MAX_CHUNK = 8192
 # Pass A stores the captured rows' logits for Pass B (instead of Pass B re-reading K) when the
 # buffer [R, Hq, tiles * TILE_N] float32 fits in this many bytes: 32 rows x 32 heads x 8K = 32 MiB.
 LOGIT_STORE_MAX_BYTES = 64 << 20
@@ -830,7 +838,6 @@ def _tile_mean_probs(
     block_table_row,
     head_weights_ptr,
     lse_ptr,
-    logits_ptr,
     cos_ptr,
     sin_ptr,
     row,
@@ -846,8 +853,6 @@ def _tile_mean_probs(
     stride_rope,
     stride_wr,
     stride_lr,
-    stride_lgr,
-    stride_lgh,
     GROUP_SIZE: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -855,17 +860,15 @@ def _tile_mean_probs(
     TILE_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
-    STORED: tl.constexpr,
 ):
     """``p̄[j] = sum_h w_h exp(s_h[j] - lse_h)`` of one row over the key tile ``tokens`` (0 outside ``in_w``).
 
-    Logits are read back from Pass A's store (``STORED``) or recomputed from the keys, for
-    every KV group with a head of nonzero weight, summed over groups in a fixed order.
+    Logits are recomputed from the keys, for every KV group with a head of nonzero weight,
+    summed over groups in a fixed order.
     """
     rows = tl.arange(0, GROUP_PAD)
     row_valid = rows < GROUP_SIZE
-    if not STORED:
-        physical_block = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=in_w, other=0).to(tl.int64)
+    physical_block = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=in_w, other=0).to(tl.int64)
     p_bar = tl.zeros([TILE_N], dtype=tl.float32)
     for kv_head in range(num_kv_heads):
         heads = kv_head * GROUP_SIZE + rows
@@ -873,16 +876,12 @@ def _tile_mean_probs(
         if tl.max(weights, axis=0) > 0.0:
             lse = tl.load(lse_ptr + row * stride_lr + heads, mask=row_valid, other=0.0)
             lse = tl.where(lse == float("-inf"), 0.0, lse)
-            if STORED:
-                logits = tl.load(logits_ptr + row * stride_lgr + heads[:, None] * stride_lgh + tokens[None, :],
-                                 mask=row_valid[:, None] & in_w[None, :], other=float("-inf"))
-            else:
-                q_a, q_b = _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM, ROPE)
-                k_rows = physical_block * stride_kb + (tokens % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
-                logits = _key_logits(
-                    q_a, q_b, k_cache_ptr, k_rows, tokens, in_w, cos_ptr, sin_ptr, stride_rope, scale,
-                    HEAD_DIM, ROPE, DOT_PRECISION,
-                )
+            q_a, q_b = _load_query(q_ptr, row, heads, row_valid, stride_qr, stride_qh, HEAD_DIM, ROPE)
+            k_rows = physical_block * stride_kb + (tokens % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
+            logits = _key_logits(
+                q_a, q_b, k_cache_ptr, k_rows, tokens, in_w, cos_ptr, sin_ptr, stride_rope, scale,
+                HEAD_DIM, ROPE, DOT_PRECISION,
+            )
             p_bar += tl.sum(weights[:, None] * tl.exp(logits - lse[:, None]), axis=0)
     return p_bar
 
@@ -903,7 +902,6 @@ def _tile_mean_topk_kernel(
     tile_ids_ptr,
     upper_ptr,
     floor_ptr,
-    logits_ptr,
     keys_ptr,
     recomputed_ptr,
     scale,
@@ -923,8 +921,6 @@ def _tile_mean_topk_kernel(
     stride_br,
     stride_kr,
     stride_kc,
-    stride_lgr,
-    stride_lgh,
     GROUP_SIZE: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -935,15 +931,13 @@ def _tile_mean_topk_kernel(
     ROPE: tl.constexpr,
     LISTED: tl.constexpr,
     FLOORED: tl.constexpr,
-    STORED: tl.constexpr,
 ):
     """Exact ``p̄`` over the candidate key tiles of one row's chunk, reduced to the chunk's top-k keys.
 
     The chunk is ``TILES_PER_PROGRAM`` entries of the tile list (``tile_ids[row]`` when
-    ``LISTED``, else tiles ``0 .. num_listed - 1``). A tile is recomputed -- its logits read
-    back from Pass A's store (``STORED``) or its keys re-read, for every KV group with a head
-    of nonzero weight, ``p̄[j] = sum_h w_h exp(s_h[j] -
-    lse_h)`` summed over heads in a fixed order -- only when its upper bound reaches the
+    ``LISTED``, else tiles ``0 .. num_listed - 1``). A tile is recomputed -- its keys re-read
+    for every KV group with a head of nonzero weight, ``p̄[j] = sum_h w_h exp(s_h[j] - lse_h)``
+    summed over heads in a fixed order -- only when its upper bound reaches the
     row's floor (``FLOORED``: ``floor[row]`` less a 1e-3 relative margin for the bound's
     rounding; else any tile inside ``W``). Positions outside ``W`` or below the floor get the
     empty key. ``recomputed[row]`` counts the tiles re-read.
@@ -974,10 +968,10 @@ def _tile_mean_topk_kernel(
                 tokens = tile * TILE_N + tile_offsets
                 in_w = (tokens >= w_lo) & (tokens <= pos)
                 p_bar = _tile_mean_probs(
-                    q_ptr, k_cache_ptr, block_table_row, head_weights_ptr, lse_ptr, logits_ptr, cos_ptr, sin_ptr,
+                    q_ptr, k_cache_ptr, block_table_row, head_weights_ptr, lse_ptr, cos_ptr, sin_ptr,
                     row, tokens, in_w, scale, num_kv_heads, stride_qr, stride_qh, stride_kb, stride_kt, stride_kh,
-                    stride_rope, stride_wr, stride_lr, stride_lgr, stride_lgh,
-                    GROUP_SIZE, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, TILE_N, DOT_PRECISION, ROPE, STORED,
+                    stride_rope, stride_wr, stride_lr,
+                    GROUP_SIZE, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, TILE_N, DOT_PRECISION, ROPE,
                 )
                 keys = _pack_keys(p_bar[None, :], tokens[None, :], (in_w & (p_bar >= floor))[None, :])
                 best = _update_topk(best, keys, top_k, 1, 0, TILE_N)
@@ -1030,12 +1024,111 @@ def _dense_mean_probs_kernel(
     p_bar = tl.zeros([TILE_N], dtype=tl.float32)
     if tl.max(in_w.to(tl.int32), axis=0) > 0:
         p_bar = _tile_mean_probs(
-            q_ptr, k_cache_ptr, block_tables_ptr + row * stride_btr, head_weights_ptr, lse_ptr, lse_ptr, cos_ptr,
+            q_ptr, k_cache_ptr, block_tables_ptr + row * stride_btr, head_weights_ptr, lse_ptr, cos_ptr,
             sin_ptr, row, tokens, in_w, scale, num_kv_heads, stride_qr, stride_qh, stride_kb, stride_kt, stride_kh,
-            stride_rope, stride_wr, stride_lr, 0, 0,
-            GROUP_SIZE, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, TILE_N, DOT_PRECISION, ROPE, False,
+            stride_rope, stride_wr, stride_lr,
+            GROUP_SIZE, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, TILE_N, DOT_PRECISION, ROPE,
         )
     tl.store(out_ptr + row * stride_or + tokens, tl.where(in_w, p_bar, float("-inf")), mask=tokens < width)
+
+
+@triton.jit
+def _stored_mean_probs_kernel(
+    logits_ptr,
+    head_weights_ptr,
+    lse_ptr,
+    query_pos_ptr,
+    mask_prefix_ptr,
+    window_ptr,
+    sink_tokens_ptr,
+    out_ptr,
+    num_heads,
+    width,
+    stride_lgr,
+    stride_lgh,
+    stride_wr,
+    stride_lr,
+    stride_or,
+    HEADS_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``p̄[j] = sum_h w_h exp(s_h[j] - lse_h)`` of one row over ``BLOCK`` positions from Pass A's stored
+    logits (``-inf`` outside ``W``): every head's logits of the block in one load, heads of
+    weight 0 masked out, so the kernel streams the store at the copy bandwidth."""
+    row = tl.program_id(0)
+    tokens = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
+    in_w = (tokens >= w_lo) & (tokens <= pos)
+    p_bar = tl.zeros([BLOCK], dtype=tl.float32)
+    if tl.max(in_w.to(tl.int32), axis=0) > 0:
+        heads = tl.arange(0, HEADS_PAD)
+        weights = tl.load(head_weights_ptr + row * stride_wr + heads, mask=heads < num_heads, other=0.0)
+        lse = tl.load(lse_ptr + row * stride_lr + heads, mask=heads < num_heads, other=0.0)
+        lse = tl.where(lse == float("-inf"), 0.0, lse)
+        logits = tl.load(logits_ptr + row * stride_lgr + heads[:, None] * stride_lgh + tokens[None, :],
+                         mask=(weights > 0.0)[:, None] & in_w[None, :], other=float("-inf"))
+        p_bar = tl.sum(weights[:, None] * tl.exp(logits - lse[:, None]), axis=0)
+    tl.store(out_ptr + row * stride_or + tokens, tl.where(in_w, p_bar, float("-inf")), mask=tokens < width)
+
+
+@triton.jit
+def _dense_topk_kernel(
+    probs_ptr,
+    scratch_ptr,
+    keys_ptr,
+    pos_ptr,
+    value_ptr,
+    width,
+    k,
+    stride_pr,
+    stride_sr,
+    stride_sc,
+    stride_kr,
+    stride_kc,
+    stride_or,
+    CHUNK: tl.constexpr,
+    FINAL: tl.constexpr,
+):
+    """Exact top-k of one row's ``CHUNK`` dense ``p̄`` values (``-inf`` outside ``W``), sorted descending.
+
+    The k-th largest value is found bit by bit over its float32 pattern (non-negative floats
+    order like their bits): 31 rounds, each keeping a bit when at least ``k`` values reach
+    the pattern so far. Every value above it is taken, and the first ties at it by position
+    until ``k`` are; the chosen keys go to their slot of ``scratch`` (a prefix sum), and one
+    bitonic sort of ``SLOTS`` keys orders them. ``FINAL`` (one chunk per row) writes the
+    row's positions and values (-1 / 0 past ``|W|``), else the chunk's sorted keys.
+    """
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    tokens = chunk * CHUNK + tl.arange(0, CHUNK)
+    p_bar = tl.load(probs_ptr + row * stride_pr + tokens, mask=tokens < width, other=float("-inf"))
+    valid = p_bar >= 0.0
+    bits = tl.where(valid, tl.where(p_bar == 0.0, 0.0, p_bar).to(tl.int32, bitcast=True), -1)
+    kth = tl.full([], 0, tl.int32)
+    for bit in tl.static_range(30, -1, -1):
+        trial = kth | (1 << bit)
+        reaching = tl.sum((bits >= trial).to(tl.int32), axis=0)
+        kth = tl.where(reaching >= k, trial, kth)
+    above = bits > kth
+    tied = (bits == kth).to(tl.int32)
+    tied_before = tl.cumsum(tied, axis=0) - tied
+    chosen = above | ((tied > 0) & (tied_before < k - tl.sum(above.to(tl.int32), axis=0)))
+    slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    base = scratch_ptr + row * stride_sr + chunk * stride_sc
+    tl.store(base + slot, _pack_keys(p_bar, tokens, chosen), mask=chosen)
+    slots = tl.arange(0, SLOTS)
+    tl.store(base + slots, tl.full([SLOTS], EMPTY_KEY, tl.int64), mask=slots >= tl.sum(chosen.to(tl.int32), axis=0))
+    tl.debug_barrier()
+    listed = tl.load(base + slots[None, :], cache_modifier=".cg")
+    best = _merge_topk(tl.full([1, SLOTS], EMPTY_KEY, tl.int64), listed, 1, 0, SLOTS)
+    if FINAL:
+        values, positions = _unpack_keys(best)
+        empty = best == EMPTY_KEY
+        keep = slots[None, :] < k
+        tl.store(pos_ptr + row * stride_or + slots[None, :], tl.where(empty, -1, positions), mask=keep)
+        tl.store(value_ptr + row * stride_or + slots[None, :], tl.where(empty, 0.0, values), mask=keep)
+    else:
+        tl.store(keys_ptr + row * stride_kr + chunk * stride_kc + slots[None, :], best)
 
 
 @triton.jit
@@ -1150,9 +1243,10 @@ def _check_request(k_cache: torch.Tensor, req: CaptureRequest) -> None:
 
 def _empty_partials(rows: int, num_heads: int, num_splits: int, req: CaptureRequest, num_tiles: int,
                     device: torch.device, logit_store_bytes: int) -> PassAOutputs:
-    """Pass A outputs: stats ``[R, Hq, S, STAT_WIDTH]``, per-head keys ``[R, Hq, S, TOPK_SLOTS]``, tile
-    maxima ``[R, Hq, num_tiles]`` and logits ``[R, Hq, num_tiles * TILE_N]`` (1-element dummies when
-    their top-k is 0; the logits also when they would take more than ``logit_store_bytes``).
+    """Pass A outputs: stats ``[R, Hq, S, STAT_WIDTH]``, per-head keys ``[R, Hq, S, TOPK_SLOTS]``, and
+    for the head-mean top-k either logits ``[R, Hq, num_tiles * TILE_N]`` (when they fit in
+    ``logit_store_bytes``) or tile maxima ``[R, Hq, num_tiles]`` (for re-reading keys); 1-element
+    dummies for what is not needed.
 
     The stats are a view of a ``[R, STAT_WIDTH, Hq, S]`` buffer, so the combine kernel reads
     each statistic of all heads and splits as one contiguous block.
@@ -1166,10 +1260,11 @@ def _empty_partials(rows: int, num_heads: int, num_splits: int, req: CaptureRequ
     dummy = torch.empty((1, 1, 1), dtype=torch.float32, device=device)
     tile_max = logits = dummy
     if req.top_k:
-        tile_max = torch.empty((rows, num_heads, num_tiles), dtype=torch.float32, device=device)
         positions = num_tiles * _tile_tokens(req.q.shape[2])
         if rows * num_heads * positions * 4 <= logit_store_bytes:
             logits = torch.empty((rows, num_heads, positions), dtype=torch.float32, device=device)
+        else:
+            tile_max = torch.empty((rows, num_heads, num_tiles), dtype=torch.float32, device=device)
     return PassAOutputs(stats, keys, tile_max, logits, logits is not dummy)
 
 
@@ -1250,16 +1345,59 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
                          recomputed)
 
 
+def dense_topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` positions (int32) and values of dense ``p̄`` rows ``[R, width]`` (``-inf`` outside ``W``).
+
+    Ranked by value descending, then position ascending; -1 / 0 past ``|W|`` -- the
+    ordering of ``capture_rows_ref``. One program per row and chunk of up to
+    ``DENSE_TOPK_MAX_CHUNK`` positions finds its chunk's top-k without sorting the chunk
+    (:func:`_dense_topk_kernel`); rows wider than one chunk merge their chunks' sorted lists.
+    No host sync.
+    """
+    rows, width = probs.shape
+    device = probs.device
+    pos = torch.empty((rows, k), dtype=torch.int32, device=device)
+    values = torch.empty((rows, k), dtype=torch.float32, device=device)
+    if not rows or not width:
+        return pos.fill_(-1), values.zero_()
+    chunk = min(DENSE_TOPK_MAX_CHUNK, max(TOPK_SLOTS, triton.next_power_of_2(width)))
+    num_chunks = triton.cdiv(width, chunk)
+    scratch = torch.empty((rows, num_chunks, TOPK_SLOTS), dtype=torch.int64, device=device)
+    keys = scratch if num_chunks == 1 else torch.empty_like(scratch)
+    _dense_topk_kernel[(rows, num_chunks)](
+        probs, scratch, keys, pos, values, width, k, probs.stride(0), scratch.stride(0), scratch.stride(1),
+        keys.stride(0), keys.stride(1), pos.stride(0),
+        CHUNK=chunk, FINAL=num_chunks == 1, num_warps=8 if chunk >= 4096 else 4,
+    )
+    if num_chunks == 1:
+        return pos, values
+    return _final_topk(keys, k, 0.0)
+
+
+def _stored_mean_topk(req: CaptureRequest, lse: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass B from the logits Pass A stored ``[R, Hq, positions]``: dense ``p̄`` of every row over ``W``
+    (streamed at the copy bandwidth: 4 bytes per head and position), then :func:`dense_topk`."""
+    rows, num_heads, _ = req.q.shape
+    width = logits.shape[2]
+    probs = torch.empty((rows, width), dtype=torch.float32, device=logits.device)
+    _stored_mean_probs_kernel[(rows, triton.cdiv(width, DENSE_BLOCK))](
+        logits, req.head_weights, lse, req.query_pos, req.mask_prefix, req.window, req.sink_tokens, probs,
+        num_heads, width, logits.stride(0), logits.stride(1), req.head_weights.stride(0), lse.stride(0),
+        probs.stride(0),
+        HEADS_PAD=max(2, triton.next_power_of_2(num_heads)), BLOCK=DENSE_BLOCK, num_warps=DENSE_NUM_WARPS,
+    )
+    return dense_topk(probs, req.top_k)
+
+
 def _mean_topk(
     k_cache: torch.Tensor, req: CaptureRequest, scale: float, lse: torch.Tensor, partials: PassAOutputs
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pass B: exact head-mean top-k positions and ``p̄`` of every row, recomputing only candidate key tiles.
+    """Pass B: exact head-mean top-k positions and ``p̄`` of every row.
 
-    A tile's logits come from Pass A's store when it kept them (``partials.stores_logits``:
-    4 bytes per head and position, a small fraction of the key bytes a re-read would move),
-    else from its keys, read again.
-
-    From Pass A's per-head tile maxima and the final ``lse``, ``_tile_bounds_kernel`` bounds
+    When Pass A stored the logits (``partials.stores_logits``: 4 bytes per head and
+    position, a small fraction of the key bytes a re-read would move), ``p̄`` is computed
+    densely from them and ranked by :func:`dense_topk` (:func:`_stored_mean_topk`). Otherwise
+    only candidate key tiles are re-read: from Pass A's per-head tile maxima and the final ``lse``, ``_tile_bounds_kernel`` bounds
     ``p̄`` per tile from above and below. Round 1 recomputes ``p̄`` exactly on the ``k`` tiles
     with the best lower bounds; the ``k``-th best value found there is a floor under the
     true ``k``-th value. Round 2 recomputes every tile whose upper bound reaches that floor
@@ -1267,10 +1405,11 @@ def _mean_topk(
     floor, and ``_merge_topk_kernel`` merges the chunks -- exact, ties broken by position,
     since a skipped tile or key holds only values below the true ``k``-th. How many tiles are re-read
     depends on the attention: peaked rows re-read a few tiles, flat ones (where no tile's
-    bound falls below the floor) all of ``W``. Returns ``(pos, prob, recomputed_tiles)``;
-    ranks past ``|W|`` are position -1 / value 0. Temporary memory per row: 4 bytes per
-    head and tile (Pass A's maxima), 8 per tile for the bounds, 512 per program's chunk keys,
-    and the stored logits when kept. No host sync.
+    bound falls below the floor) all of ``W``. Returns ``(pos, prob, recomputed_tiles)``
+    (tiles whose keys were re-read: 0 from stored logits); ranks past ``|W|`` are position
+    -1 / value 0. Temporary memory per row: with stored logits 4 bytes per position of dense
+    ``p̄``; else 4 bytes per head and tile (Pass A's maxima), 8 per tile for the bounds, 512
+    per program's chunk keys. No host sync.
     """
     tile_max, logits = partials.tile_max, partials.logits
     rows, num_heads, head_dim = req.q.shape
@@ -1281,6 +1420,8 @@ def _mean_topk(
     k = req.top_k
     device = k_cache.device
     recomputed = torch.zeros((rows,), dtype=torch.int32, device=device)
+    if partials.stores_logits:
+        return *_stored_mean_topk(req, lse, logits), recomputed
     if not rows:
         empty = torch.empty((0, k), device=device)
         return empty.int(), empty, recomputed
@@ -1304,11 +1445,11 @@ def _mean_topk(
         ids = upper if tile_ids is None else tile_ids
         _tile_mean_topk_kernel[(rows, num_chunks)](
             req.q, k_cache, req.block_tables, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
-            req.head_weights, lse, cos, sin, ids, upper, upper if floor is None else floor, logits, keys,
+            req.head_weights, lse, cos, sin, ids, upper, upper if floor is None else floor, keys,
             recomputed, scale, num_listed, num_kv_heads, k,
             req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
             req.head_weights.stride(0), lse.stride(0), ids.stride(0), upper.stride(0), keys.stride(0),
-            keys.stride(1), *logits.stride()[:2],
+            keys.stride(1),
             GROUP_SIZE=group,
             GROUP_PAD=_group_pad(group),
             HEAD_DIM=head_dim,
@@ -1319,8 +1460,7 @@ def _mean_topk(
             ROPE=rope,
             LISTED=tile_ids is not None,
             FLOORED=floor is not None,
-            STORED=partials.stores_logits,
-            num_warps=PASS_B_ROPE_NUM_WARPS if rope and not partials.stores_logits else PASS_B_NUM_WARPS,
+            num_warps=PASS_B_ROPE_NUM_WARPS if rope else PASS_B_NUM_WARPS,
         )
         return _final_topk(keys, k, 0.0)
 
@@ -1371,7 +1511,7 @@ def attention_capture(
             DOT_PRECISION="ieee" if rope else _dot_precision(req.q.dtype),
             ROPE=rope,
             HEAD_TOPK=req.head_top_k > 0,
-            TILE_MAX=req.top_k > 0,
+            TILE_MAX=req.top_k > 0 and not partials.stores_logits,
             STORE_LOGITS=partials.stores_logits,
             num_warps=PASS_A_NUM_WARPS,
         )
@@ -1500,7 +1640,7 @@ def paged_decode_attention_capture(
         TILE_N=_tile_tokens(head_dim),
         DOT_PRECISION=_dot_precision(q.dtype),
         HEAD_TOPK=capture.head_top_k > 0,
-        TILE_MAX=capture.top_k > 0,
+        TILE_MAX=capture.top_k > 0 and not partials.stores_logits,
         STORE_LOGITS=partials.stores_logits,
         ROWS_PAD=max(2, triton.next_power_of_2(rows)),
         num_warps=FUSED_HEAD_TOPK_NUM_WARPS if capture.head_top_k else FUSED_NUM_WARPS,

@@ -33,7 +33,9 @@ from attnscope.kernels.capture import (  # noqa: E402
     _empty_partials,
     _pack_keys,
     _unpack_keys,
+    DENSE_TOPK_MAX_CHUNK,
     attention_capture,
+    dense_topk,
     paged_decode_attention_capture,
     partial_capture,
 )
@@ -43,6 +45,7 @@ from attnscope.kernels.capture_reference import (  # noqa: E402
     PartialCapture,
     capture_rows_ref,
     distance_bin,
+    _rank_top_k,
     finish_partial,
     partial_capture_ref,
 )
@@ -333,6 +336,27 @@ def test_ties_rank_lower_position_first(seed: int, dtype: torch.dtype) -> None:
     check_result(result, case, req, seed)
 
 
+@pytest.mark.parametrize("width", [1, 63, 700, 5000, DENSE_TOPK_MAX_CHUNK + 1, 3 * DENSE_TOPK_MAX_CHUNK - 5])
+def test_dense_topk_ranks_like_the_reference(seed: int, width: int) -> None:
+    """Dense ``p̄`` rows (one chunk or several merged): the same positions and values as the reference
+    ranking, with ties, zeros, positions outside ``W``, ``k`` beyond ``|W|`` and an empty row."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    probs = torch.rand((5, width), generator=gen) * 1e-3
+    probs[1] = torch.randint(0, 4, (width,), generator=gen).float() * 0.125  # few distinct values: ties
+    probs[2, : width // 2] = float("-inf")  # outside W
+    probs[3] = 0.0
+    probs[3, rng.randrange(width)] = 0.5
+    probs[4] = float("-inf")
+    for k in (1, rng.randint(2, 63), 64):
+        pos, values = dense_topk(probs, k)
+        finite = torch.isfinite(probs).sum(dim=-1)
+        ref_pos, ref_values = _rank_top_k(probs, finite, k, 0.0)
+        assert torch.equal(pos, ref_pos.int()), f"seed={seed} k={k}"
+        assert torch.equal(values, ref_values), f"seed={seed} k={k}"
+        assert (pos[4] == -1).all() and (values[4] == 0).all()
+
+
 @LOGIT_PATHS
 def test_attention_capture_derotates_keys(seed: int, logit_store_bytes: int) -> None:
     """With rope tables every key is rotated back by its own position before the logits."""
@@ -421,7 +445,8 @@ def tiles_in_window(req: CaptureRequest, row: int, tile: int) -> int:
 def test_head_mean_topk_rereads_only_candidate_tiles_and_stays_exact(
     seed: int, fused: bool, logit_store_bytes: int
 ) -> None:
-    """Peaked rows: Pass B recomputes a few key tiles, not all of ``W``; flat rows what they must; both exact."""
+    """Peaked rows: Pass B re-reads a few key tiles, not all of ``W``; flat rows what they must; both exact.
+    With stored logits it re-reads none."""
     rng = random.Random(seed)
     case = make_case(seed, [1500, 1300, 900], 8, 2, 32, 16, torch.float32)
     peaks = [0, *rng.sample(range(1, 1290), 5), 1297]
@@ -439,6 +464,9 @@ def test_head_mean_topk_rereads_only_candidate_tiles_and_stays_exact(
     check_result(result, case, req, seed)
     in_window = [tiles_in_window(req, row, 64) for row in range(3)]
     recomputed = result.recomputed_tiles.tolist()
+    if logit_store_bytes:  # p̄ from the stored logits: no key is read twice
+        assert recomputed == [0, 0, 0]
+        return
     assert recomputed[0] <= 3 * req.top_k < in_window[0], (recomputed, in_window)
     assert recomputed[1] <= 3 * req.top_k < in_window[1], (recomputed, in_window)
     assert set(result.topk_pos[1].tolist()) <= set(peaks[1:])  # position 0 is masked
