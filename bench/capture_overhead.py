@@ -242,8 +242,8 @@ def check_correctness(seed: int, shapes: list[tuple] = CHECK_SHAPES) -> dict:
         restore = plant_peaks(peaked_q, k_cache, peaked_table, min(lens[r] for r in long_rows), gen)
         peaked_req = capture_request(peaked_q, peaked_table, [lens[r] - 1 for r in long_rows], TOP_K, 0, None)
         rows = torch.arange(len(long_rows), device=DEVICE)
-        _, _, result = paged_decode_attention(peaked_q, k_cache, v_cache, peaked_table, context[index], scale,
-                                              capture=peaked_req, capture_rows=rows)
+        _, _, result = paged_decode_attention_capture(peaked_q, k_cache, v_cache, peaked_table, context[index],
+                                                      scale, peaked_req, rows, logit_store_bytes=0)
         report = compare(result, k_cache, peaked_req, scale)
         report["recomputed_tiles"] = result.recomputed_tiles.tolist()
         checks[f"{name}/fused_decode_peaked"] = report

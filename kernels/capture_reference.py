@@ -68,7 +68,7 @@ class CaptureResult:
     the same way, for every head. Positions are cache (logical) positions ``j``; the
     top-k fields are ``None`` when their ``k`` is 0. ``recomputed_tiles`` ``[R]`` int32:
     how many key tiles the Triton head-mean top-k re-read per row (``None`` from the
-    reference and when ``top_k`` is 0).
+    reference, when ``top_k`` is 0, and when it read the logits Pass A stored instead).
     """
 
     lse: torch.Tensor
