@@ -10,9 +10,9 @@ torch twin with the same API. Two passes over the keys, both split-K over positi
   per-head running top-k of the logits over ``W``. :func:`paged_decode_attention_capture`
   runs Pass A inside the decode attention kernel (same logits, same running max, one read
   of ``K``); :func:`attention_capture` runs it standalone over ``U`` only (used for
-  de-rotated logits, which differ from the attention's). A combine kernel (one program
-  per row) merges the splits per head into ``lse_U``, ``H_h = log l_C - e_C / l_C``,
-  ``hist_h = hist_C / l_C`` and ``l_S / l_U`` and sums them with the head weights.
+  de-rotated logits, which differ from the attention's). A combine kernel merges the
+  splits per head into ``lse_U``, ``H_h = log l_C - e_C / l_C``, ``hist_h = hist_C / l_C``
+  and ``l_S / l_U`` and sums them with the head weights.
 * Pass B (only when ``top_k > 0``) needs every head's final ``lse_U``. When the captured
   rows' logits fit ``LOGIT_STORE_MAX_BYTES``, Pass A stores them and Pass B streams them
   into a dense ``p̄ = sum_h w_h exp(s_h[j] - lse_h)`` per row, whose exact top-k
@@ -67,9 +67,8 @@ FLOOR_MIN_TILES_PER_K = 4  # Pass B: seek a floor (round 1) only when there are 
 # kernel without per-head top-k 167 at 4 warps, 128 and no spills with maxnreg=128 -- the plain
 # kernel's 4 CTAs of 4 warps per SM, so uncaptured rows run at the plain kernel's occupancy; with
 # per-head top-k 224 at 4 warps (180 at 8), no spills either way. Pass B with ROPE (float32
-# de-rotated keys, IEEE dots) spilled at 4 warps and not at 8. The merge kernels are
+# de-rotated keys, IEEE dots) spilled at 4 warps and not at 8. The merge and combine kernels are
 # latency-bound single-row loops: one warp each (measured on an H200, no slower than 2 or 4).
-# The combine holds a row's [heads, splits] blocks (32 x 64 at most): 4 warps.
 FUSED_NUM_WARPS = 4
 FUSED_MAXNREG = 128
 FUSED_HEAD_TOPK_NUM_WARPS = 4
@@ -79,7 +78,8 @@ PASS_B_NUM_WARPS = 4
 PASS_B_PROGRAMS_PER_SM = 16  # measured on an H200: 4 -> 16 cut the flat-key Pass B by up to 6 %
 MERGE_NUM_WARPS = 1
 MERGE_FAN_IN = 16  # top-k lists one merge program folds in; more lists take a first merge level
-COMBINE_NUM_WARPS = 4
+COMBINE_NUM_WARPS = 1
+HEAD_STATS = 18  # per (row, head) after the combine: weighted entropy, sink mass, then 16 histogram bins
 PASS_B_ROPE_NUM_WARPS = 8
 # Pass B from stored logits: dense p̄ in blocks of positions (all heads per load), then an exact
 # top-k per chunk of up to DENSE_TOPK_MAX_CHUNK positions (one chunk per row up to that width).
@@ -97,6 +97,7 @@ DENSE_TOPK_NUM_WARPS = 4
 LOGIT_STORE_MAX_BYTES = 64 << 20
 
 SLOTS = tl.constexpr(TOPK_SLOTS)
+STATS_PER_HEAD = tl.constexpr(HEAD_STATS)
 LOG_SLOTS = tl.constexpr(6)
 # Below every packed key of a non-NaN value: high word 0x80000001, low word 0.
 EMPTY_KEY = tl.constexpr(-9223372032559808512)
@@ -710,18 +711,11 @@ def _fused_decode_capture_kernel(
 
 
 @triton.jit
-def _combine_kernel(
+def _combine_head_kernel(
     stats_ptr,
     head_weights_ptr,
-    query_pos_ptr,
-    mask_prefix_ptr,
-    window_ptr,
-    sink_tokens_ptr,
     lse_ptr,
-    hist_ptr,
-    entropy_ptr,
-    sink_mass_ptr,
-    num_stat_ptr,
+    head_stats_ptr,
     num_heads,
     num_splits,
     stride_sr,
@@ -729,53 +723,66 @@ def _combine_kernel(
     stride_ss,
     stride_sf,
     stride_wr,
-    HEADS_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
-    """Merge one row's per-split Pass A partials, all heads at once.
-
-    Per head: ``lse``, and from the splits rescaled to the head's largest running max, the
-    entropy ``H_h = log l_C - e_C / l_C``, sink mass ``l_S / l_U`` and histogram
-    ``hist_C / l_C``; then their sums weighted by ``w_h`` (heads added in a fixed order).
-    The histogram is merged one bin at a time so a bin's ``[heads, splits]`` block is all a
-    program holds.
-    """
+    """Merge one (row, head)'s per-split Pass A partials: its ``lse``, and its weighted entropy, sink mass and
+    histogram as ``head_stats[row, head] = [w H_h, w l_S / l_U, w hist_h / l_C ...]`` for the head sum."""
     row = tl.program_id(0)
-    heads = tl.arange(0, HEADS_PAD)
+    head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
-    head_valid = heads < num_heads
-    valid = head_valid[:, None] & (splits < num_splits)[None, :]
-    base = stats_ptr + row * stride_sr + heads[:, None] * stride_sh + splits[None, :] * stride_ss
+    valid = splits < num_splits
+    base = stats_ptr + row * stride_sr + head * stride_sh + splits * stride_ss
     m = tl.load(base + 16 * stride_sf, mask=valid, other=float("-inf"))
     l_u = tl.load(base + 17 * stride_sf, mask=valid, other=0.0)
     l_s = tl.load(base + 18 * stride_sf, mask=valid, other=0.0)
     l_c = tl.load(base + 19 * stride_sf, mask=valid, other=0.0)
     e_c = tl.load(base + 20 * stride_sf, mask=valid, other=0.0)
-    m_max = tl.max(m, axis=1)
+    bins = tl.arange(0, 16)
+    hist = tl.load(base[None, :] + bins[:, None] * stride_sf, mask=valid[None, :], other=0.0)
+    m_max = tl.max(m, axis=0)
     shift = tl.where(m_max == float("-inf"), 0.0, m_max)
-    scale = tl.exp(m - shift[:, None])  # 0 for empty splits and padding
-    total_u = tl.sum(scale * l_u, axis=1)
-    total_s = tl.sum(scale * l_s, axis=1)
-    total_c = tl.sum(scale * l_c, axis=1)
-    total_e = tl.sum(scale * (e_c + tl.where(l_c > 0.0, m - shift[:, None], 0.0) * l_c), axis=1)
+    scale = tl.exp(m - shift)  # 0 for empty splits
+    total_u = tl.sum(scale * l_u, axis=0)
+    total_s = tl.sum(scale * l_s, axis=0)
+    total_c = tl.sum(scale * l_c, axis=0)
+    total_e = tl.sum(scale * (e_c + tl.where(l_c > 0.0, m - shift, 0.0) * l_c), axis=0)
+    head_hist = tl.sum(scale[None, :] * hist, axis=1)
     has_u = total_u > 0.0
     has_c = total_c > 0.0
     safe_u = tl.where(has_u, total_u, 1.0)
     safe_c = tl.where(has_c, total_c, 1.0)
-    tl.store(lse_ptr + row * num_heads + heads, tl.where(has_u, shift + tl.log(safe_u), float("-inf")),
-             mask=head_valid)
-    weight = tl.load(head_weights_ptr + row * stride_wr + heads, mask=head_valid, other=0.0)
-    entropy = tl.where(has_c, weight * (tl.log(safe_c) - total_e / safe_c), 0.0)
-    sink_mass = tl.where(has_u, weight * total_s / safe_u, 0.0)
-    tl.store(entropy_ptr + row, tl.sum(entropy, axis=0))
-    tl.store(sink_mass_ptr + row, tl.sum(sink_mass, axis=0))
-    hist_weight = tl.where(has_c, weight / safe_c, 0.0)
-    bins = tl.arange(0, 16)
-    hist = tl.zeros([16], dtype=tl.float32)
-    for b in tl.static_range(16):
-        head_bin = tl.sum(scale * tl.load(base + b * stride_sf, mask=valid, other=0.0), axis=1)
-        hist += tl.where(bins == b, tl.sum(hist_weight * head_bin, axis=0), 0.0)
-    tl.store(hist_ptr + row * 16 + bins, hist)
+    tl.store(lse_ptr + row * num_heads + head, tl.where(has_u, shift + tl.log(safe_u), float("-inf")))
+    weight = tl.load(head_weights_ptr + row * stride_wr + head)
+    out = head_stats_ptr + (row * num_heads + head) * STATS_PER_HEAD
+    tl.store(out, tl.where(has_c, weight * (tl.log(safe_c) - total_e / safe_c), 0.0))
+    tl.store(out + 1, tl.where(has_u, weight * total_s / safe_u, 0.0))
+    tl.store(out + 2 + bins, tl.where(has_c, weight / safe_c, 0.0) * head_hist)
+
+
+@triton.jit
+def _sum_heads_kernel(
+    head_stats_ptr,
+    query_pos_ptr,
+    mask_prefix_ptr,
+    window_ptr,
+    sink_tokens_ptr,
+    hist_ptr,
+    entropy_ptr,
+    sink_mass_ptr,
+    num_stat_ptr,
+    num_heads,
+    HEADS_PAD: tl.constexpr,
+):
+    """One row's weighted head sums of entropy, sink mass and histogram (heads added in a fixed order)."""
+    row = tl.program_id(0)
+    heads = tl.arange(0, HEADS_PAD)
+    cols = tl.arange(0, 32)
+    block = tl.load(head_stats_ptr + (row * num_heads + heads[:, None]) * STATS_PER_HEAD + cols[None, :],
+                    mask=(heads < num_heads)[:, None] & (cols < STATS_PER_HEAD)[None, :], other=0.0)
+    sums = tl.sum(block, axis=0)
+    tl.store(entropy_ptr + row, tl.sum(tl.where(cols == 0, sums, 0.0), axis=0))
+    tl.store(sink_mass_ptr + row, tl.sum(tl.where(cols == 1, sums, 0.0), axis=0))
+    tl.store(hist_ptr + row * 16 + cols - 2, sums, mask=(cols >= 2) & (cols < STATS_PER_HEAD))
     pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
     tl.store(num_stat_ptr + row, tl.maximum(pos + 1 - c_lo, 0))
 
@@ -1322,11 +1329,17 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
     sink_mass = torch.empty((rows,), **f32)
     num_stat = torch.empty((rows,), dtype=torch.int32, device=device)
     if rows:
-        _combine_kernel[(rows,)](
-            stats, req.head_weights, req.query_pos, req.mask_prefix, req.window, req.sink_tokens, lse, hist,
-            entropy, sink_mass, num_stat, num_heads, num_splits, *stats.stride(), req.head_weights.stride(0),
-            HEADS_PAD=max(2, triton.next_power_of_2(num_heads)),
+        head_stats = torch.empty((rows, num_heads, HEAD_STATS), **f32)
+        _combine_head_kernel[(rows, num_heads)](
+            stats, req.head_weights, lse, head_stats, num_heads, num_splits, *stats.stride(),
+            req.head_weights.stride(0),
             SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            num_warps=COMBINE_NUM_WARPS,
+        )
+        _sum_heads_kernel[(rows,)](
+            head_stats, req.query_pos, req.mask_prefix, req.window, req.sink_tokens, hist, entropy, sink_mass,
+            num_stat, num_heads,
+            HEADS_PAD=max(2, triton.next_power_of_2(num_heads)),
             num_warps=COMBINE_NUM_WARPS,
         )
     head_pos = head_logit = topk_pos = topk_prob = recomputed = None
