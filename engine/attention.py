@@ -13,7 +13,6 @@ tokens through the paged decode kernel (Triton on CUDA, its float32 torch twin o
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +21,6 @@ from attnscope.engine.capture_plan import LayerCapture, StepCapture
 from attnscope.kernels.capture_reference import capture_rows_ref, partial_capture_ref
 from attnscope.kernels.full_attention import full_attention_rows
 from attnscope.kernels.reference import gather_paged_kv
-
-if TYPE_CHECKING:
-    from attnscope.kernels.capture import FinishStream
 
 
 @dataclass
@@ -79,8 +75,6 @@ class AttentionBatch:
     """A tensor-parallel rank's query heads (``None`` on one device): capture then yields partials."""
     cached_prefills: CachedPrefills | None = None
     """CUDA: the chunks of ``prefills`` the paged prefill kernel runs (``runs_paged_prefill``)."""
-    finish_stream: FinishStream | None = None
-    """CUDA, one device: where fused captures' combine and Pass B run (the runner joins it after the forward)."""
 
     @property
     def num_decodes(self) -> int:
@@ -189,13 +183,11 @@ def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     kernel_request = request if batch.q_heads is None else replace(request, top_k=0, head_top_k=0)
     if group.decode_rows is not None:  # a CUDA-graph step: padding capture rows match no decode row
         out, _, result = paged_decode_attention(decode_q, k_cache, v_cache, tables, lengths, scale,
-                                                capture=kernel_request, capture_rows=group.decode_rows,
-                                                finish_stream=batch.finish_stream)
+                                                capture=kernel_request, capture_rows=group.decode_rows)
     elif len(group.token_indices) == decode_q.shape[0]:
         captured = group.index - batch.decode_start  # on the device already: no copy, no sync
         out, _, result = paged_decode_attention(decode_q, k_cache, v_cache, tables, lengths, scale,
-                                                capture=kernel_request, capture_rows=captured,
-                                                finish_stream=batch.finish_stream)
+                                                capture=kernel_request, capture_rows=captured)
     else:
         captured = group.index - batch.decode_start
         taken = {i - batch.decode_start for i in group.token_indices}
@@ -205,8 +197,7 @@ def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                                              scale)[0]
         out[captured], _, result = paged_decode_attention(
             decode_q[captured], k_cache, v_cache, tables[captured], lengths[captured], scale,
-            capture=kernel_request, capture_rows=torch.arange(len(group.token_indices), device=q.device),
-            finish_stream=batch.finish_stream)
+            capture=kernel_request, capture_rows=torch.arange(len(group.token_indices), device=q.device))
     if batch.q_heads is None:
         group.result = result
     else:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import bisect
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -50,9 +49,6 @@ from attnscope.engine.capture_records import pack_results
 from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.device_values import read_pending_tokens
 from attnscope.kernels.capture_reference import CaptureRequest
-
-if TYPE_CHECKING:
-    from attnscope.kernels.capture import FinishStream
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 MAX_LAYOUT_GRAPHS = 16
@@ -175,11 +171,8 @@ class DecodeGraphs:
     """
 
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 max_batch: int, max_blocks_per_seq: int, device: torch.device, replay: bool = True,
-                 finish_stream: FinishStream | None = None) -> None:
+                 max_batch: int, max_blocks_per_seq: int, device: torch.device, replay: bool = True) -> None:
         self.model = model
-        self.finish_stream = finish_stream
-        """Where fused captures' combine and Pass B run: a branch of the graph, joined after the layers."""
         self.kv_caches = kv_caches
         self.max_batch = bucket(min(max_batch, BATCH_BUCKETS[-1]))
         self.width = max_blocks_per_seq
@@ -301,12 +294,9 @@ class DecodeGraphs:
             capture=graph.plan,
             rope=(self.model.rope.cos, self.model.rope.sin),
             q_heads=self.model.heads.q_heads if self.model.tp.size > 1 else None,
-            finish_stream=self.finish_stream,
         )
         input_ids = read_pending_tokens(st.view(buf, "input_ids"), st.view(buf, "token_sources"), self.previous)
         hidden = self.model(input_ids, st.view(buf, "positions"), attention)
-        if self.finish_stream is not None:
-            self.finish_stream.join()
         logits = self.model.logits(hidden)
         graph.packed = pack_results(graph.plan) if graph.plan is not None and self.model.tp.size == 1 else None
         return logits

@@ -8,7 +8,6 @@ driver that owns the scheduler and the block tables, and ships the plain ``StepI
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,9 +20,6 @@ from attnscope.engine.kv_cache import allocate_kv_cache
 from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.device_values import read_pending_tokens
 from attnscope.engine.scheduler import ScheduledChunk, StepPlan
-
-if TYPE_CHECKING:
-    from attnscope.kernels.capture import FinishStream
 
 
 @dataclass
@@ -120,16 +116,10 @@ class ModelRunner:
         self.device = device
         self.kv_caches = allocate_kv_cache(model.config.num_layers, num_blocks, block_size,
                                            len(model.heads.kv_heads), model.config.head_dim, kv_dtype, device)
-        self.finish_stream: FinishStream | None = None
-        if device.type == "cuda" and model.tp.size == 1:
-            from attnscope.kernels import capture
-
-            self.finish_stream = capture.FinishStream(device)
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and device.type == "cuda":
             max_len = min(model.rope.cos.shape[0], num_blocks * block_size)
-            self.graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, -(-max_len // block_size), device,
-                                       finish_stream=self.finish_stream)
+            self.graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, -(-max_len // block_size), device)
             self.graphs.record_plain()
 
     def run(self, inputs: StepInputs, capture: StepCapture | None,
@@ -159,14 +149,11 @@ class ModelRunner:
             rope=(self.model.rope.cos, self.model.rope.sin),
             q_heads=self.model.heads.q_heads if self.model.tp.size > 1 else None,
             cached_prefills=self._cached_prefills(inputs) if self.device.type == "cuda" else None,
-            finish_stream=self.finish_stream,
         )
         input_ids = self._tensor(inputs.input_ids)
         if inputs.token_sources:
             input_ids = read_pending_tokens(input_ids, self._tensor(inputs.token_sources), previous_tokens)
         hidden = self.model(input_ids, self._tensor(inputs.positions), batch)
-        if self.finish_stream is not None:
-            self.finish_stream.join()
         return self.model.logits(hidden[self._tensor(inputs.sample_rows)])
 
     def _cached_prefills(self, inputs: StepInputs) -> CachedPrefills | None:

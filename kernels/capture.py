@@ -1571,37 +1571,6 @@ def partial_capture(k_cache: torch.Tensor, req: CaptureRequest, scale: float,
     return PartialCapture(stats, dense_mean_probs(k_cache, req, scale, stats.lse) if req.top_k else None)
 
 
-class FinishStream:
-    """A side CUDA stream for the capture's combine and Pass B, so they run beside the layers after theirs.
-
-    Those kernels are short and mostly latency-bound; on the step's own stream each waits for
-    the previous one. :meth:`submit` queues :func:`_finish` on the side stream after the
-    current stream's work so far and keeps its inputs referenced, so the caching allocator
-    cannot hand their memory to later work of the current stream before the side stream has
-    read them; :meth:`join` makes the current stream wait for everything submitted (the
-    results are valid after it) and lets the inputs go. Inside CUDA-graph capture the
-    submitted work becomes a parallel branch of the graph, joined where :meth:`join` runs.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.stream = torch.cuda.Stream(device)
-        self._held: list[tuple[CaptureRequest, PassAOutputs]] = []
-
-    def submit(self, k_cache: torch.Tensor, req: CaptureRequest, scale: float,
-               partials: PassAOutputs) -> CaptureResult:
-        """``_finish(k_cache, req, scale, partials)`` queued on the side stream; read its result after :meth:`join`."""
-        self.stream.wait_stream(torch.cuda.current_stream(k_cache.device))
-        self._held.append((req, partials))
-        with torch.cuda.stream(self.stream):
-            return _finish(k_cache, req, scale, partials)
-
-    def join(self) -> None:
-        """Make the current stream wait for the submitted work, then drop the inputs kept for it."""
-        if self._held:
-            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
-            self._held.clear()
-
-
 def paged_decode_attention_capture(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -1614,7 +1583,6 @@ def paged_decode_attention_capture(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     logit_store_bytes: int = LOGIT_STORE_MAX_BYTES,
-    finish_stream: FinishStream | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, CaptureResult]:
     """Decode attention of the whole batch with capture of the decode rows ``capture_rows``.
 
@@ -1626,9 +1594,7 @@ def paged_decode_attention_capture(
     branch per program). Returns ``(out, lse, CaptureResult)`` with ``out``/``lse`` as the
     plain kernel's. With rope tables (de-rotated logits differ from the attention's) the
     plain kernel and :func:`attention_capture` run one after the other instead.
-    ``logit_store_bytes`` as in :func:`attention_capture`. With ``finish_stream`` the combine
-    and Pass B run on that side stream (:class:`FinishStream`): the result is valid after
-    its ``join``.
+    ``logit_store_bytes`` as in :func:`attention_capture`.
     """
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out)
     _check_request(k_cache, capture)
@@ -1693,6 +1659,4 @@ def paged_decode_attention_capture(
             HEAD_DIM=head_dim,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
         )
-    if finish_stream is None:
-        return out, lse, _finish(k_cache, capture, scale, partials)
-    return out, lse, finish_stream.submit(k_cache, capture, scale, partials)
+    return out, lse, _finish(k_cache, capture, scale, partials)

@@ -26,7 +26,6 @@ import triton.language as tl
 
 if TYPE_CHECKING:
     from attnscope.kernels.capture_reference import CaptureRequest, CaptureResult
-    from attnscope.kernels.capture import FinishStream
 
 DEFAULT_NUM_SMS = 132
 MIN_TOKENS_PER_SPLIT = 128
@@ -277,7 +276,6 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     capture: CaptureRequest | None = None,
     capture_rows: torch.Tensor | None = None,
-    finish_stream: FinishStream | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, CaptureResult]:
     """Decode attention of one new token per sequence over a paged KV cache.
 
@@ -294,8 +292,6 @@ def paged_decode_attention(
     ``capture.q == q[capture_rows]``) it returns the 3-tuple ``(out, lse, CaptureResult)``
     from ``attnscope.kernels.capture.paged_decode_attention_capture``, which computes the
     capture statistics in the same pass as the attention; without it, the 2-tuple above.
-    ``finish_stream`` (a ``capture.FinishStream``) runs the capture's combine and Pass B on a
-    side stream.
     """
     if capture is not None:
         if capture_rows is None:
@@ -303,8 +299,7 @@ def paged_decode_attention(
         from attnscope.kernels.capture import paged_decode_attention_capture  # capture imports this module
 
         return paged_decode_attention_capture(
-            q, k_cache, v_cache, block_tables, context_lens, scale, capture, capture_rows, num_splits, out,
-            finish_stream=finish_stream,
+            q, k_cache, v_cache, block_tables, context_lens, scale, capture, capture_rows, num_splits, out
         )
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out)
     batch, num_heads, head_dim = q.shape
