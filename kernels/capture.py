@@ -84,14 +84,15 @@ PASS_B_ROPE_NUM_WARPS = 8
 # Pass B from stored logits: dense p̄ in blocks of positions (all heads per load), then an exact
 # top-k per chunk of up to DENSE_TOPK_MAX_CHUNK positions (one chunk per row up to that width).
 # Measured on an H100 (32 heads; 32 x 8K, 8 x 32K, 1 x 128K, 1 x 2K): blocks of 64 at 2 warps
-# streamed the store fastest (1.9 TB/s, within 5 % of 128-256 at 4 warps); chunks of 2048 at 4
-# warps were fastest or within 10 % (the 31 counting rounds are latency-bound: 1 x 2K takes
-# 9 us whatever the chunk; one 8K chunk at 8 warps cost 18 us at 32 x 8K, four of 2048 and
-# the merge 14 us).
+# streamed the store fastest (1.9 TB/s, within 5 % of 128-256 at 4 warps). The top-k's counting
+# rounds are latency-bound (1 x 2K takes ~10 us whatever the chunk): 2-bit digits (16 rounds)
+# beat 1-bit ones by 2-2.5 us and 3- or 4-bit ones by up to 1 us; chunks of 2048 at 8 warps were
+# fastest or within 0.3 us (one 8K chunk: 55 us at 32 x 8K against 15 us for four and the merge).
 DENSE_BLOCK = 64
 DENSE_NUM_WARPS = 2
 DENSE_TOPK_MAX_CHUNK = 2048
-DENSE_TOPK_NUM_WARPS = 4
+DENSE_TOPK_NUM_WARPS = 8
+DENSE_TOPK_RADIX_BITS = 2
 # Pass A stores the captured rows' logits for Pass B (instead of Pass B re-reading K) when the
 # buffer [R, Hq, tiles * TILE_N] float32 fits in this many bytes: 32 rows x 32 heads x 8K = 32 MiB.
 LOGIT_STORE_MAX_BYTES = 64 << 20
@@ -1078,6 +1079,17 @@ def _stored_mean_probs_kernel(
 
 
 @triton.jit
+def _radix_digit(bits, kth, k, SHIFT: tl.constexpr, WIDTH: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """``kth`` with its ``WIDTH``-bit digit at ``SHIFT`` set to the largest value that keeps at least ``k`` of
+    ``bits`` at or above it (``kth``'s lower bits are 0): one reduction counts every candidate digit."""
+    digits = tl.arange(0, 2**RADIX_BITS)
+    trials = kth | (digits << SHIFT)
+    reaching = tl.sum((bits[:, None] >= trials[None, :]).to(tl.int32), axis=0)
+    taken = (reaching >= k) & (digits > 0) & (digits < 2**WIDTH)
+    return kth | (tl.sum(taken.to(tl.int32), axis=0) << SHIFT)
+
+
+@triton.jit
 def _dense_topk_kernel(
     probs_ptr,
     scratch_ptr,
@@ -1094,12 +1106,13 @@ def _dense_topk_kernel(
     stride_or,
     CHUNK: tl.constexpr,
     FINAL: tl.constexpr,
+    RADIX_BITS: tl.constexpr,
 ):
     """Exact top-k of one row's ``CHUNK`` dense ``p̄`` values (``-inf`` outside ``W``), sorted descending.
 
-    The k-th largest value is found bit by bit over its float32 pattern (non-negative floats
-    order like their bits): 31 rounds, each keeping a bit when at least ``k`` values reach
-    the pattern so far. Every value above it is taken, and the first ties at it by position
+    The k-th largest value is found digit by digit over its float32 pattern (non-negative
+    floats order like their bits; :func:`_radix_digit`), ``RADIX_BITS`` bits a round. Every
+    value above it is taken, and the first ties at it by position
     until ``k`` are; the chosen keys go to their slot of ``scratch`` (a prefix sum), and one
     bitonic sort of ``SLOTS`` keys orders them. ``FINAL`` (one chunk per row) writes the
     row's positions and values (-1 / 0 past ``|W|``), else the chunk's sorted keys.
@@ -1111,10 +1124,10 @@ def _dense_topk_kernel(
     valid = p_bar >= 0.0
     bits = tl.where(valid, tl.where(p_bar == 0.0, 0.0, p_bar).to(tl.int32, bitcast=True), -1)
     kth = tl.full([], 0, tl.int32)
-    for bit in tl.static_range(30, -1, -1):
-        trial = kth | (1 << bit)
-        reaching = tl.sum((bits >= trial).to(tl.int32), axis=0)
-        kth = tl.where(reaching >= k, trial, kth)
+    if 31 % RADIX_BITS:  # the top bits that do not fill a whole digit
+        kth = _radix_digit(bits, kth, k, 31 - 31 % RADIX_BITS, 31 % RADIX_BITS, RADIX_BITS)
+    for digit in tl.static_range(31 // RADIX_BITS):
+        kth = _radix_digit(bits, kth, k, 31 - 31 % RADIX_BITS - RADIX_BITS * (digit + 1), RADIX_BITS, RADIX_BITS)
     above = bits > kth
     tied = (bits == kth).to(tl.int32)
     tied_before = tl.cumsum(tied, axis=0) - tied
@@ -1373,7 +1386,7 @@ def dense_topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     _dense_topk_kernel[(rows, num_chunks)](
         probs, scratch, keys, pos, values, width, k, probs.stride(0), scratch.stride(0), scratch.stride(1),
         keys.stride(0), keys.stride(1), pos.stride(0),
-        CHUNK=chunk, FINAL=num_chunks == 1, num_warps=DENSE_TOPK_NUM_WARPS,
+        CHUNK=chunk, FINAL=num_chunks == 1, RADIX_BITS=DENSE_TOPK_RADIX_BITS, num_warps=DENSE_TOPK_NUM_WARPS,
     )
     if num_chunks == 1:
         return pos, values
