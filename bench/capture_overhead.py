@@ -417,7 +417,7 @@ def main() -> None:
         "shape": {"Hq": HQ, "Hkv": HKV, "D": HEAD_DIM, "block_size": BLOCK_SIZE, "dtype": "bfloat16"},
         "num_warps": {"fused": capture_kernels.FUSED_NUM_WARPS, "pass_a": capture_kernels.PASS_A_NUM_WARPS,
                       "pass_b": capture_kernels.PASS_B_NUM_WARPS, "merge": capture_kernels.MERGE_NUM_WARPS,
-                      "combine": capture_kernels.COMBINE_NUM_WARPS},
+                      "finish": capture_kernels.SPLIT_COMBINE_NUM_WARPS},
         "pass_b_programs_per_sm": capture_kernels.PASS_B_PROGRAMS_PER_SM,
         "timing": "median ms per call over CUDA-graph replays, L2 flushed before each call",
     }

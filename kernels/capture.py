@@ -48,8 +48,9 @@ import triton.language as tl
 from attnscope.kernels.capture_reference import MAX_TOP_K, NUM_BINS, CaptureRequest, CaptureResult, PartialCapture
 from attnscope.kernels.paged_decode import (
     MIN_DOT_ROWS,
+    SPLIT_COMBINE_NUM_WARPS,
     _check_inputs,
-    _combine_splits_kernel,
+    _combine_split_row,
     _num_sms,
     _tile_tokens,
     default_num_splits,
@@ -69,6 +70,8 @@ FLOOR_MIN_TILES_PER_K = 4  # Pass B: seek a floor (round 1) only when there are 
 # per-head top-k 224 at 4 warps (180 at 8), no spills either way. Pass B with ROPE (float32
 # de-rotated keys, IEEE dots) spilled at 4 warps and not at 8. The merge and combine kernels are
 # latency-bound single-row loops: one warp each (measured on an H200, no slower than 2 or 4).
+# The finish launch runs at the plain decode combine's SPLIT_COMBINE_NUM_WARPS (8), so a captured
+# layer's attention merges its splits bit-equal to an uncaptured one's.
 FUSED_NUM_WARPS = 4
 FUSED_MAXNREG = 128
 FUSED_HEAD_TOPK_NUM_WARPS = 4
@@ -78,23 +81,25 @@ PASS_B_NUM_WARPS = 4
 PASS_B_PROGRAMS_PER_SM = 16  # measured on an H200: 4 -> 16 cut the flat-key Pass B by up to 6 %
 MERGE_NUM_WARPS = 1
 MERGE_FAN_IN = 16  # top-k lists one merge program folds in; more lists take a first merge level
-COMBINE_NUM_WARPS = 1
 HEAD_STATS = 18  # per (row, head) after the combine: weighted entropy, sink mass, then 16 histogram bins
 PASS_B_ROPE_NUM_WARPS = 8
-# Pass B from stored logits: dense p̄ in blocks of positions (all heads per load), then an exact
-# top-k per chunk of up to DENSE_TOPK_MAX_CHUNK positions (one chunk per row up to that width).
-# Measured on an H100 (32 heads; 32 x 8K, 8 x 32K, 1 x 128K, 1 x 2K): blocks of 64 at 2 warps
-# streamed the store fastest (1.9 TB/s, within 5 % of 128-256 at 4 warps). The top-k's counting
-# rounds are latency-bound (1 x 2K takes ~10 us whatever the chunk): 2-bit digits (16 rounds)
-# beat 1-bit ones by 2-2.5 us and 3- or 4-bit ones by up to 1 us; chunks of 2048 at 8 warps were
-# fastest or within 0.3 us (one 8K chunk: 55 us at 32 x 8K against 15 us for four and the merge).
-DENSE_BLOCK = 64
-DENSE_NUM_WARPS = 2
-DENSE_TOPK_MAX_CHUNK = 2048
+# After Pass A one launch finishes a capture (_capture_finish_kernel): the combine, and Pass B from
+# stored logits as one program per row and chunk of DENSE_CHUNK positions (p̄ from DENSE_LOAD_ELEMENTS
+# logits per load, then an exact top-k by DENSE_TOPK_RADIX_BITS-bit counting rounds), the row's
+# last chunk merging the chunks' lists. Rows wider than DENSE_MAX_LISTS chunks take wider chunks, up
+# to DENSE_MAX_CHUNK; wider rows re-read keys. Measured on an H100 with separate kernels (32 heads;
+# 32 x 8K, 8 x 32K, 1 x 128K, 1 x 2K): the counting rounds are latency-bound (1 x 2K took ~10 us
+# whatever the chunk); 2-bit digits (16 rounds) beat 1-bit ones by 2-2.5 us and 3- or 4-bit ones by
+# up to 1 us; chunks of 2048 at 8 warps were fastest or within 0.3 us.
+DENSE_CHUNK = 2048
+DENSE_MAX_LISTS = 32
+DENSE_MAX_CHUNK = 8192
+DENSE_LOAD_ELEMENTS = 16384
 DENSE_TOPK_NUM_WARPS = 8
 DENSE_TOPK_RADIX_BITS = 2
 # Pass A stores the captured rows' logits for Pass B (instead of Pass B re-reading K) when the
-# buffer [R, Hq, tiles * TILE_N] float32 fits in this many bytes: 32 rows x 32 heads x 8K = 32 MiB.
+# buffer [R, Hq, tiles * TILE_N] float32 fits in this many bytes (32 rows x 32 heads x 8K = 32 MiB)
+# and a row spans at most DENSE_MAX_LISTS * DENSE_MAX_CHUNK positions.
 LOGIT_STORE_MAX_BYTES = 64 << 20
 
 SLOTS = tl.constexpr(TOPK_SLOTS)
@@ -472,6 +477,7 @@ def _capture_split_kernel(
     head_keys_ptr,
     tile_max_ptr,
     logits_ptr,
+    tickets_ptr,
     scale,
     num_splits,
     head_top_k,
@@ -509,10 +515,13 @@ def _capture_split_kernel(
 
     Splits cover ``U`` in whole tiles aligned to multiples of ``TILE_N`` (the tiles of
     the tile-max record; key positions below ``U`` are masked like every other outside key).
+    Each row's first program zeroes the row's finish tickets.
     """
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if (kv_head == 0) & (split == 0):
+        tl.store(tickets_ptr + row * 2 + tl.arange(0, 2), tl.zeros([2], dtype=tl.int32))
     pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
     split_start, split_end = _split_range((u_lo // TILE_N) * TILE_N, pos + 1, split, num_splits, TILE_N)
 
@@ -584,6 +593,7 @@ def _fused_decode_capture_kernel(
     head_keys_ptr,
     tile_max_ptr,
     logits_ptr,
+    tickets_ptr,
     scale,
     num_splits,
     head_top_k,
@@ -630,7 +640,8 @@ def _fused_decode_capture_kernel(
 
     A decode row ``seq`` is captured as capture row ``r`` when ``capture_rows[r] == seq``
     (found by one vector compare over ``capture_rows``); uncaptured rows run the plain
-    attention loop. Captured rows reuse each tile's logits and running max.
+    attention loop. Captured rows reuse each tile's logits and running max. The first
+    program zeroes every capture row's finish tickets.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -653,6 +664,9 @@ def _fused_decode_capture_kernel(
     block_table_row = block_tables_ptr + seq * stride_btb
     slots = tl.arange(0, ROWS_PAD)
     captured = tl.load(capture_rows_ptr + slots, mask=slots < num_capture_rows, other=-1)
+    if (seq == 0) & (kv_head == 0) & (split == 0):
+        tl.store(tickets_ptr + slots[:, None] * 2 + tl.arange(0, 2)[None, :], tl.zeros([ROWS_PAD, 2], dtype=tl.int32),
+                 mask=(slots < num_capture_rows)[:, None])
     cap = tl.max(tl.where(captured == seq, slots, -1), axis=0)
     if cap < 0:
         for tile_start in range(split_start, split_end, TILE_N):
@@ -709,83 +723,6 @@ def _fused_decode_capture_kernel(
 
 
 # ----------------------------------------------------------------------------- combine, Pass B, merge
-
-
-@triton.jit
-def _combine_head_kernel(
-    stats_ptr,
-    head_weights_ptr,
-    lse_ptr,
-    head_stats_ptr,
-    num_heads,
-    num_splits,
-    stride_sr,
-    stride_sh,
-    stride_ss,
-    stride_sf,
-    stride_wr,
-    SPLITS_PAD: tl.constexpr,
-):
-    """Merge one (row, head)'s per-split Pass A partials: its ``lse``, and its weighted entropy, sink mass and
-    histogram as ``head_stats[row, head] = [w H_h, w l_S / l_U, w hist_h / l_C ...]`` for the head sum."""
-    row = tl.program_id(0)
-    head = tl.program_id(1)
-    splits = tl.arange(0, SPLITS_PAD)
-    valid = splits < num_splits
-    base = stats_ptr + row * stride_sr + head * stride_sh + splits * stride_ss
-    m = tl.load(base + 16 * stride_sf, mask=valid, other=float("-inf"))
-    l_u = tl.load(base + 17 * stride_sf, mask=valid, other=0.0)
-    l_s = tl.load(base + 18 * stride_sf, mask=valid, other=0.0)
-    l_c = tl.load(base + 19 * stride_sf, mask=valid, other=0.0)
-    e_c = tl.load(base + 20 * stride_sf, mask=valid, other=0.0)
-    bins = tl.arange(0, 16)
-    hist = tl.load(base[None, :] + bins[:, None] * stride_sf, mask=valid[None, :], other=0.0)
-    m_max = tl.max(m, axis=0)
-    shift = tl.where(m_max == float("-inf"), 0.0, m_max)
-    scale = tl.exp(m - shift)  # 0 for empty splits
-    total_u = tl.sum(scale * l_u, axis=0)
-    total_s = tl.sum(scale * l_s, axis=0)
-    total_c = tl.sum(scale * l_c, axis=0)
-    total_e = tl.sum(scale * (e_c + tl.where(l_c > 0.0, m - shift, 0.0) * l_c), axis=0)
-    head_hist = tl.sum(scale[None, :] * hist, axis=1)
-    has_u = total_u > 0.0
-    has_c = total_c > 0.0
-    safe_u = tl.where(has_u, total_u, 1.0)
-    safe_c = tl.where(has_c, total_c, 1.0)
-    tl.store(lse_ptr + row * num_heads + head, tl.where(has_u, shift + tl.log(safe_u), float("-inf")))
-    weight = tl.load(head_weights_ptr + row * stride_wr + head)
-    out = head_stats_ptr + (row * num_heads + head) * STATS_PER_HEAD
-    tl.store(out, tl.where(has_c, weight * (tl.log(safe_c) - total_e / safe_c), 0.0))
-    tl.store(out + 1, tl.where(has_u, weight * total_s / safe_u, 0.0))
-    tl.store(out + 2 + bins, tl.where(has_c, weight / safe_c, 0.0) * head_hist)
-
-
-@triton.jit
-def _sum_heads_kernel(
-    head_stats_ptr,
-    query_pos_ptr,
-    mask_prefix_ptr,
-    window_ptr,
-    sink_tokens_ptr,
-    hist_ptr,
-    entropy_ptr,
-    sink_mass_ptr,
-    num_stat_ptr,
-    num_heads,
-    HEADS_PAD: tl.constexpr,
-):
-    """One row's weighted head sums of entropy, sink mass and histogram (heads added in a fixed order)."""
-    row = tl.program_id(0)
-    heads = tl.arange(0, HEADS_PAD)
-    cols = tl.arange(0, 32)
-    block = tl.load(head_stats_ptr + (row * num_heads + heads[:, None]) * STATS_PER_HEAD + cols[None, :],
-                    mask=(heads < num_heads)[:, None] & (cols < STATS_PER_HEAD)[None, :], other=0.0)
-    sums = tl.sum(block, axis=0)
-    tl.store(entropy_ptr + row, tl.sum(tl.where(cols == 0, sums, 0.0), axis=0))
-    tl.store(sink_mass_ptr + row, tl.sum(tl.where(cols == 1, sums, 0.0), axis=0))
-    tl.store(hist_ptr + row * 16 + cols - 2, sums, mask=(cols >= 2) & (cols < STATS_PER_HEAD))
-    pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
-    tl.store(num_stat_ptr + row, tl.maximum(pos + 1 - c_lo, 0))
 
 
 @triton.jit
@@ -1040,45 +977,6 @@ def _dense_mean_probs_kernel(
 
 
 @triton.jit
-def _stored_mean_probs_kernel(
-    logits_ptr,
-    head_weights_ptr,
-    lse_ptr,
-    query_pos_ptr,
-    mask_prefix_ptr,
-    window_ptr,
-    sink_tokens_ptr,
-    out_ptr,
-    num_heads,
-    width,
-    stride_lgr,
-    stride_lgh,
-    stride_wr,
-    stride_lr,
-    stride_or,
-    HEADS_PAD: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """``p̄[j] = sum_h w_h exp(s_h[j] - lse_h)`` of one row over ``BLOCK`` positions from Pass A's stored
-    logits (``-inf`` outside ``W``): every head's logits of the block in one load, heads of
-    weight 0 masked out, so the kernel streams the store at the copy bandwidth."""
-    row = tl.program_id(0)
-    tokens = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
-    in_w = (tokens >= w_lo) & (tokens <= pos)
-    p_bar = tl.zeros([BLOCK], dtype=tl.float32)
-    if tl.max(in_w.to(tl.int32), axis=0) > 0:
-        heads = tl.arange(0, HEADS_PAD)
-        weights = tl.load(head_weights_ptr + row * stride_wr + heads, mask=heads < num_heads, other=0.0)
-        lse = tl.load(lse_ptr + row * stride_lr + heads, mask=heads < num_heads, other=0.0)
-        lse = tl.where(lse == float("-inf"), 0.0, lse)
-        logits = tl.load(logits_ptr + row * stride_lgr + heads[:, None] * stride_lgh + tokens[None, :],
-                         mask=(weights > 0.0)[:, None] & in_w[None, :], other=float("-inf"))
-        p_bar = tl.sum(weights[:, None] * tl.exp(logits - lse[:, None]), axis=0)
-    tl.store(out_ptr + row * stride_or + tokens, tl.where(in_w, p_bar, float("-inf")), mask=tokens < width)
-
-
-@triton.jit
 def _radix_digit(bits, kth, k, SHIFT: tl.constexpr, WIDTH: tl.constexpr, RADIX_BITS: tl.constexpr):
     """``kth`` with its ``WIDTH``-bit digit at ``SHIFT`` set to the largest value that keeps at least ``k`` of
     ``bits`` at or above it (``kth``'s lower bits are 0): one reduction counts every candidate digit."""
@@ -1090,39 +988,16 @@ def _radix_digit(bits, kth, k, SHIFT: tl.constexpr, WIDTH: tl.constexpr, RADIX_B
 
 
 @triton.jit
-def _dense_topk_kernel(
-    probs_ptr,
-    scratch_ptr,
-    keys_ptr,
-    pos_ptr,
-    value_ptr,
-    width,
-    k,
-    stride_pr,
-    stride_sr,
-    stride_sc,
-    stride_kr,
-    stride_kc,
-    stride_or,
-    CHUNK: tl.constexpr,
-    FINAL: tl.constexpr,
-    RADIX_BITS: tl.constexpr,
-):
-    """Exact top-k of one row's ``CHUNK`` dense ``p̄`` values (``-inf`` outside ``W``), sorted descending.
+def _select_topk(values, positions, valid, k, scratch, RADIX_BITS: tl.constexpr):
+    """The top ``k`` of 1-D ``values`` (>= 0 where ``valid``) as keys ``[1, SLOTS]`` sorted descending.
 
     The k-th largest value is found digit by digit over its float32 pattern (non-negative
     floats order like their bits; :func:`_radix_digit`), ``RADIX_BITS`` bits a round. Every
-    value above it is taken, and the first ties at it by position
-    until ``k`` are; the chosen keys go to their slot of ``scratch`` (a prefix sum), and one
-    bitonic sort of ``SLOTS`` keys orders them. ``FINAL`` (one chunk per row) writes the
-    row's positions and values (-1 / 0 past ``|W|``), else the chunk's sorted keys.
+    value above it is taken, and the ties at it in array order until ``k`` are (callers lay
+    equal values out by ascending position); the chosen keys go to their slot of ``scratch``
+    (``SLOTS`` int64, a prefix sum) and one bitonic sort of ``SLOTS`` keys orders them.
     """
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    tokens = chunk * CHUNK + tl.arange(0, CHUNK)
-    p_bar = tl.load(probs_ptr + row * stride_pr + tokens, mask=tokens < width, other=float("-inf"))
-    valid = p_bar >= 0.0
-    bits = tl.where(valid, tl.where(p_bar == 0.0, 0.0, p_bar).to(tl.int32, bitcast=True), -1)
+    bits = tl.where(valid, tl.where(values == 0.0, 0.0, values).to(tl.int32, bitcast=True), -1)
     kth = tl.full([], 0, tl.int32)
     if 31 % RADIX_BITS:  # the top bits that do not fill a whole digit
         kth = _radix_digit(bits, kth, k, 31 - 31 % RADIX_BITS, 31 % RADIX_BITS, RADIX_BITS)
@@ -1133,21 +1008,237 @@ def _dense_topk_kernel(
     tied_before = tl.cumsum(tied, axis=0) - tied
     chosen = above | ((tied > 0) & (tied_before < k - tl.sum(above.to(tl.int32), axis=0)))
     slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-    base = scratch_ptr + row * stride_sr + chunk * stride_sc
-    tl.store(base + slot, _pack_keys(p_bar, tokens, chosen), mask=chosen)
+    tl.store(scratch + slot, _pack_keys(values, positions, chosen), mask=chosen)
     slots = tl.arange(0, SLOTS)
-    tl.store(base + slots, tl.full([SLOTS], EMPTY_KEY, tl.int64), mask=slots >= tl.sum(chosen.to(tl.int32), axis=0))
+    tl.store(scratch + slots, tl.full([SLOTS], EMPTY_KEY, tl.int64), mask=slots >= tl.sum(chosen.to(tl.int32), axis=0))
     tl.debug_barrier()
-    listed = tl.load(base + slots[None, :], cache_modifier=".cg")
-    best = _merge_topk(tl.full([1, SLOTS], EMPTY_KEY, tl.int64), listed, 1, 0, SLOTS)
-    if FINAL:
-        values, positions = _unpack_keys(best)
-        empty = best == EMPTY_KEY
-        keep = slots[None, :] < k
-        tl.store(pos_ptr + row * stride_or + slots[None, :], tl.where(empty, -1, positions), mask=keep)
-        tl.store(value_ptr + row * stride_or + slots[None, :], tl.where(empty, 0.0, values), mask=keep)
+    listed = tl.load(scratch + slots[None, :], cache_modifier=".cg")
+    return _merge_topk(tl.full([1, SLOTS], EMPTY_KEY, tl.int64), listed, 1, 0, SLOTS)
+
+
+@triton.jit
+def _store_topk(best, pos_ptr, value_ptr, k):
+    """Write the first ``k`` of sorted keys ``best`` ``[1, SLOTS]`` as positions and values (-1 / 0 where empty)."""
+    slots = tl.arange(0, SLOTS)
+    values, positions = _unpack_keys(best)
+    empty = best == EMPTY_KEY
+    keep = slots[None, :] < k
+    tl.store(pos_ptr + slots[None, :], tl.where(empty, -1, positions), mask=keep)
+    tl.store(value_ptr + slots[None, :], tl.where(empty, 0.0, values), mask=keep)
+
+
+@triton.jit
+def _chunk_topk(
+    p_bar, tokens, valid, k, chunk, num_chunks, scratch_row, ticket_ptr, pos_ptr, value_ptr, stride_scc,
+    LISTS_PAD: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
+):
+    """Exact top-k of one chunk of a row's dense ``p̄``; the row's last chunk to finish writes the row's top-k.
+
+    ``scratch_row`` holds ``num_chunks + 1`` slots of ``SLOTS`` keys. One chunk (not
+    ``MERGE_CHUNKS``) writes its top-k directly. Otherwise each chunk leaves its sorted keys
+    in its own slot (where it selected them), then takes a ticket (``ticket_ptr``, zeroed
+    before the launch): the chunk drawing the last one selects the top-k of every chunk's
+    keys again (chunks hold ascending positions, so ties still go lowest position first) in
+    slot ``num_chunks`` and writes the row's positions and values.
+    """
+    best = _select_topk(p_bar, tokens, valid, k, scratch_row + chunk * stride_scc, RADIX_BITS)
+    if MERGE_CHUNKS:
+        slots = tl.arange(0, SLOTS)
+        tl.store(scratch_row + chunk * stride_scc + slots[None, :], best)
+        tl.debug_barrier()
+        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == num_chunks - 1:
+            entries = tl.arange(0, LISTS_PAD * SLOTS)
+            listed = entries // SLOTS < num_chunks
+            keys = tl.load(scratch_row + (entries // SLOTS) * stride_scc + entries % SLOTS, mask=listed,
+                           other=EMPTY_KEY, cache_modifier=".cg")
+            values, positions = _unpack_keys(keys)
+            best = _select_topk(values, positions, keys != EMPTY_KEY, k, scratch_row + num_chunks * stride_scc,
+                                RADIX_BITS)
+            _store_topk(best, pos_ptr, value_ptr, k)
     else:
-        tl.store(keys_ptr + row * stride_kr + chunk * stride_kc + slots[None, :], best)
+        _store_topk(best, pos_ptr, value_ptr, k)
+
+
+@triton.jit
+def _dense_topk_kernel(
+    probs_ptr,
+    scratch_ptr,
+    tickets_ptr,
+    pos_ptr,
+    value_ptr,
+    width,
+    k,
+    num_chunks,
+    stride_pr,
+    stride_scr,
+    stride_scc,
+    stride_or,
+    CHUNK: tl.constexpr,
+    LISTS_PAD: tl.constexpr,
+    MERGE_CHUNKS: tl.constexpr,
+    RADIX_BITS: tl.constexpr,
+):
+    """Exact top-k of one row's ``CHUNK`` dense ``p̄`` values (``-inf`` outside ``W``) by :func:`_chunk_topk`."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    tokens = chunk * CHUNK + tl.arange(0, CHUNK)
+    p_bar = tl.load(probs_ptr + row * stride_pr + tokens, mask=tokens < width, other=float("-inf"))
+    _chunk_topk(
+        p_bar, tokens, p_bar >= 0.0, k, chunk, num_chunks, scratch_ptr + row * stride_scr, tickets_ptr + row,
+        pos_ptr + row * stride_or, value_ptr + row * stride_or, stride_scc, LISTS_PAD, MERGE_CHUNKS, RADIX_BITS,
+    )
+
+
+@triton.jit
+def _heads_lse(stats_ptr, row_stats, heads, head_valid, num_splits, stride_sh, stride_ss, stride_sf,
+               SPLITS_PAD: tl.constexpr):
+    """``lse_U`` of ``heads`` (one row, its Pass A partials at ``row_stats``) merged over the splits."""
+    splits = tl.arange(0, SPLITS_PAD)
+    valid = head_valid[:, None] & (splits < num_splits)[None, :]
+    base = stats_ptr + row_stats + heads[:, None] * stride_sh + splits[None, :] * stride_ss
+    m = tl.load(base + 16 * stride_sf, mask=valid, other=float("-inf"))
+    l_u = tl.load(base + 17 * stride_sf, mask=valid, other=0.0)
+    m_max = tl.max(m, axis=1)
+    shift = tl.where(m_max == float("-inf"), 0.0, m_max)
+    total_u = tl.sum(tl.exp(m - shift[:, None]) * l_u, axis=1)
+    return tl.where(total_u > 0.0, shift + tl.log(tl.where(total_u > 0.0, total_u, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _stored_chunk_topk(
+    row, chunk, logits_ptr, stats_ptr, head_weights_ptr, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr,
+    scratch_ptr, tickets_ptr, pos_ptr, value_ptr, num_heads, num_splits, num_chunks, k,
+    stride_lgr, stride_lgh, stride_sr, stride_sh, stride_ss, stride_sf, stride_wr, stride_scr, stride_scc, stride_or,
+    CHUNK: tl.constexpr, HEAD_BLOCK: tl.constexpr, SPLITS_PAD: tl.constexpr, LISTS_PAD: tl.constexpr,
+    MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
+):
+    """Pass B from stored logits for one chunk of a row: ``p̄[j] = sum_h w_h exp(s_h[j] - lse_h)`` over the
+    chunk's positions in ``W`` (``HEAD_BLOCK`` heads per load, each head's ``lse`` merged from the
+    split partials here, so this runs beside the combine), then :func:`_chunk_topk`."""
+    tokens = chunk * CHUNK + tl.arange(0, CHUNK)
+    pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
+    in_w = (tokens >= w_lo) & (tokens <= pos)
+    p_bar = tl.zeros([CHUNK], dtype=tl.float32)
+    if tl.max(in_w.to(tl.int32), axis=0) > 0:
+        for first in range(0, num_heads, HEAD_BLOCK):
+            heads = first + tl.arange(0, HEAD_BLOCK)
+            head_valid = heads < num_heads
+            weights = tl.load(head_weights_ptr + row * stride_wr + heads, mask=head_valid, other=0.0)
+            lse = _heads_lse(stats_ptr, row * stride_sr, heads, head_valid, num_splits, stride_sh, stride_ss,
+                             stride_sf, SPLITS_PAD)
+            lse = tl.where(lse == float("-inf"), 0.0, lse)
+            logits = tl.load(logits_ptr + row * stride_lgr + heads[:, None] * stride_lgh + tokens[None, :],
+                             mask=(weights > 0.0)[:, None] & in_w[None, :], other=float("-inf"))
+            p_bar += tl.sum(weights[:, None] * tl.exp(logits - lse[:, None]), axis=0)
+    _chunk_topk(
+        p_bar, tokens, in_w, k, chunk, num_chunks, scratch_ptr + row * stride_scr, tickets_ptr + row * 2 + 1,
+        pos_ptr + row * stride_or, value_ptr + row * stride_or, stride_scc, LISTS_PAD, MERGE_CHUNKS, RADIX_BITS,
+    )
+
+
+@triton.jit
+def _combine_head(
+    row, head, stats_ptr, head_weights_ptr, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr, tickets_ptr,
+    lse_ptr, head_stats_ptr, hist_ptr, entropy_ptr, sink_mass_ptr, num_stat_ptr, num_heads, num_splits,
+    stride_sr, stride_sh, stride_ss, stride_sf, stride_wr,
+    SPLITS_PAD: tl.constexpr, HEADS_PAD: tl.constexpr,
+):
+    """Merge one (row, head)'s per-split Pass A partials; the row's last head to finish sums the heads.
+
+    Writes the head's ``lse`` and ``head_stats[row, head] = [w H_h, w l_S / l_U, w hist_h / l_C
+    ...]``, then takes a ticket (``tickets[row, 0]``, zeroed by Pass A): the head drawing the
+    last one adds every head's weighted entropy, sink mass and histogram in a fixed order
+    and writes the row's ``num_stat``.
+    """
+    splits = tl.arange(0, SPLITS_PAD)
+    valid = splits < num_splits
+    base = stats_ptr + row * stride_sr + head * stride_sh + splits * stride_ss
+    m = tl.load(base + 16 * stride_sf, mask=valid, other=float("-inf"))
+    l_u = tl.load(base + 17 * stride_sf, mask=valid, other=0.0)
+    l_s = tl.load(base + 18 * stride_sf, mask=valid, other=0.0)
+    l_c = tl.load(base + 19 * stride_sf, mask=valid, other=0.0)
+    e_c = tl.load(base + 20 * stride_sf, mask=valid, other=0.0)
+    bins = tl.arange(0, 16)
+    hist = tl.load(base[None, :] + bins[:, None] * stride_sf, mask=valid[None, :], other=0.0)
+    m_max = tl.max(m, axis=0)
+    shift = tl.where(m_max == float("-inf"), 0.0, m_max)
+    scale = tl.exp(m - shift)  # 0 for empty splits
+    total_u = tl.sum(scale * l_u, axis=0)
+    total_s = tl.sum(scale * l_s, axis=0)
+    total_c = tl.sum(scale * l_c, axis=0)
+    total_e = tl.sum(scale * (e_c + tl.where(l_c > 0.0, m - shift, 0.0) * l_c), axis=0)
+    head_hist = tl.sum(scale[None, :] * hist, axis=1)
+    has_u = total_u > 0.0
+    has_c = total_c > 0.0
+    safe_u = tl.where(has_u, total_u, 1.0)
+    safe_c = tl.where(has_c, total_c, 1.0)
+    tl.store(lse_ptr + row * num_heads + head, tl.where(has_u, shift + tl.log(safe_u), float("-inf")))
+    weight = tl.load(head_weights_ptr + row * stride_wr + head)
+    out = head_stats_ptr + (row * num_heads + head) * STATS_PER_HEAD
+    tl.store(out, tl.where(has_c, weight * (tl.log(safe_c) - total_e / safe_c), 0.0))
+    tl.store(out + 1, tl.where(has_u, weight * total_s / safe_u, 0.0))
+    tl.store(out + 2 + bins, tl.where(has_c, weight / safe_c, 0.0) * head_hist)
+    tl.debug_barrier()
+    if tl.atomic_add(tickets_ptr + row * 2, 1, sem="acq_rel", scope="gpu") == num_heads - 1:
+        heads = tl.arange(0, HEADS_PAD)
+        cols = tl.arange(0, 32)
+        block = tl.load(head_stats_ptr + (row * num_heads + heads[:, None]) * STATS_PER_HEAD + cols[None, :],
+                        mask=(heads < num_heads)[:, None] & (cols < STATS_PER_HEAD)[None, :], other=0.0,
+                        cache_modifier=".cg")
+        sums = tl.sum(block, axis=0)
+        tl.store(entropy_ptr + row, tl.sum(tl.where(cols == 0, sums, 0.0), axis=0))
+        tl.store(sink_mass_ptr + row, tl.sum(tl.where(cols == 1, sums, 0.0), axis=0))
+        tl.store(hist_ptr + row * 16 + cols - 2, sums, mask=(cols >= 2) & (cols < STATS_PER_HEAD))
+        pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
+        tl.store(num_stat_ptr + row, tl.maximum(pos + 1 - c_lo, 0))
+
+
+@triton.jit
+def _capture_finish_kernel(
+    stats_ptr, head_weights_ptr, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr, tickets_ptr,
+    lse_ptr, head_stats_ptr, hist_ptr, entropy_ptr, sink_mass_ptr, num_stat_ptr,
+    logits_ptr, scratch_ptr, pos_ptr, value_ptr,
+    part_out_ptr, part_lse_ptr, out_ptr, out_lse_ptr,
+    rows, num_heads, num_splits, num_chunks, k,
+    stride_sr, stride_sh, stride_ss, stride_sf, stride_wr, stride_lgr, stride_lgh, stride_scr, stride_scc, stride_or,
+    stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_pls, stride_ob, stride_oh, stride_lb, stride_lh,
+    SPLITS_PAD: tl.constexpr, HEADS_PAD: tl.constexpr, TOPK: tl.constexpr, CHUNK: tl.constexpr,
+    HEAD_BLOCK: tl.constexpr, LISTS_PAD: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
+    COMBINE_OUT: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Everything after Pass A in one launch, one job per program (1-D grid, longest first).
+
+    ``rows * num_chunks`` programs (``TOPK``, logits stored) run :func:`_stored_chunk_topk`;
+    ``rows * num_heads`` run :func:`_combine_head`; with ``COMBINE_OUT`` (a split decode
+    kernel), the attention's own split merge for every (sequence, head) follows
+    (``_combine_split_row``). None waits for another: each chunk merges the ``lse`` it needs
+    from the partials itself, and the last program of a row to finish a job finishes the row.
+    """
+    pid = tl.program_id(0)
+    job = pid - rows * num_chunks  # num_chunks is 0 without TOPK
+    if job < 0:
+        if TOPK:
+            _stored_chunk_topk(
+                pid // num_chunks, pid % num_chunks, logits_ptr, stats_ptr, head_weights_ptr, query_pos_ptr,
+                mask_prefix_ptr, window_ptr, sink_tokens_ptr, scratch_ptr, tickets_ptr, pos_ptr, value_ptr,
+                num_heads, num_splits, num_chunks, k, stride_lgr, stride_lgh, stride_sr, stride_sh, stride_ss, stride_sf,
+                stride_wr, stride_scr, stride_scc, stride_or,
+                CHUNK, HEAD_BLOCK, SPLITS_PAD, LISTS_PAD, MERGE_CHUNKS, RADIX_BITS,
+            )
+    elif job < rows * num_heads:
+        _combine_head(
+            job // num_heads, job % num_heads, stats_ptr, head_weights_ptr, query_pos_ptr, mask_prefix_ptr,
+            window_ptr, sink_tokens_ptr, tickets_ptr, lse_ptr, head_stats_ptr, hist_ptr, entropy_ptr,
+            sink_mass_ptr, num_stat_ptr, num_heads, num_splits, stride_sr, stride_sh, stride_ss, stride_sf,
+            stride_wr, SPLITS_PAD, HEADS_PAD,
+        )
+    elif COMBINE_OUT:
+        job -= rows * num_heads
+        _combine_split_row(
+            job // num_heads, job % num_heads, part_out_ptr, part_lse_ptr, out_ptr, out_lse_ptr, num_splits,
+            stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_pls, stride_ob, stride_oh,
+            stride_lb, stride_lh, HEAD_DIM, SPLITS_PAD,
+        )
 
 
 @triton.jit
@@ -1212,6 +1303,7 @@ class PassAOutputs:
     tile_max: torch.Tensor
     logits: torch.Tensor
     stores_logits: bool
+    tickets: torch.Tensor
 
 
 def _group_pad(group: int) -> int:
@@ -1264,8 +1356,9 @@ def _empty_partials(rows: int, num_heads: int, num_splits: int, req: CaptureRequ
                     device: torch.device, logit_store_bytes: int) -> PassAOutputs:
     """Pass A outputs: stats ``[R, Hq, S, STAT_WIDTH]``, per-head keys ``[R, Hq, S, TOPK_SLOTS]``, and
     for the head-mean top-k either logits ``[R, Hq, num_tiles * TILE_N]`` (when they fit in
-    ``logit_store_bytes``) or tile maxima ``[R, Hq, num_tiles]`` (for re-reading keys); 1-element
-    dummies for what is not needed.
+    ``logit_store_bytes`` and ``DENSE_MAX_LISTS`` chunks) or tile maxima ``[R, Hq, num_tiles]``
+    (for re-reading keys); 1-element dummies for what is not needed; and two finish tickets
+    per row (``[R, 2]`` int32, zeroed by Pass A).
 
     The stats are a view of a ``[R, STAT_WIDTH, Hq, S]`` buffer, so the combine kernel reads
     each statistic of all heads and splits as one contiguous block.
@@ -1280,11 +1373,13 @@ def _empty_partials(rows: int, num_heads: int, num_splits: int, req: CaptureRequ
     tile_max = logits = dummy
     if req.top_k:
         positions = num_tiles * _tile_tokens(req.q.shape[2])
-        if rows * num_heads * positions * 4 <= logit_store_bytes:
+        fits = rows * num_heads * positions * 4 <= logit_store_bytes
+        if fits and positions <= DENSE_MAX_LISTS * DENSE_MAX_CHUNK:
             logits = torch.empty((rows, num_heads, positions), dtype=torch.float32, device=device)
         else:
             tile_max = torch.empty((rows, num_heads, num_tiles), dtype=torch.float32, device=device)
-    return PassAOutputs(stats, keys, tile_max, logits, logits is not dummy)
+    tickets = torch.empty((max(rows, 1), 2), dtype=torch.int32, device=device)
+    return PassAOutputs(stats, keys, tile_max, logits, logits is not dummy, tickets)
 
 
 def _final_topk(keys: torch.Tensor, k: int, empty_value: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1329,36 +1424,79 @@ def _tiles_per_program(rows: int, num_listed: int, device: torch.device) -> int:
     return min(MAX_TILES_PER_PROGRAM, triton.next_power_of_2(wanted))
 
 
-def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: PassAOutputs) -> CaptureResult:
-    """Combine Pass A partials, merge per-head top-k, and run Pass B when ``top_k > 0``."""
+@dataclass
+class SplitCombine:
+    """A split decode kernel's per-split outputs, merged into ``out``/``lse`` by the capture's finish launch."""
+
+    part_out: torch.Tensor
+    part_lse: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+
+
+def _dense_chunk(width: int) -> int:
+    """Positions per Pass B chunk program over a ``width``-wide row of stored logits (a power of two)."""
+    chunk = max(TOPK_SLOTS, min(DENSE_CHUNK, triton.next_power_of_2(width)))
+    return max(chunk, triton.next_power_of_2(triton.cdiv(width, DENSE_MAX_LISTS)))
+
+
+def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: PassAOutputs,
+            combine: SplitCombine | None = None) -> CaptureResult:
+    """Everything after Pass A: the combine and, from stored logits, Pass B in one launch of
+    :func:`_capture_finish_kernel` (with ``combine``, the attention's split merge too); then the
+    per-head top-k merge and the key re-reading Pass B where they apply."""
     rows, num_heads, head_dim = req.q.shape
     stats = partials.stats
     num_splits = stats.shape[2]
     device = k_cache.device
     f32 = {"dtype": torch.float32, "device": device}
+    k = req.top_k
     lse = torch.empty((rows, num_heads), **f32)
     hist = torch.empty((rows, NUM_BINS), **f32)
     entropy = torch.empty((rows,), **f32)
     sink_mass = torch.empty((rows,), **f32)
     num_stat = torch.empty((rows,), dtype=torch.int32, device=device)
-    if rows:
-        head_stats = torch.empty((rows, num_heads, HEAD_STATS), **f32)
-        _combine_head_kernel[(rows, num_heads)](
-            stats, req.head_weights, lse, head_stats, num_heads, num_splits, *stats.stride(),
-            req.head_weights.stride(0),
-            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
-            num_warps=COMBINE_NUM_WARPS,
-        )
-        _sum_heads_kernel[(rows,)](
-            head_stats, req.query_pos, req.mask_prefix, req.window, req.sink_tokens, hist, entropy, sink_mass,
-            num_stat, num_heads,
-            HEADS_PAD=max(2, triton.next_power_of_2(num_heads)),
-            num_warps=COMBINE_NUM_WARPS,
-        )
+    head_stats = torch.empty((rows, num_heads, HEAD_STATS), **f32)
     head_pos = head_logit = topk_pos = topk_prob = recomputed = None
+    stored_topk = bool(k) and partials.stores_logits
+    num_chunks, chunk = 0, TOPK_SLOTS
+    scratch = partials.tickets
+    if stored_topk:
+        topk_pos = torch.empty((rows, k), dtype=torch.int32, device=device)
+        topk_prob = torch.empty((rows, k), **f32)
+        width = partials.logits.shape[2]
+        chunk = _dense_chunk(width)
+        num_chunks = triton.cdiv(width, chunk)
+        scratch = torch.empty((rows, num_chunks + 1, TOPK_SLOTS), dtype=torch.int64, device=device)
+    attention = combine or SplitCombine(stats, stats, stats, stats)
+    programs = rows * (num_chunks + num_heads) + (combine.out.shape[0] * num_heads if combine else 0)
+    if programs:
+        heads_pad = max(2, triton.next_power_of_2(num_heads))
+        _capture_finish_kernel[(programs,)](
+            stats, req.head_weights, req.query_pos, req.mask_prefix, req.window, req.sink_tokens, partials.tickets,
+            lse, head_stats, hist, entropy, sink_mass, num_stat,
+            partials.logits, scratch, topk_pos if stored_topk else scratch, topk_prob if stored_topk else lse,
+            attention.part_out, attention.part_lse, attention.out, attention.lse,
+            rows, num_heads, num_splits, num_chunks, k,
+            *stats.stride(), req.head_weights.stride(0), *partials.logits.stride()[:2], *scratch.stride()[:2],
+            topk_pos.stride(0) if stored_topk else 0,
+            *attention.part_out.stride()[:3], *attention.part_lse.stride()[:3], *attention.out.stride()[:2],
+            *attention.lse.stride()[:2],
+            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            HEADS_PAD=heads_pad,
+            TOPK=stored_topk,
+            CHUNK=chunk,
+            HEAD_BLOCK=max(1, min(heads_pad, DENSE_LOAD_ELEMENTS // chunk)),
+            LISTS_PAD=max(2, triton.next_power_of_2(num_chunks)),
+            MERGE_CHUNKS=num_chunks > 1,
+            RADIX_BITS=DENSE_TOPK_RADIX_BITS,
+            COMBINE_OUT=combine is not None,
+            HEAD_DIM=head_dim,
+            num_warps=SPLIT_COMBINE_NUM_WARPS,
+        )
     if req.head_top_k:
         head_pos, head_logit = _final_topk(partials.head_keys, req.head_top_k, float("-inf"))
-    if req.top_k:
+    if k and not stored_topk:
         topk_pos, topk_prob, recomputed = _mean_topk(k_cache, req, scale, lse, partials)
     return CaptureResult(lse, hist, entropy, sink_mass, num_stat, topk_pos, topk_prob, head_pos, head_logit,
                          recomputed)
@@ -1368,10 +1506,9 @@ def dense_topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     """Exact top-``k`` positions (int32) and values of dense ``p̄`` rows ``[R, width]`` (``-inf`` outside ``W``).
 
     Ranked by value descending, then position ascending; -1 / 0 past ``|W|`` -- the
-    ordering of ``capture_rows_ref``. One program per row and chunk of up to
-    ``DENSE_TOPK_MAX_CHUNK`` positions finds its chunk's top-k without sorting the chunk
-    (:func:`_dense_topk_kernel`); rows wider than one chunk merge their chunks' sorted lists.
-    No host sync.
+    ordering of ``capture_rows_ref``. One program per row and chunk finds its chunk's top-k
+    without sorting the chunk, the row's last chunk merging the chunks' lists
+    (:func:`_chunk_topk`). No host sync.
     """
     rows, width = probs.shape
     device = probs.device
@@ -1379,45 +1516,30 @@ def dense_topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     values = torch.empty((rows, k), dtype=torch.float32, device=device)
     if not rows or not width:
         return pos.fill_(-1), values.zero_()
-    chunk = min(DENSE_TOPK_MAX_CHUNK, max(TOPK_SLOTS, triton.next_power_of_2(width)))
+    if width > DENSE_MAX_LISTS * DENSE_MAX_CHUNK:
+        raise ValueError(f"dense_topk ranks rows of up to {DENSE_MAX_LISTS * DENSE_MAX_CHUNK} positions, got {width}")
+    chunk = _dense_chunk(width)
     num_chunks = triton.cdiv(width, chunk)
-    scratch = torch.empty((rows, num_chunks, TOPK_SLOTS), dtype=torch.int64, device=device)
-    keys = scratch if num_chunks == 1 else torch.empty_like(scratch)
+    scratch = torch.empty((rows, num_chunks + 1, TOPK_SLOTS), dtype=torch.int64, device=device)
+    tickets = torch.zeros((rows,), dtype=torch.int32, device=device)
     _dense_topk_kernel[(rows, num_chunks)](
-        probs, scratch, keys, pos, values, width, k, probs.stride(0), scratch.stride(0), scratch.stride(1),
-        keys.stride(0), keys.stride(1), pos.stride(0),
-        CHUNK=chunk, FINAL=num_chunks == 1, RADIX_BITS=DENSE_TOPK_RADIX_BITS, num_warps=DENSE_TOPK_NUM_WARPS,
+        probs, scratch, tickets, pos, values, width, k, num_chunks, probs.stride(0), *scratch.stride()[:2],
+        pos.stride(0),
+        CHUNK=chunk, LISTS_PAD=max(2, triton.next_power_of_2(num_chunks)), MERGE_CHUNKS=num_chunks > 1,
+        RADIX_BITS=DENSE_TOPK_RADIX_BITS, num_warps=DENSE_TOPK_NUM_WARPS,
     )
-    if num_chunks == 1:
-        return pos, values
-    return _final_topk(keys, k, 0.0)
-
-
-def _stored_mean_topk(req: CaptureRequest, lse: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass B from the logits Pass A stored ``[R, Hq, positions]``: dense ``p̄`` of every row over ``W``
-    (streamed at the copy bandwidth: 4 bytes per head and position), then :func:`dense_topk`."""
-    rows, num_heads, _ = req.q.shape
-    width = logits.shape[2]
-    probs = torch.empty((rows, width), dtype=torch.float32, device=logits.device)
-    _stored_mean_probs_kernel[(rows, triton.cdiv(width, DENSE_BLOCK))](
-        logits, req.head_weights, lse, req.query_pos, req.mask_prefix, req.window, req.sink_tokens, probs,
-        num_heads, width, logits.stride(0), logits.stride(1), req.head_weights.stride(0), lse.stride(0),
-        probs.stride(0),
-        HEADS_PAD=max(2, triton.next_power_of_2(num_heads)), BLOCK=DENSE_BLOCK, num_warps=DENSE_NUM_WARPS,
-    )
-    return dense_topk(probs, req.top_k)
+    return pos, values
 
 
 def _mean_topk(
     k_cache: torch.Tensor, req: CaptureRequest, scale: float, lse: torch.Tensor, partials: PassAOutputs
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pass B: exact head-mean top-k positions and ``p̄`` of every row.
+    """Pass B when Pass A kept tile maxima instead of logits: exact head-mean top-k positions and ``p̄``.
 
-    When Pass A stored the logits (``partials.stores_logits``: 4 bytes per head and
-    position, a small fraction of the key bytes a re-read would move), ``p̄`` is computed
-    densely from them and ranked by :func:`dense_topk` (:func:`_stored_mean_topk`). Otherwise
-    only candidate key tiles are re-read: from Pass A's per-head tile maxima and the final ``lse``, ``_tile_bounds_kernel`` bounds
-    ``p̄`` per tile from above and below. Round 1 recomputes ``p̄`` exactly on the ``k`` tiles
+    (Stored logits -- 4 bytes per head and position, a small fraction of the key bytes a
+    re-read moves -- are ranked in the finish launch instead: :func:`_stored_chunk_topk`.)
+    Only candidate key tiles are re-read: from Pass A's per-head tile maxima and the final
+    ``lse``, ``_tile_bounds_kernel`` bounds ``p̄`` per tile from above and below. Round 1 recomputes ``p̄`` exactly on the ``k`` tiles
     with the best lower bounds; the ``k``-th best value found there is a floor under the
     true ``k``-th value. Round 2 recomputes every tile whose upper bound reaches that floor
     (with a relative margin for rounding), keeps each chunk's top-k keys at or above the
@@ -1425,12 +1547,11 @@ def _mean_topk(
     since a skipped tile or key holds only values below the true ``k``-th. How many tiles are re-read
     depends on the attention: peaked rows re-read a few tiles, flat ones (where no tile's
     bound falls below the floor) all of ``W``. Returns ``(pos, prob, recomputed_tiles)``
-    (key tiles re-read per row; ``None`` from stored logits); ranks past ``|W|`` are position
-    -1 / value 0. Temporary memory per row: with stored logits 4 bytes per position of dense
-    ``p̄``; else 4 bytes per head and tile (Pass A's maxima), 8 per tile for the bounds, 512
-    per program's chunk keys. No host sync.
+    (key tiles re-read per row); ranks past ``|W|`` are position -1 / value 0. Temporary
+    memory per row: 4 bytes per head and tile (Pass A's maxima), 8 per tile for the bounds,
+    512 per program's chunk keys. No host sync.
     """
-    tile_max, logits = partials.tile_max, partials.logits
+    tile_max = partials.tile_max
     rows, num_heads, head_dim = req.q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -1438,8 +1559,6 @@ def _mean_topk(
     tile_n = _tile_tokens(head_dim)
     k = req.top_k
     device = k_cache.device
-    if partials.stores_logits:
-        return *_stored_mean_topk(req, lse, logits), None
     recomputed = torch.zeros((rows,), dtype=torch.int32, device=device)
     if not rows:
         empty = torch.empty((0, k), device=device)
@@ -1516,8 +1635,8 @@ def attention_capture(
     if rows:
         _capture_split_kernel[(rows, num_kv_heads, num_splits)](
             req.q, k_cache, req.block_tables, req.query_pos, req.mask_prefix, req.window, req.sink_tokens,
-            cos, sin, partials.stats, partials.head_keys, partials.tile_max, partials.logits, scale, num_splits,
-            req.head_top_k,
+            cos, sin, partials.stats, partials.head_keys, partials.tile_max, partials.logits, partials.tickets,
+            scale, num_splits, req.head_top_k,
             req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
             *partials.stats.stride(), *partials.head_keys.stride()[:3], *partials.tile_max.stride()[:2],
             *partials.logits.stride()[:2],
@@ -1647,7 +1766,8 @@ def paged_decode_attention_capture(
     _fused_decode_capture_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, capture_rows,
         capture.query_pos, capture.mask_prefix, capture.window, capture.sink_tokens, partials.stats,
-        partials.head_keys, partials.tile_max, partials.logits, scale, num_splits, capture.head_top_k, rows,
+        partials.head_keys, partials.tile_max, partials.logits, partials.tickets, scale, num_splits,
+        capture.head_top_k, rows,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         *part_out_strides, *part_lse_strides, *partials.stats.stride(), *partials.head_keys.stride()[:3],
         *partials.tile_max.stride()[:2], *partials.logits.stride()[:2],
@@ -1665,11 +1785,5 @@ def paged_decode_attention_capture(
         num_warps=FUSED_HEAD_TOPK_NUM_WARPS if capture.head_top_k else FUSED_NUM_WARPS,
         maxnreg=FUSED_HEAD_TOPK_MAXNREG if capture.head_top_k else FUSED_MAXNREG,
     )
-    if num_splits > 1:
-        _combine_splits_kernel[(batch, num_heads)](
-            part_out, part_lse, out, lse, num_splits, *part_out_strides, *part_lse_strides,
-            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-            HEAD_DIM=head_dim,
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
-        )
-    return out, lse, _finish(k_cache, capture, scale, partials)
+    combine = SplitCombine(part_out, part_lse, out, lse) if num_splits > 1 else None
+    return out, lse, _finish(k_cache, capture, scale, partials, combine)

@@ -31,6 +31,9 @@ DEFAULT_NUM_SMS = 132
 MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 64
 MIN_DOT_ROWS = 16
+# Warps of the split combine; capture's finish launch, which merges a captured layer's splits with
+# the same code, runs at this width too, so attention with and without capture stays bit-equal.
+SPLIT_COMBINE_NUM_WARPS = 8
 
 
 @triton.jit
@@ -139,7 +142,9 @@ def _paged_decode_split_kernel(
 
 
 @triton.jit
-def _combine_splits_kernel(
+def _combine_split_row(
+    seq,
+    head,
     part_out_ptr,
     part_lse_ptr,
     out_ptr,
@@ -158,9 +163,8 @@ def _combine_splits_kernel(
     HEAD_DIM: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
-    """Merge the splits of one (sequence, query head) row, weighted by their lse."""
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
+    """Merge the splits of one (sequence, query head) row, weighted by their lse (also run by capture's
+    finish kernel, so a captured layer's attention needs no launch of its own for this)."""
     splits = tl.arange(0, SPLITS_PAD)
     split_valid = splits < num_splits
     dims = tl.arange(0, HEAD_DIM)
@@ -193,6 +197,34 @@ def _combine_splits_kernel(
         out.to(out_ptr.dtype.element_ty),
     )
     tl.store(lse_ptr + seq * stride_lb + head * stride_lh, lse)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    lse_ptr,
+    num_splits,
+    stride_pob,
+    stride_poh,
+    stride_pos,
+    stride_plb,
+    stride_plh,
+    stride_pls,
+    stride_ob,
+    stride_oh,
+    stride_lb,
+    stride_lh,
+    HEAD_DIM: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    """Merge the splits of one (sequence, query head) row, weighted by their lse."""
+    _combine_split_row(
+        tl.program_id(0), tl.program_id(1), part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, num_splits,
+        stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_pls, stride_ob, stride_oh, stride_lb,
+        stride_lh, HEAD_DIM, SPLITS_PAD,
+    )
 
 
 def _tile_tokens(head_dim: int) -> int:
@@ -365,6 +397,7 @@ def paged_decode_attention(
             lse.stride(0),
             lse.stride(1),
             HEAD_DIM=head_dim,
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            num_warps=SPLIT_COMBINE_NUM_WARPS,
         )
     return out, lse

@@ -33,7 +33,9 @@ from attnscope.kernels.capture import (  # noqa: E402
     _empty_partials,
     _pack_keys,
     _unpack_keys,
-    DENSE_TOPK_MAX_CHUNK,
+    DENSE_CHUNK,
+    DENSE_MAX_CHUNK,
+    DENSE_MAX_LISTS,
     attention_capture,
     dense_topk,
     paged_decode_attention_capture,
@@ -336,10 +338,11 @@ def test_ties_rank_lower_position_first(seed: int, dtype: torch.dtype) -> None:
     check_result(result, case, req, seed)
 
 
-@pytest.mark.parametrize("width", [1, 63, 700, 5000, DENSE_TOPK_MAX_CHUNK + 1, 3 * DENSE_TOPK_MAX_CHUNK - 5])
+@pytest.mark.parametrize("width", [1, 63, 700, 5000, DENSE_CHUNK + 1, 3 * DENSE_CHUNK - 5, DENSE_MAX_LISTS * DENSE_CHUNK + 3])
 def test_dense_topk_ranks_like_the_reference(seed: int, width: int) -> None:
-    """Dense ``p̄`` rows (one chunk or several merged): the same positions and values as the reference
-    ranking, with ties, zeros, positions outside ``W``, ``k`` beyond ``|W|`` and an empty row."""
+    """Dense ``p̄`` rows (one chunk, several merged, or wider chunks past ``DENSE_MAX_LISTS`` of them): the
+    same positions and values as the reference ranking, with ties, zeros, positions outside ``W``,
+    ``k`` beyond ``|W|`` and an empty row."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     probs = torch.rand((5, width), generator=gen) * 1e-3
@@ -355,6 +358,12 @@ def test_dense_topk_ranks_like_the_reference(seed: int, width: int) -> None:
         assert torch.equal(pos, ref_pos.int()), f"seed={seed} k={k}"
         assert torch.equal(values, ref_values), f"seed={seed} k={k}"
         assert (pos[4] == -1).all() and (values[4] == 0).all()
+
+
+def test_dense_topk_refuses_rows_wider_than_its_chunks() -> None:
+    """Rows past ``DENSE_MAX_LISTS`` chunks of ``DENSE_MAX_CHUNK`` positions are refused with the limit named."""
+    with pytest.raises(ValueError, match=str(DENSE_MAX_LISTS * DENSE_MAX_CHUNK)):
+        dense_topk(torch.zeros((1, DENSE_MAX_LISTS * DENSE_MAX_CHUNK + 1)), 4)
 
 
 @LOGIT_PATHS
@@ -482,6 +491,8 @@ def test_logits_are_stored_only_within_the_budget(seed: int) -> None:
     assert stored.stores_logits and stored.logits.shape == (2, 8, 128)
     assert not _empty_partials(2, 8, 3, req, 2, torch.device("cpu"), needed - 1).stores_logits
     assert not _empty_partials(2, 8, 3, replace(req, top_k=0), 2, torch.device("cpu"), needed).stores_logits
+    too_wide = DENSE_MAX_LISTS * DENSE_MAX_CHUNK // 64 + 1  # tiles: wider than the Pass B chunks rank
+    assert not _empty_partials(2, 8, 3, req, too_wide, torch.device("cpu"), 1 << 40).stores_logits
 
 
 def test_ties_across_many_tiles_rank_lower_position_first(seed: int) -> None:

@@ -1,0 +1,64 @@
+"""The capture kernels on a CUDA GPU, where the finish launch's programs really run at once.
+
+Skipped without a GPU. The CPU interpreter runs a launch's programs one after another, so
+the finish kernel's tickets (the last program of a row to finish a job finishes the row)
+are only raced here: many rows, chunks and splits, repeated, must give bit-identical
+results that match the float32 reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+ROWS, HQ, HKV, D, BLOCK = 24, 32, 8, 128, 16
+
+
+def _decode_case(length: int, seed: int):
+    """Random bf16 paged caches and queries for ``ROWS`` sequences of ``length - r`` tokens, every row captured."""
+    from attnscope.kernels.capture_reference import CaptureRequest
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    blocks_per_row = -(-length // BLOCK)
+    k_cache = torch.randn((ROWS * blocks_per_row + 1, BLOCK, HKV, D), generator=gen, device="cuda").bfloat16()
+    v_cache = torch.randn_like(k_cache, dtype=torch.float32).bfloat16()
+    order = torch.randperm(ROWS * blocks_per_row, generator=gen, device="cuda")
+    tables = order.view(ROWS, blocks_per_row).int()
+    lengths = torch.tensor([length - r for r in range(ROWS)], dtype=torch.int32, device="cuda")
+    q = torch.randn((ROWS, HQ, D), generator=gen, device="cuda").bfloat16() * 2
+    weights = torch.full((ROWS, HQ), 1.0 / HQ, device="cuda")
+    zeros = torch.zeros(ROWS, dtype=torch.int32, device="cuda")
+    req = CaptureRequest(q, tables, lengths - 1, weights, zeros, zeros, zeros + 4, top_k=32)
+    return q, k_cache, v_cache, tables, lengths, req
+
+
+@pytest.mark.parametrize("length,splits", [(8192, 1), (5000, 6)])
+def test_finish_launch_is_deterministic_and_exact_on_cuda(length: int, splits: int) -> None:
+    """Fused decode capture (stored logits, several chunks per row; with and without split-K) repeated 8
+    times: identical every time, and top-k, probabilities and statistics match the float32 reference."""
+    from attnscope.kernels.capture_reference import capture_rows_ref
+    from attnscope.kernels.paged_decode import paged_decode_attention
+
+    q, k_cache, v_cache, tables, lengths, req = _decode_case(length, seed=length)
+    scale = D**-0.5
+    rows = torch.arange(ROWS, device="cuda")
+    runs = [paged_decode_attention(q, k_cache, v_cache, tables, lengths, scale, num_splits=splits, capture=req,
+                                   capture_rows=rows) for _ in range(8)]
+    plain_out, plain_lse = paged_decode_attention(q, k_cache, v_cache, tables, lengths, scale, num_splits=splits)
+    first = runs[0][2]
+    for out, lse, result in runs:
+        assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
+        for name in ("lse", "hist", "entropy", "sink_mass", "num_stat_positions", "topk_pos", "topk_prob"):
+            assert torch.equal(getattr(result, name), getattr(first, name)), name
+    ref = capture_rows_ref(k_cache, req, scale)
+    assert first.recomputed_tiles is None  # ranked from stored logits
+    torch.testing.assert_close(first.topk_prob, ref.topk_prob, rtol=2e-3, atol=1e-6)
+    gap = (ref.topk_prob[:, :-1] - ref.topk_prob[:, 1:]) > 1e-3 * ref.topk_prob[:, :-1]  # ranks i and i + 1
+    separated = gap & torch.cat([torch.ones_like(gap[:, :1]), gap[:, :-1]], dim=1)  # from both neighbours
+    assert separated.sum() > ROWS  # the comparison below is not vacuous
+    assert torch.equal(first.topk_pos[:, :-1][separated], ref.topk_pos[:, :-1][separated])
+    for name in ("lse", "hist", "entropy", "sink_mass"):
+        torch.testing.assert_close(getattr(first, name), getattr(ref, name), rtol=1e-3, atol=1e-4)
+    assert torch.equal(first.num_stat_positions, ref.num_stat_positions)
