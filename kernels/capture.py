@@ -84,30 +84,35 @@ MERGE_FAN_IN = 16  # top-k lists one merge program folds in; more lists take a f
 HEAD_STATS = 18  # per (row, head) after the combine: weighted entropy, sink mass, then 16 histogram bins
 PASS_B_ROPE_NUM_WARPS = 8
 # After Pass A one launch finishes a capture (_capture_finish_kernel): the combine, and Pass B from
-# stored logits as one program per row and chunk of DENSE_CHUNK positions (p̄ from DENSE_LOAD_ELEMENTS
-# logits per load, then an exact top-k by DENSE_TOPK_RADIX_BITS-bit counting rounds), the row's
-# last chunk merging the chunks' lists. Rows wider than DENSE_MAX_LISTS chunks take wider chunks, up
-# to DENSE_MAX_CHUNK; wider rows re-read keys. Measured on an H100 with separate kernels (32 heads;
+# stored logits as one program per row and block of DENSE_BLOCK positions (fewer with many heads: at
+# most DENSE_LOAD_ELEMENTS logits per load) writing dense p̄; the last block of a chunk of DENSE_CHUNK
+# positions ranks the chunk exactly by DENSE_TOPK_RADIX_BITS-bit counting rounds, and a row's last
+# chunk merges the chunks' lists. Rows wider than DENSE_MAX_LISTS chunks take wider chunks, up to
+# DENSE_MAX_CHUNK; wider rows re-read keys. Measured on an H100 with separate kernels (32 heads;
 # 32 x 8K, 8 x 32K, 1 x 128K, 1 x 2K): the counting rounds are latency-bound (1 x 2K took ~10 us
 # whatever the chunk); 2-bit digits (16 rounds) beat 1-bit ones by 2-2.5 us and 3- or 4-bit ones by
-# up to 1 us; chunks of 2048 at 8 warps were fastest or within 0.3 us.
+# up to 1 us; chunks of 2048 at 8 warps were fastest or within 0.3 us. One program per chunk that
+# also computed the chunk's p̄ (instead of blocks in parallel) was 1.3-2x slower end to end.
+DENSE_BLOCK = 256
 DENSE_CHUNK = 2048
 DENSE_MAX_LISTS = 32
 DENSE_MAX_CHUNK = 8192
 DENSE_LOAD_ELEMENTS = 16384
 DENSE_TOPK_NUM_WARPS = 8
 DENSE_TOPK_RADIX_BITS = 2
+FINISH_TICKETS = 64  # per capture row: the head sum, the chunk merge, one per chunk (<= DENSE_MAX_LISTS)
 # Pass A stores the captured rows' logits for Pass B (instead of Pass B re-reading K) when the
 # buffer [R, Hq, tiles * TILE_N] float32 fits in this many bytes (32 rows x 32 heads x 8K = 32 MiB)
 # and a row spans at most DENSE_MAX_LISTS * DENSE_MAX_CHUNK positions.
 LOGIT_STORE_MAX_BYTES = 64 << 20
 
 SLOTS = tl.constexpr(TOPK_SLOTS)
+TICKETS = tl.constexpr(FINISH_TICKETS)
 STATS_PER_HEAD = tl.constexpr(HEAD_STATS)
 LOG_SLOTS = tl.constexpr(6)
 # Below every packed key of a non-NaN value: high word 0x80000001, low word 0.
 EMPTY_KEY = tl.constexpr(-9223372032559808512)
-assert TOPK_SLOTS == 2**LOG_SLOTS.value >= MAX_TOP_K and NUM_BINS == 16
+assert TOPK_SLOTS == 2**LOG_SLOTS.value >= MAX_TOP_K and NUM_BINS == 16 and FINISH_TICKETS >= 2 + DENSE_MAX_LISTS
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -463,6 +468,12 @@ def _store_head_keys(head_keys_ptr, keys_base, heads, row_valid, best, stride_kh
 
 
 @triton.jit
+def _zero_tickets(tickets_ptr, row):
+    """Zero capture row ``row``'s ``FINISH_TICKETS`` finish tickets (Pass A runs before the finish launch)."""
+    tl.store(tickets_ptr + row * TICKETS + tl.arange(0, TICKETS), tl.zeros([TICKETS], dtype=tl.int32))
+
+
+@triton.jit
 def _capture_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -521,7 +532,7 @@ def _capture_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     if (kv_head == 0) & (split == 0):
-        tl.store(tickets_ptr + row * 2 + tl.arange(0, 2), tl.zeros([2], dtype=tl.int32))
+        _zero_tickets(tickets_ptr, row)
     pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
     split_start, split_end = _split_range((u_lo // TILE_N) * TILE_N, pos + 1, split, num_splits, TILE_N)
 
@@ -640,8 +651,8 @@ def _fused_decode_capture_kernel(
 
     A decode row ``seq`` is captured as capture row ``r`` when ``capture_rows[r] == seq``
     (found by one vector compare over ``capture_rows``); uncaptured rows run the plain
-    attention loop. Captured rows reuse each tile's logits and running max. The first
-    program zeroes every capture row's finish tickets.
+    attention loop. Captured rows reuse each tile's logits and running max; a captured
+    row's first program zeroes its finish tickets.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -664,9 +675,6 @@ def _fused_decode_capture_kernel(
     block_table_row = block_tables_ptr + seq * stride_btb
     slots = tl.arange(0, ROWS_PAD)
     captured = tl.load(capture_rows_ptr + slots, mask=slots < num_capture_rows, other=-1)
-    if (seq == 0) & (kv_head == 0) & (split == 0):
-        tl.store(tickets_ptr + slots[:, None] * 2 + tl.arange(0, 2)[None, :], tl.zeros([ROWS_PAD, 2], dtype=tl.int32),
-                 mask=(slots < num_capture_rows)[:, None])
     cap = tl.max(tl.where(captured == seq, slots, -1), axis=0)
     if cap < 0:
         for tile_start in range(split_start, split_end, TILE_N):
@@ -679,6 +687,8 @@ def _fused_decode_capture_kernel(
             m_i = m_new
     else:
         pos, u_lo, w_lo, c_lo = _row_sets(cap, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
+        if (kv_head == 0) & (split == 0):
+            _zero_tickets(tickets_ptr, cap)
         l_u = tl.zeros([GROUP_PAD], dtype=tl.float32)
         l_s = tl.zeros([GROUP_PAD], dtype=tl.float32)
         l_c = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -1105,42 +1115,56 @@ def _heads_lse(stats_ptr, row_stats, heads, head_valid, num_splits, stride_sh, s
 
 
 @triton.jit
-def _stored_chunk_topk(
-    row, chunk, logits_ptr, stats_ptr, head_weights_ptr, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr,
-    scratch_ptr, tickets_ptr, pos_ptr, value_ptr, num_heads, num_splits, num_chunks, k,
-    stride_lgr, stride_lgh, stride_sr, stride_sh, stride_ss, stride_sf, stride_wr, stride_scr, stride_scc, stride_or,
-    CHUNK: tl.constexpr, HEAD_BLOCK: tl.constexpr, SPLITS_PAD: tl.constexpr, LISTS_PAD: tl.constexpr,
-    MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
+def _stored_block_topk(
+    row, block, logits_ptr, stats_ptr, head_weights_ptr, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr,
+    probs_ptr, scratch_ptr, tickets_ptr, pos_ptr, value_ptr, num_heads, num_splits, width, num_chunks, k,
+    stride_lgr, stride_lgh, stride_sr, stride_sh, stride_ss, stride_sf, stride_wr, stride_pr, stride_scr, stride_scc,
+    stride_tr, stride_or,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr, HEADS_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    LISTS_PAD: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
 ):
-    """Pass B from stored logits for one chunk of a row: ``p̄[j] = sum_h w_h exp(s_h[j] - lse_h)`` over the
-    chunk's positions in ``W`` (``HEAD_BLOCK`` heads per load, each head's ``lse`` merged from the
-    split partials here, so this runs beside the combine), then :func:`_chunk_topk`."""
-    tokens = chunk * CHUNK + tl.arange(0, CHUNK)
+    """Pass B from stored logits for ``BLOCK`` positions of a row; the last block of a chunk ranks the chunk.
+
+    ``p̄[j] = sum_h w_h exp(s_h[j] - lse_h)`` over the block's positions in ``W`` (every
+    head's logits in one load, each head's ``lse`` merged from the split partials here, so
+    this runs beside the combine) goes to ``probs`` (``-inf`` outside ``W``). Then the block
+    takes its chunk's ticket (``tickets[row, 2 + chunk]``); the block drawing the last one
+    reads the chunk's ``p̄`` back and ranks it (:func:`_chunk_topk`).
+    """
+    tokens = block * BLOCK + tl.arange(0, BLOCK)
     pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
     in_w = (tokens >= w_lo) & (tokens <= pos)
-    p_bar = tl.zeros([CHUNK], dtype=tl.float32)
+    p_bar = tl.zeros([BLOCK], dtype=tl.float32)
     if tl.max(in_w.to(tl.int32), axis=0) > 0:
-        for first in range(0, num_heads, HEAD_BLOCK):
-            heads = first + tl.arange(0, HEAD_BLOCK)
-            head_valid = heads < num_heads
-            weights = tl.load(head_weights_ptr + row * stride_wr + heads, mask=head_valid, other=0.0)
-            lse = _heads_lse(stats_ptr, row * stride_sr, heads, head_valid, num_splits, stride_sh, stride_ss,
-                             stride_sf, SPLITS_PAD)
-            lse = tl.where(lse == float("-inf"), 0.0, lse)
-            logits = tl.load(logits_ptr + row * stride_lgr + heads[:, None] * stride_lgh + tokens[None, :],
-                             mask=(weights > 0.0)[:, None] & in_w[None, :], other=float("-inf"))
-            p_bar += tl.sum(weights[:, None] * tl.exp(logits - lse[:, None]), axis=0)
-    _chunk_topk(
-        p_bar, tokens, in_w, k, chunk, num_chunks, scratch_ptr + row * stride_scr, tickets_ptr + row * 2 + 1,
-        pos_ptr + row * stride_or, value_ptr + row * stride_or, stride_scc, LISTS_PAD, MERGE_CHUNKS, RADIX_BITS,
-    )
+        heads = tl.arange(0, HEADS_PAD)
+        head_valid = heads < num_heads
+        weights = tl.load(head_weights_ptr + row * stride_wr + heads, mask=head_valid, other=0.0)
+        lse = _heads_lse(stats_ptr, row * stride_sr, heads, head_valid, num_splits, stride_sh, stride_ss, stride_sf,
+                         SPLITS_PAD)
+        lse = tl.where(lse == float("-inf"), 0.0, lse)
+        logits = tl.load(logits_ptr + row * stride_lgr + heads[:, None] * stride_lgh + tokens[None, :],
+                         mask=(weights > 0.0)[:, None] & in_w[None, :], other=float("-inf"))
+        p_bar = tl.sum(weights[:, None] * tl.exp(logits - lse[:, None]), axis=0)
+    tl.store(probs_ptr + row * stride_pr + tokens, tl.where(in_w, p_bar, float("-inf")), mask=tokens < width)
+    chunk = block // (CHUNK // BLOCK)
+    blocks_in_chunk = tl.minimum(CHUNK // BLOCK, tl.cdiv(width, BLOCK) - chunk * (CHUNK // BLOCK))
+    tl.debug_barrier()
+    if tl.atomic_add(tickets_ptr + row * stride_tr + 2 + chunk, 1, sem="acq_rel", scope="gpu") == blocks_in_chunk - 1:
+        chunk_tokens = chunk * CHUNK + tl.arange(0, CHUNK)
+        chunk_probs = tl.load(probs_ptr + row * stride_pr + chunk_tokens, mask=chunk_tokens < width,
+                              other=float("-inf"), cache_modifier=".cg")
+        _chunk_topk(
+            chunk_probs, chunk_tokens, chunk_probs >= 0.0, k, chunk, num_chunks, scratch_ptr + row * stride_scr,
+            tickets_ptr + row * stride_tr + 1, pos_ptr + row * stride_or, value_ptr + row * stride_or, stride_scc,
+            LISTS_PAD, MERGE_CHUNKS, RADIX_BITS,
+        )
 
 
 @triton.jit
 def _combine_head(
     row, head, stats_ptr, head_weights_ptr, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr, tickets_ptr,
     lse_ptr, head_stats_ptr, hist_ptr, entropy_ptr, sink_mass_ptr, num_stat_ptr, num_heads, num_splits,
-    stride_sr, stride_sh, stride_ss, stride_sf, stride_wr,
+    stride_sr, stride_sh, stride_ss, stride_sf, stride_wr, stride_tr,
     SPLITS_PAD: tl.constexpr, HEADS_PAD: tl.constexpr,
 ):
     """Merge one (row, head)'s per-split Pass A partials; the row's last head to finish sums the heads.
@@ -1179,7 +1203,7 @@ def _combine_head(
     tl.store(out + 1, tl.where(has_u, weight * total_s / safe_u, 0.0))
     tl.store(out + 2 + bins, tl.where(has_c, weight / safe_c, 0.0) * head_hist)
     tl.debug_barrier()
-    if tl.atomic_add(tickets_ptr + row * 2, 1, sem="acq_rel", scope="gpu") == num_heads - 1:
+    if tl.atomic_add(tickets_ptr + row * stride_tr, 1, sem="acq_rel", scope="gpu") == num_heads - 1:
         heads = tl.arange(0, HEADS_PAD)
         cols = tl.arange(0, 32)
         block = tl.load(head_stats_ptr + (row * num_heads + heads[:, None]) * STATS_PER_HEAD + cols[None, :],
@@ -1197,40 +1221,43 @@ def _combine_head(
 def _capture_finish_kernel(
     stats_ptr, head_weights_ptr, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr, tickets_ptr,
     lse_ptr, head_stats_ptr, hist_ptr, entropy_ptr, sink_mass_ptr, num_stat_ptr,
-    logits_ptr, scratch_ptr, pos_ptr, value_ptr,
+    logits_ptr, probs_ptr, scratch_ptr, pos_ptr, value_ptr,
     part_out_ptr, part_lse_ptr, out_ptr, out_lse_ptr,
-    rows, num_heads, num_splits, num_chunks, k,
-    stride_sr, stride_sh, stride_ss, stride_sf, stride_wr, stride_lgr, stride_lgh, stride_scr, stride_scc, stride_or,
+    rows, num_heads, num_splits, width, num_blocks, num_chunks, k,
+    stride_sr, stride_sh, stride_ss, stride_sf, stride_wr, stride_tr, stride_lgr, stride_lgh, stride_pr, stride_scr,
+    stride_scc, stride_or,
     stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_pls, stride_ob, stride_oh, stride_lb, stride_lh,
-    SPLITS_PAD: tl.constexpr, HEADS_PAD: tl.constexpr, TOPK: tl.constexpr, CHUNK: tl.constexpr,
-    HEAD_BLOCK: tl.constexpr, LISTS_PAD: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
-    COMBINE_OUT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, HEADS_PAD: tl.constexpr, TOPK: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    LISTS_PAD: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr, COMBINE_OUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
-    """Everything after Pass A in one launch, one job per program (1-D grid, longest first).
+    """Everything after Pass A in one launch, one job per program (1-D grid).
 
-    ``rows * num_chunks`` programs (``TOPK``, logits stored) run :func:`_stored_chunk_topk`;
+    ``rows * num_blocks`` programs (``TOPK``, logits stored) run :func:`_stored_block_topk`;
     ``rows * num_heads`` run :func:`_combine_head`; with ``COMBINE_OUT`` (a split decode
     kernel), the attention's own split merge for every (sequence, head) follows
-    (``_combine_split_row``). None waits for another: each chunk merges the ``lse`` it needs
-    from the partials itself, and the last program of a row to finish a job finishes the row.
+    (``_combine_split_row``). None waits for another: each block merges the ``lse`` it needs
+    from the partials itself, and the last program to finish a share of a row's work (its
+    heads, a chunk's blocks, its chunks) takes the next step, counted by tickets ``[R,
+    FINISH_TICKETS]`` (stats, chunk merge, one per chunk) that Pass A zeroed.
     """
     pid = tl.program_id(0)
-    job = pid - rows * num_chunks  # num_chunks is 0 without TOPK
+    job = pid - rows * num_blocks  # num_blocks is 0 without TOPK
     if job < 0:
         if TOPK:
-            _stored_chunk_topk(
-                pid // num_chunks, pid % num_chunks, logits_ptr, stats_ptr, head_weights_ptr, query_pos_ptr,
-                mask_prefix_ptr, window_ptr, sink_tokens_ptr, scratch_ptr, tickets_ptr, pos_ptr, value_ptr,
-                num_heads, num_splits, num_chunks, k, stride_lgr, stride_lgh, stride_sr, stride_sh, stride_ss, stride_sf,
-                stride_wr, stride_scr, stride_scc, stride_or,
-                CHUNK, HEAD_BLOCK, SPLITS_PAD, LISTS_PAD, MERGE_CHUNKS, RADIX_BITS,
+            _stored_block_topk(
+                pid // num_blocks, pid % num_blocks, logits_ptr, stats_ptr, head_weights_ptr, query_pos_ptr,
+                mask_prefix_ptr, window_ptr, sink_tokens_ptr, probs_ptr, scratch_ptr, tickets_ptr, pos_ptr, value_ptr,
+                num_heads, num_splits, width, num_chunks, k, stride_lgr, stride_lgh, stride_sr, stride_sh, stride_ss,
+                stride_sf, stride_wr, stride_pr, stride_scr, stride_scc, stride_tr, stride_or,
+                BLOCK, CHUNK, HEADS_PAD, SPLITS_PAD, LISTS_PAD, MERGE_CHUNKS, RADIX_BITS,
             )
     elif job < rows * num_heads:
         _combine_head(
             job // num_heads, job % num_heads, stats_ptr, head_weights_ptr, query_pos_ptr, mask_prefix_ptr,
             window_ptr, sink_tokens_ptr, tickets_ptr, lse_ptr, head_stats_ptr, hist_ptr, entropy_ptr,
             sink_mass_ptr, num_stat_ptr, num_heads, num_splits, stride_sr, stride_sh, stride_ss, stride_sf,
-            stride_wr, SPLITS_PAD, HEADS_PAD,
+            stride_wr, stride_tr, SPLITS_PAD, HEADS_PAD,
         )
     elif COMBINE_OUT:
         job -= rows * num_heads
@@ -1357,8 +1384,8 @@ def _empty_partials(rows: int, num_heads: int, num_splits: int, req: CaptureRequ
     """Pass A outputs: stats ``[R, Hq, S, STAT_WIDTH]``, per-head keys ``[R, Hq, S, TOPK_SLOTS]``, and
     for the head-mean top-k either logits ``[R, Hq, num_tiles * TILE_N]`` (when they fit in
     ``logit_store_bytes`` and ``DENSE_MAX_LISTS`` chunks) or tile maxima ``[R, Hq, num_tiles]``
-    (for re-reading keys); 1-element dummies for what is not needed; and two finish tickets
-    per row (``[R, 2]`` int32, zeroed by Pass A).
+    (for re-reading keys); 1-element dummies for what is not needed; and the finish tickets
+    (``[R, FINISH_TICKETS]`` int32, zeroed by Pass A).
 
     The stats are a view of a ``[R, STAT_WIDTH, Hq, S]`` buffer, so the combine kernel reads
     each statistic of all heads and splits as one contiguous block.
@@ -1378,7 +1405,7 @@ def _empty_partials(rows: int, num_heads: int, num_splits: int, req: CaptureRequ
             logits = torch.empty((rows, num_heads, positions), dtype=torch.float32, device=device)
         else:
             tile_max = torch.empty((rows, num_heads, num_tiles), dtype=torch.float32, device=device)
-    tickets = torch.empty((max(rows, 1), 2), dtype=torch.int32, device=device)
+    tickets = torch.empty((max(rows, 1), FINISH_TICKETS), dtype=torch.int32, device=device)
     return PassAOutputs(stats, keys, tile_max, logits, logits is not dummy, tickets)
 
 
@@ -1459,34 +1486,36 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
     head_stats = torch.empty((rows, num_heads, HEAD_STATS), **f32)
     head_pos = head_logit = topk_pos = topk_prob = recomputed = None
     stored_topk = bool(k) and partials.stores_logits
-    num_chunks, chunk = 0, TOPK_SLOTS
-    scratch = partials.tickets
+    heads_pad = max(2, triton.next_power_of_2(num_heads))
+    width, num_blocks, num_chunks, block, chunk = 0, 0, 0, TOPK_SLOTS, TOPK_SLOTS
+    probs = scratch = partials.tickets
     if stored_topk:
         topk_pos = torch.empty((rows, k), dtype=torch.int32, device=device)
         topk_prob = torch.empty((rows, k), **f32)
         width = partials.logits.shape[2]
         chunk = _dense_chunk(width)
-        num_chunks = triton.cdiv(width, chunk)
+        block = min(chunk, DENSE_BLOCK, max(TOPK_SLOTS, DENSE_LOAD_ELEMENTS // heads_pad))
+        num_blocks, num_chunks = triton.cdiv(width, block), triton.cdiv(width, chunk)
+        probs = torch.empty((rows, width), **f32)
         scratch = torch.empty((rows, num_chunks + 1, TOPK_SLOTS), dtype=torch.int64, device=device)
     attention = combine or SplitCombine(stats, stats, stats, stats)
-    programs = rows * (num_chunks + num_heads) + (combine.out.shape[0] * num_heads if combine else 0)
+    programs = rows * (num_blocks + num_heads) + (combine.out.shape[0] * num_heads if combine else 0)
     if programs:
-        heads_pad = max(2, triton.next_power_of_2(num_heads))
         _capture_finish_kernel[(programs,)](
             stats, req.head_weights, req.query_pos, req.mask_prefix, req.window, req.sink_tokens, partials.tickets,
             lse, head_stats, hist, entropy, sink_mass, num_stat,
-            partials.logits, scratch, topk_pos if stored_topk else scratch, topk_prob if stored_topk else lse,
+            partials.logits, probs, scratch, topk_pos if stored_topk else scratch, topk_prob if stored_topk else lse,
             attention.part_out, attention.part_lse, attention.out, attention.lse,
-            rows, num_heads, num_splits, num_chunks, k,
-            *stats.stride(), req.head_weights.stride(0), *partials.logits.stride()[:2], *scratch.stride()[:2],
-            topk_pos.stride(0) if stored_topk else 0,
+            rows, num_heads, num_splits, width, num_blocks, num_chunks, k,
+            *stats.stride(), req.head_weights.stride(0), partials.tickets.stride(0), *partials.logits.stride()[:2],
+            probs.stride(0), *scratch.stride()[:2], topk_pos.stride(0) if stored_topk else 0,
             *attention.part_out.stride()[:3], *attention.part_lse.stride()[:3], *attention.out.stride()[:2],
             *attention.lse.stride()[:2],
             SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
             HEADS_PAD=heads_pad,
             TOPK=stored_topk,
+            BLOCK=block,
             CHUNK=chunk,
-            HEAD_BLOCK=max(1, min(heads_pad, DENSE_LOAD_ELEMENTS // chunk)),
             LISTS_PAD=max(2, triton.next_power_of_2(num_chunks)),
             MERGE_CHUNKS=num_chunks > 1,
             RADIX_BITS=DENSE_TOPK_RADIX_BITS,
@@ -1537,7 +1566,7 @@ def _mean_topk(
     """Pass B when Pass A kept tile maxima instead of logits: exact head-mean top-k positions and ``p̄``.
 
     (Stored logits -- 4 bytes per head and position, a small fraction of the key bytes a
-    re-read moves -- are ranked in the finish launch instead: :func:`_stored_chunk_topk`.)
+    re-read moves -- are ranked in the finish launch instead: :func:`_stored_block_topk`.)
     Only candidate key tiles are re-read: from Pass A's per-head tile maxima and the final
     ``lse``, ``_tile_bounds_kernel`` bounds ``p̄`` per tile from above and below. Round 1 recomputes ``p̄`` exactly on the ``k`` tiles
     with the best lower bounds; the ``k``-th best value found there is a floor under the

@@ -27,6 +27,7 @@ import triton.language as tl  # noqa: E402
 from attnscope.engine.parallel import partition_heads  # noqa: E402
 from attnscope.engine.rope import RotaryEmbedding  # noqa: E402
 from attnscope.kernels.layer_ops_reference import rotate_ref as rotate  # noqa: E402
+import attnscope.kernels.capture as capture_kernels  # noqa: E402
 from attnscope.kernels.capture import (  # noqa: E402
     LOGIT_STORE_MAX_BYTES,
     _distance_bins,
@@ -480,6 +481,29 @@ def test_head_mean_topk_rereads_only_candidate_tiles_and_stays_exact(
     assert recomputed[1] <= 3 * req.top_k < in_window[1], (recomputed, in_window)
     assert set(result.topk_pos[1].tolist()) <= set(peaks[1:])  # position 0 is masked
     assert recomputed[2] <= req.top_k + in_window[2]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["standalone", "fused"])
+def test_stored_pass_b_ranks_across_blocks_and_chunks(seed: int, fused: bool, monkeypatch) -> None:
+    """Pass B from stored logits with small blocks and chunks, so every row's ranking passes through the
+    finish launch's whole ticket chain (blocks of a chunk, then the chunks of a row): exact, ties
+    included, for rows of several chunks, one chunk, a partial last chunk and a narrow window."""
+    monkeypatch.setattr(capture_kernels, "DENSE_BLOCK", 64)
+    monkeypatch.setattr(capture_kernels, "DENSE_CHUNK", 256)
+    rng = random.Random(seed)
+    case = make_case(seed, [1500, 200, 777], 8, 2, 32, 16, torch.float32, key_alphabet=3)
+    lens = case.context_lens.tolist()
+    req = make_request(case, rng, 16, 0, query_pos=[n - 1 for n in lens], mask_prefix=[0, 5, 0],
+                       window=[0, 0, 40], sink_tokens=[1, 0, 2])
+    if fused:
+        args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale)
+        _, _, result = paged_decode_attention_capture(*args, req, torch.arange(3, dtype=torch.int32), num_splits=2)
+    else:
+        result = attention_capture(case.k_cache, req, case.scale, num_splits=2)
+    assert result.recomputed_tiles is None  # ranked from stored logits
+    check_result(result, case, req, seed)
+    for row in range(3):
+        assert result.topk_pos[row].tolist() == exact_tie_ranking(case, req, row)[: req.top_k], f"row {row}"
 
 
 def test_logits_are_stored_only_within_the_budget(seed: int) -> None:
