@@ -998,25 +998,35 @@ def _radix_digit(bits, kth, k, SHIFT: tl.constexpr, WIDTH: tl.constexpr, RADIX_B
 
 
 @triton.jit
-def _select_topk(values, positions, valid, k, scratch, RADIX_BITS: tl.constexpr):
-    """The top ``k`` of 1-D ``values`` (>= 0 where ``valid``) as keys ``[1, SLOTS]`` sorted descending.
+def _select_topk(values, positions, valid, k, scratch, N: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """The top ``k`` of ``N`` values (1-D, >= 0 where ``valid``) and more, as keys ``[1, SLOTS]`` sorted descending.
 
-    The k-th largest value is found digit by digit over its float32 pattern (non-negative
-    floats order like their bits; :func:`_radix_digit`), ``RADIX_BITS`` bits a round. Every
-    value above it is taken, and the ties at it in array order until ``k`` are (callers lay
-    equal values out by ascending position); the chosen keys go to their slot of ``scratch``
-    (``SLOTS`` int64, a prefix sum) and one bitonic sort of ``SLOTS`` keys orders them.
+    Candidates first: the ``k``-th largest maximum ``t`` of the ``SLOTS`` strided groups
+    ``{g, g + SLOTS, ...}`` (strided, so a run of large values spreads over groups) has at
+    least ``k`` values at or above it, so every top-``k`` value is ``>= t``. When at most
+    ``SLOTS`` values reach ``t`` (the rule for spread-out values) they are all taken;
+    otherwise the k-th largest value is found digit by digit over its float32 pattern
+    (non-negative floats order like their bits; :func:`_radix_digit`), ``RADIX_BITS`` bits a
+    round, and the values above it are taken with the ties at it in array order until ``k``
+    are (callers lay equal values out by ascending position). The taken keys go to their
+    slot of ``scratch`` (``SLOTS`` int64, a prefix sum) and one bitonic sort orders them;
+    the first ``k`` are the top ``k``, ties by position.
     """
     bits = tl.where(valid, tl.where(values == 0.0, 0.0, values).to(tl.int32, bitcast=True), -1)
-    kth = tl.full([], 0, tl.int32)
-    if 31 % RADIX_BITS:  # the top bits that do not fill a whole digit
-        kth = _radix_digit(bits, kth, k, 31 - 31 % RADIX_BITS, 31 % RADIX_BITS, RADIX_BITS)
-    for digit in tl.static_range(31 // RADIX_BITS):
-        kth = _radix_digit(bits, kth, k, 31 - 31 % RADIX_BITS - RADIX_BITS * (digit + 1), RADIX_BITS, RADIX_BITS)
-    above = bits > kth
-    tied = (bits == kth).to(tl.int32)
-    tied_before = tl.cumsum(tied, axis=0) - tied
-    chosen = above | ((tied > 0) & (tied_before < k - tl.sum(above.to(tl.int32), axis=0)))
+    group_max = tl.max(tl.reshape(bits, [N // SLOTS, SLOTS]), axis=0)
+    reaching = tl.sum((group_max[None, :] >= group_max[:, None]).to(tl.int32), axis=1)
+    floor = tl.maximum(tl.max(tl.where(reaching >= k, group_max, -1), axis=0), 0)
+    chosen = bits >= floor
+    if tl.sum(chosen.to(tl.int32), axis=0) > SLOTS:
+        kth = tl.full([], 0, tl.int32)
+        if 31 % RADIX_BITS:  # the top bits that do not fill a whole digit
+            kth = _radix_digit(bits, kth, k, 31 - 31 % RADIX_BITS, 31 % RADIX_BITS, RADIX_BITS)
+        for digit in tl.static_range(31 // RADIX_BITS):
+            kth = _radix_digit(bits, kth, k, 31 - 31 % RADIX_BITS - RADIX_BITS * (digit + 1), RADIX_BITS, RADIX_BITS)
+        above = bits > kth
+        tied = (bits == kth).to(tl.int32)
+        tied_before = tl.cumsum(tied, axis=0) - tied
+        chosen = above | ((tied > 0) & (tied_before < k - tl.sum(above.to(tl.int32), axis=0)))
     slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
     tl.store(scratch + slot, _pack_keys(values, positions, chosen), mask=chosen)
     slots = tl.arange(0, SLOTS)
@@ -1040,30 +1050,24 @@ def _store_topk(best, pos_ptr, value_ptr, k):
 @triton.jit
 def _chunk_topk(
     p_bar, tokens, valid, k, chunk, num_chunks, scratch_row, ticket_ptr, pos_ptr, value_ptr, stride_scc,
-    LISTS_PAD: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
+    CHUNK: tl.constexpr, LISTS_PAD: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
 ):
     """Exact top-k of one chunk of a row's dense ``p̄``; the row's last chunk to finish writes the row's top-k.
 
-    ``scratch_row`` holds ``num_chunks + 1`` slots of ``SLOTS`` keys. One chunk (not
+    ``scratch_row`` holds ``num_chunks`` slots of ``SLOTS`` keys. One chunk (not
     ``MERGE_CHUNKS``) writes its top-k directly. Otherwise each chunk leaves its sorted keys
     in its own slot (where it selected them), then takes a ticket (``ticket_ptr``, zeroed
-    before the launch): the chunk drawing the last one selects the top-k of every chunk's
-    keys again (chunks hold ascending positions, so ties still go lowest position first) in
-    slot ``num_chunks`` and writes the row's positions and values.
+    before the launch): the chunk drawing the last one merges every chunk's list
+    (:func:`_merge_lists`; keys order ties by position) and writes the row's positions and
+    values.
     """
-    best = _select_topk(p_bar, tokens, valid, k, scratch_row + chunk * stride_scc, RADIX_BITS)
+    best = _select_topk(p_bar, tokens, valid, k, scratch_row + chunk * stride_scc, CHUNK, RADIX_BITS)
     if MERGE_CHUNKS:
         slots = tl.arange(0, SLOTS)
         tl.store(scratch_row + chunk * stride_scc + slots[None, :], best)
         tl.debug_barrier()
         if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == num_chunks - 1:
-            entries = tl.arange(0, LISTS_PAD * SLOTS)
-            listed = entries // SLOTS < num_chunks
-            keys = tl.load(scratch_row + (entries // SLOTS) * stride_scc + entries % SLOTS, mask=listed,
-                           other=EMPTY_KEY, cache_modifier=".cg")
-            values, positions = _unpack_keys(keys)
-            best = _select_topk(values, positions, keys != EMPTY_KEY, k, scratch_row + num_chunks * stride_scc,
-                                RADIX_BITS)
+            best = _merge_lists(scratch_row, stride_scc, 0, num_chunks, k, LISTS_PAD)
             _store_topk(best, pos_ptr, value_ptr, k)
     else:
         _store_topk(best, pos_ptr, value_ptr, k)
@@ -1095,7 +1099,7 @@ def _dense_topk_kernel(
     p_bar = tl.load(probs_ptr + row * stride_pr + tokens, mask=tokens < width, other=float("-inf"))
     _chunk_topk(
         p_bar, tokens, p_bar >= 0.0, k, chunk, num_chunks, scratch_ptr + row * stride_scr, tickets_ptr + row,
-        pos_ptr + row * stride_or, value_ptr + row * stride_or, stride_scc, LISTS_PAD, MERGE_CHUNKS, RADIX_BITS,
+        pos_ptr + row * stride_or, value_ptr + row * stride_or, stride_scc, CHUNK, LISTS_PAD, MERGE_CHUNKS, RADIX_BITS,
     )
 
 
@@ -1156,7 +1160,7 @@ def _stored_block_topk(
         _chunk_topk(
             chunk_probs, chunk_tokens, chunk_probs >= 0.0, k, chunk, num_chunks, scratch_ptr + row * stride_scr,
             tickets_ptr + row * stride_tr + 1, pos_ptr + row * stride_or, value_ptr + row * stride_or, stride_scc,
-            LISTS_PAD, MERGE_CHUNKS, RADIX_BITS,
+            CHUNK, LISTS_PAD, MERGE_CHUNKS, RADIX_BITS,
         )
 
 
@@ -1279,13 +1283,14 @@ def _merge_lists(row_keys, stride_ks, first_list, num_lists, k, LISTS_PAD: tl.co
     """
     slots = tl.arange(0, SLOTS)
     lists = tl.arange(0, LISTS_PAD)
-    firsts = tl.load(row_keys + (first_list + lists) * stride_ks, mask=lists < num_lists, other=EMPTY_KEY)
+    firsts = tl.load(row_keys + (first_list + lists) * stride_ks, mask=lists < num_lists, other=EMPTY_KEY,
+                     cache_modifier=".cg")
     reversed_slots = tl.expand_dims(slots * -1 + (SLOTS - 1), 0)
     best = tl.full([1, SLOTS], EMPTY_KEY, tl.int64)
     for i in range(num_lists):
         first = tl.max(tl.where(lists == i, firsts, EMPTY_KEY), axis=0)
         if first > tl.max(_kth_key(best, k, SLOTS), axis=0):
-            ascending = tl.load(row_keys + (first_list + i) * stride_ks + reversed_slots)
+            ascending = tl.load(row_keys + (first_list + i) * stride_ks + reversed_slots, cache_modifier=".cg")
             best = _merge_sorted(best, ascending, 1, 0)
     return best
 
@@ -1463,8 +1468,7 @@ class SplitCombine:
 
 def _dense_chunk(width: int) -> int:
     """Positions per Pass B chunk program over a ``width``-wide row of stored logits (a power of two)."""
-    chunk = max(TOPK_SLOTS, min(DENSE_CHUNK, triton.next_power_of_2(width)))
-    return max(chunk, triton.next_power_of_2(triton.cdiv(width, DENSE_MAX_LISTS)))
+    return max(DENSE_CHUNK, triton.next_power_of_2(triton.cdiv(width, DENSE_MAX_LISTS)))
 
 
 def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: PassAOutputs,
@@ -1497,7 +1501,7 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
         block = min(chunk, DENSE_BLOCK, max(TOPK_SLOTS, DENSE_LOAD_ELEMENTS // heads_pad))
         num_blocks, num_chunks = triton.cdiv(width, block), triton.cdiv(width, chunk)
         probs = torch.empty((rows, width), **f32)
-        scratch = torch.empty((rows, num_chunks + 1, TOPK_SLOTS), dtype=torch.int64, device=device)
+        scratch = torch.empty((rows, num_chunks, TOPK_SLOTS), dtype=torch.int64, device=device)
     attention = combine or SplitCombine(stats, stats, stats, stats)
     programs = rows * (num_blocks + num_heads) + (combine.out.shape[0] * num_heads if combine else 0)
     if programs:
@@ -1516,7 +1520,7 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
             TOPK=stored_topk,
             BLOCK=block,
             CHUNK=chunk,
-            LISTS_PAD=max(2, triton.next_power_of_2(num_chunks)),
+            LISTS_PAD=DENSE_MAX_LISTS,
             MERGE_CHUNKS=num_chunks > 1,
             RADIX_BITS=DENSE_TOPK_RADIX_BITS,
             COMBINE_OUT=combine is not None,
@@ -1549,12 +1553,12 @@ def dense_topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
         raise ValueError(f"dense_topk ranks rows of up to {DENSE_MAX_LISTS * DENSE_MAX_CHUNK} positions, got {width}")
     chunk = _dense_chunk(width)
     num_chunks = triton.cdiv(width, chunk)
-    scratch = torch.empty((rows, num_chunks + 1, TOPK_SLOTS), dtype=torch.int64, device=device)
+    scratch = torch.empty((rows, num_chunks, TOPK_SLOTS), dtype=torch.int64, device=device)
     tickets = torch.zeros((rows,), dtype=torch.int32, device=device)
     _dense_topk_kernel[(rows, num_chunks)](
         probs, scratch, tickets, pos, values, width, k, num_chunks, probs.stride(0), *scratch.stride()[:2],
         pos.stride(0),
-        CHUNK=chunk, LISTS_PAD=max(2, triton.next_power_of_2(num_chunks)), MERGE_CHUNKS=num_chunks > 1,
+        CHUNK=chunk, LISTS_PAD=DENSE_MAX_LISTS, MERGE_CHUNKS=num_chunks > 1,
         RADIX_BITS=DENSE_TOPK_RADIX_BITS, num_warps=DENSE_TOPK_NUM_WARPS,
     )
     return pos, values
