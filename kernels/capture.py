@@ -10,14 +10,17 @@ torch twin with the same API. Two passes over the keys, both split-K over positi
   per-head running top-k of the logits over ``W``. :func:`paged_decode_attention_capture`
   runs Pass A inside the decode attention kernel (same logits, same running max, one read
   of ``K``); :func:`attention_capture` runs it standalone over ``U`` only (used for
-  de-rotated logits, which differ from the attention's). A combine kernel merges the
-  splits per head into ``lse_U``, ``H_h = log l_C - e_C / l_C``, ``hist_h = hist_C / l_C``
-  and ``l_S / l_U`` and sums them with the head weights.
+  de-rotated logits, which differ from the attention's). One finish launch
+  (:func:`_capture_finish_kernel`) then merges the splits per head into ``lse_U``,
+  ``H_h = log l_C - e_C / l_C``, ``hist_h = hist_C / l_C`` and ``l_S / l_U`` and sums them
+  with the head weights (the last head of a row to finish, counted by an atomic ticket),
+  merges the decode attention's own splits, and runs Pass B from stored logits.
 * Pass B (only when ``top_k > 0``) needs every head's final ``lse_U``. When the captured
-  rows' logits fit ``LOGIT_STORE_MAX_BYTES``, Pass A stores them and Pass B streams them
-  into a dense ``p̄ = sum_h w_h exp(s_h[j] - lse_h)`` per row, whose exact top-k
-  :func:`dense_topk` finds without sorting: the k-th value bit by bit over its float32
-  pattern, then the keys reaching it. Otherwise Pass A records each head's largest logit
+  rows' logits fit ``LOGIT_STORE_MAX_BYTES``, Pass A stores them and the finish launch
+  streams them into a dense ``p̄ = sum_h w_h exp(s_h[j] - lse_h)`` per row (each block
+  merging the ``lse`` it needs from the split partials), whose exact top-k the last block
+  of each chunk finds without sorting (:func:`_select_topk`) and the last chunk of a row
+  merges. Otherwise Pass A records each head's largest logit
   per key tile (tiles aligned to multiples of ``TILE_N``); with ``lse`` they bound ``p̄``
   per tile from above and below, and only the tiles whose upper bound reaches a floor
   under the ``k``-th value are re-read (see :func:`_mean_topk`), each by one program
