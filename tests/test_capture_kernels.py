@@ -507,7 +507,8 @@ def test_stored_pass_b_ranks_across_blocks_and_chunks(seed: int, fused: bool, mo
 
 
 def test_logits_are_stored_only_within_the_budget(seed: int) -> None:
-    """Pass A keeps float32 logits for every head and key tile position only when they fit the byte budget."""
+    """Pass A keeps float32 logits for every head and key tile position only when they fit the byte budget
+    and Pass B's chunks span the row."""
     case = make_case(seed, [100, 30], 8, 2, 32, 16, torch.float32)
     req = make_request(case, random.Random(seed), 4, 0)
     needed = 2 * 8 * 2 * 64 * 4  # rows x heads x (2 tiles of 64 positions cover 7 blocks of 16) x float32
