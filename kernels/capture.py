@@ -1040,14 +1040,15 @@ def _select_topk(values, positions, valid, k, scratch, N: tl.constexpr, RADIX_BI
 
 
 @triton.jit
-def _store_topk(best, pos_ptr, value_ptr, k):
-    """Write the first ``k`` of sorted keys ``best`` ``[1, SLOTS]`` as positions and values (-1 / 0 where empty)."""
+def _store_topk(best, pos_ptr, value_ptr, k, empty_value):
+    """Write the first ``k`` of sorted keys ``best`` ``[1, SLOTS]`` as positions and values (-1 / ``empty_value``
+    where empty)."""
     slots = tl.arange(0, SLOTS)
     values, positions = _unpack_keys(best)
     empty = best == EMPTY_KEY
     keep = slots[None, :] < k
     tl.store(pos_ptr + slots[None, :], tl.where(empty, -1, positions), mask=keep)
-    tl.store(value_ptr + slots[None, :], tl.where(empty, 0.0, values), mask=keep)
+    tl.store(value_ptr + slots[None, :], tl.where(empty, empty_value, values), mask=keep)
 
 
 @triton.jit
@@ -1071,9 +1072,9 @@ def _chunk_topk(
         tl.debug_barrier()
         if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == num_chunks - 1:
             best = _merge_lists(scratch_row, stride_scc, 0, num_chunks, k, LISTS_PAD)
-            _store_topk(best, pos_ptr, value_ptr, k)
+            _store_topk(best, pos_ptr, value_ptr, k, 0.0)
     else:
-        _store_topk(best, pos_ptr, value_ptr, k)
+        _store_topk(best, pos_ptr, value_ptr, k, 0.0)
 
 
 @triton.jit
@@ -1317,13 +1318,8 @@ def _merge_topk_kernel(
 ):
     """Merge one row's top-k key lists (each sorted descending) into its final top-``k`` positions and values."""
     row = tl.program_id(0)
-    slots = tl.arange(0, SLOTS)
     best = _merge_lists(keys_ptr + row * stride_kr, stride_ks, 0, num_lists, k, LISTS_PAD)
-    values, positions = _unpack_keys(best)
-    empty = best == EMPTY_KEY
-    keep = slots[None, :] < k
-    tl.store(pos_ptr + row * stride_or + slots[None, :], tl.where(empty, -1, positions), mask=keep)
-    tl.store(value_ptr + row * stride_or + slots[None, :], tl.where(empty, empty_value, values), mask=keep)
+    _store_topk(best, pos_ptr + row * stride_or, value_ptr + row * stride_or, k, empty_value)
 
 
 # ----------------------------------------------------------------------------- launchers
