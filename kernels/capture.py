@@ -98,7 +98,8 @@ PASS_B_ROPE_NUM_WARPS = 8
 # also computed the chunk's p̄ (instead of blocks in parallel) was 1.3-2x slower end to end.
 DENSE_BLOCK = 256
 DENSE_CHUNK = 2048
-DENSE_MAX_LISTS = 32
+LOG_DENSE_MAX_LISTS = 5
+DENSE_MAX_LISTS = 1 << LOG_DENSE_MAX_LISTS
 DENSE_MAX_CHUNK = 8192
 DENSE_LOAD_ELEMENTS = 16384
 DENSE_TOPK_NUM_WARPS = 8
@@ -1054,7 +1055,7 @@ def _store_topk(best, pos_ptr, value_ptr, k, empty_value):
 @triton.jit
 def _chunk_topk(
     p_bar, tokens, valid, k, chunk, num_chunks, scratch_row, ticket_ptr, pos_ptr, value_ptr, stride_scc,
-    CHUNK: tl.constexpr, LISTS_PAD: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
+    CHUNK: tl.constexpr, LOG_LISTS: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
 ):
     """Exact top-k of one chunk of a row's dense ``p̄``; the row's last chunk to finish writes the row's top-k.
 
@@ -1062,7 +1063,7 @@ def _chunk_topk(
     ``MERGE_CHUNKS``) writes its top-k directly. Otherwise each chunk leaves its sorted keys
     in its own slot (where it selected them), then takes a ticket (``ticket_ptr``, zeroed
     before the launch): the chunk drawing the last one merges every chunk's list
-    (:func:`_merge_lists`; keys order ties by position) and writes the row's positions and
+    (:func:`_fold_lists`; keys order ties by position) and writes the row's positions and
     values.
     """
     best = _select_topk(p_bar, tokens, valid, k, scratch_row + chunk * stride_scc, CHUNK, RADIX_BITS)
@@ -1071,7 +1072,7 @@ def _chunk_topk(
         tl.store(scratch_row + chunk * stride_scc + slots[None, :], best)
         tl.debug_barrier()
         if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == num_chunks - 1:
-            best = _merge_lists(scratch_row, stride_scc, 0, num_chunks, k, LISTS_PAD)
+            best = _fold_lists(scratch_row, stride_scc, num_chunks, LOG_LISTS)
             _store_topk(best, pos_ptr, value_ptr, k, 0.0)
     else:
         _store_topk(best, pos_ptr, value_ptr, k, 0.0)
@@ -1092,7 +1093,7 @@ def _dense_topk_kernel(
     stride_scc,
     stride_or,
     CHUNK: tl.constexpr,
-    LISTS_PAD: tl.constexpr,
+    LOG_LISTS: tl.constexpr,
     MERGE_CHUNKS: tl.constexpr,
     RADIX_BITS: tl.constexpr,
 ):
@@ -1103,7 +1104,7 @@ def _dense_topk_kernel(
     p_bar = tl.load(probs_ptr + row * stride_pr + tokens, mask=tokens < width, other=float("-inf"))
     _chunk_topk(
         p_bar, tokens, p_bar >= 0.0, k, chunk, num_chunks, scratch_ptr + row * stride_scr, tickets_ptr + row,
-        pos_ptr + row * stride_or, value_ptr + row * stride_or, stride_scc, CHUNK, LISTS_PAD, MERGE_CHUNKS, RADIX_BITS,
+        pos_ptr + row * stride_or, value_ptr + row * stride_or, stride_scc, CHUNK, LOG_LISTS, MERGE_CHUNKS, RADIX_BITS,
     )
 
 
@@ -1129,7 +1130,7 @@ def _stored_block_topk(
     stride_lgr, stride_lgh, stride_sr, stride_sh, stride_ss, stride_sf, stride_wr, stride_pr, stride_scr, stride_scc,
     stride_tr, stride_or,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, HEADS_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    LISTS_PAD: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
+    LOG_LISTS: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
 ):
     """Pass B from stored logits for ``BLOCK`` positions of a row; the last block of a chunk ranks the chunk.
 
@@ -1164,7 +1165,7 @@ def _stored_block_topk(
         _chunk_topk(
             chunk_probs, chunk_tokens, chunk_probs >= 0.0, k, chunk, num_chunks, scratch_ptr + row * stride_scr,
             tickets_ptr + row * stride_tr + 1, pos_ptr + row * stride_or, value_ptr + row * stride_or, stride_scc,
-            CHUNK, LISTS_PAD, MERGE_CHUNKS, RADIX_BITS,
+            CHUNK, LOG_LISTS, MERGE_CHUNKS, RADIX_BITS,
         )
 
 
@@ -1236,7 +1237,7 @@ def _capture_finish_kernel(
     stride_scc, stride_or,
     stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_pls, stride_ob, stride_oh, stride_lb, stride_lh,
     SPLITS_PAD: tl.constexpr, HEADS_PAD: tl.constexpr, TOPK: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-    LISTS_PAD: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr, COMBINE_OUT: tl.constexpr,
+    LOG_LISTS: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr, COMBINE_OUT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
     """Everything after Pass A in one launch, one job per program (1-D grid).
@@ -1258,7 +1259,7 @@ def _capture_finish_kernel(
                 mask_prefix_ptr, window_ptr, sink_tokens_ptr, probs_ptr, scratch_ptr, tickets_ptr, pos_ptr, value_ptr,
                 num_heads, num_splits, width, num_chunks, k, stride_lgr, stride_lgh, stride_sr, stride_sh, stride_ss,
                 stride_sf, stride_wr, stride_pr, stride_scr, stride_scc, stride_tr, stride_or,
-                BLOCK, CHUNK, HEADS_PAD, SPLITS_PAD, LISTS_PAD, MERGE_CHUNKS, RADIX_BITS,
+                BLOCK, CHUNK, HEADS_PAD, SPLITS_PAD, LOG_LISTS, MERGE_CHUNKS, RADIX_BITS,
             )
     elif job < rows * num_heads:
         _combine_head(
@@ -1274,6 +1275,37 @@ def _capture_finish_kernel(
             stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_pls, stride_ob, stride_oh,
             stride_lb, stride_lh, HEAD_DIM, SPLITS_PAD,
         )
+
+
+@triton.jit
+def _fold_lists(row_keys, stride_ks, num_lists, LOG_LISTS: tl.constexpr):
+    """The top ``SLOTS`` keys, sorted descending, of ``num_lists`` lists (each sorted descending, at most
+    ``2^LOG_LISTS``) at ``row_keys + list * stride_ks``; overwrites the lists.
+
+    A merge tree, each level all at once: with ``half`` the level's width, list ``i + half``
+    (read reversed, ascending) merges into list ``i`` for every ``i < half``
+    (:func:`_merge_sorted`), so ``LOG_LISTS`` levels leave the top keys in list 0 -- against
+    one merge after another in :func:`_merge_lists`, a serial chain that dominated the
+    finish of rows with many chunks. Levels whose upper half is empty are skipped.
+    """
+    slots = tl.arange(0, SLOTS)
+    reversed_slots = slots * -1 + (SLOTS - 1)
+    for level in tl.static_range(1, LOG_LISTS):
+        lists = tl.arange(0, 1 << (LOG_LISTS - level))
+        if num_lists > (1 << (LOG_LISTS - level)):
+            kept = lists < num_lists
+            best = tl.load(row_keys + lists[:, None] * stride_ks + slots[None, :], mask=kept[:, None],
+                           other=EMPTY_KEY, cache_modifier=".cg")
+            folded = lists + (1 << (LOG_LISTS - level))
+            ascending = tl.load(row_keys + folded[:, None] * stride_ks + reversed_slots[None, :],
+                                mask=(folded < num_lists)[:, None], other=EMPTY_KEY, cache_modifier=".cg")
+            merged = _merge_sorted(best, ascending, 1 << (LOG_LISTS - level), LOG_LISTS - level)
+            tl.store(row_keys + lists[:, None] * stride_ks + slots[None, :], merged, mask=kept[:, None])
+            tl.debug_barrier()
+    best = tl.load(row_keys + slots[None, :], cache_modifier=".cg")
+    ascending = tl.load(row_keys + stride_ks + reversed_slots[None, :], mask=(slots * 0 + 1 < num_lists)[None, :],
+                        other=EMPTY_KEY, cache_modifier=".cg")
+    return _merge_sorted(best, ascending, 1, 0)
 
 
 @triton.jit
@@ -1519,7 +1551,7 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
             TOPK=stored_topk,
             BLOCK=block,
             CHUNK=chunk,
-            LISTS_PAD=DENSE_MAX_LISTS,
+            LOG_LISTS=LOG_DENSE_MAX_LISTS,
             MERGE_CHUNKS=num_chunks > 1,
             RADIX_BITS=DENSE_TOPK_RADIX_BITS,
             COMBINE_OUT=combine is not None,
@@ -1557,7 +1589,7 @@ def dense_topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     _dense_topk_kernel[(rows, num_chunks)](
         probs, scratch, tickets, pos, values, width, k, num_chunks, probs.stride(0), *scratch.stride()[:2],
         pos.stride(0),
-        CHUNK=chunk, LISTS_PAD=DENSE_MAX_LISTS, MERGE_CHUNKS=num_chunks > 1,
+        CHUNK=chunk, LOG_LISTS=LOG_DENSE_MAX_LISTS, MERGE_CHUNKS=num_chunks > 1,
         RADIX_BITS=DENSE_TOPK_RADIX_BITS, num_warps=DENSE_TOPK_NUM_WARPS,
     )
     return pos, values
