@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 ZONES = ("syntax_floor", "semantic_bridge", "long_range", "diffuse", "structure_ripple", "unknown")
 
 SAMPLING_BY_ZONE = {
@@ -21,19 +23,31 @@ def is_periodic(offsets: Sequence[int], masses: Sequence[float], min_share: floa
     The structure-ripple rule: among the attended offsets ``d >= 2`` (local ones say
     nothing about structure) there are at least three distinct multiples of one period
     ``p >= 2`` (the same column of earlier table rows, earlier list items), and those
-    multiples hold at least ``min_share`` of the mass at ``d >= 2``.
+    multiples hold at least ``min_share`` of the mass at ``d >= 2``. Repeated offsets
+    count once, with their masses added (see :func:`periodic_rows`).
     """
-    far = [(d, m) for d, m in zip(offsets, masses) if d >= 2]
-    total = sum(m for _, m in far)
-    if total <= 0:
-        return False
-    for period in sorted({d for d, _ in far}):
-        multiples = {d for d, _ in far if d % period == 0}
-        if len(multiples) >= 3:
-            share = sum(m for d, m in far if d % period == 0) / total
-            if share >= min_share:
-                return True
-    return False
+    distinct, where = np.unique(np.asarray(offsets, dtype=np.int64), return_inverse=True)
+    summed = np.bincount(where.reshape(-1), weights=np.asarray(masses, dtype=np.float64), minlength=len(distinct))
+    return bool(periodic_rows(distinct[None, :], summed[None, :], np.ones((1, len(distinct)), bool), min_share)[0])
+
+
+def periodic_rows(offsets: np.ndarray, masses: np.ndarray, valid: np.ndarray, min_share: float = 0.5) -> np.ndarray:
+    """:func:`is_periodic` for many rows at once: ``[N]`` bools for ``[N, K]`` offsets, masses and valid flags.
+
+    Each row's valid offsets must be distinct (top-k positions are). Every valid offset
+    ``d >= 2`` is tried as the period, as a ``[N, K, K]`` divisibility table, so a step's
+    sketches are classified without a Python loop per row.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    far = np.asarray(valid, dtype=bool) & (offsets >= 2)
+    weights = np.where(far, np.asarray(masses, dtype=np.float64), 0.0)
+    total = weights.sum(axis=1)
+    periods = np.where(far, offsets, 1)
+    multiple = far[:, None, :] & (offsets[:, None, :] % periods[:, :, None] == 0)  # [row, period, offset]
+    counted = multiple.sum(axis=2) >= 3
+    share = (multiple * weights[:, None, :]).sum(axis=2)
+    holds = far & counted & (share >= min_share * total[:, None])
+    return (total > 0) & holds.any(axis=1)
 
 
 def classify(fingerprint: Sequence[float], periodic: bool = False) -> str:

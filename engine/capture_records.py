@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -21,22 +19,10 @@ from attnscope.capture import SKETCH_HUBS
 from attnscope.engine.capture_plan import CaptureRow, StepCapture
 from attnscope.engine.sequence import Sequence
 from attnscope.kernels.capture_reference import FINGERPRINT_DIM, CaptureResult, fingerprint_v1
-from attnscope.zones import classify, is_periodic
+from attnscope.zones import classify, periodic_rows
 
 
 _PACKED_FIELDS = ("lse", "hist", "entropy", "sink_mass", "num_stat_positions", "topk_pos", "topk_prob")
-
-
-@dataclass
-class LayerRow:
-    """One row's capture in one layer, on the host (numpy views of the step's packed results)."""
-
-    positions: np.ndarray
-    probs: np.ndarray
-    lse: np.ndarray
-    hist: np.ndarray
-    entropy: float
-    sink_mass: float
 
 
 def pack_results(step: StepCapture) -> torch.Tensor | None:
@@ -78,13 +64,16 @@ def results_to_host(step: StepCapture) -> None:
 def step_records(step: StepCapture, packed: np.ndarray | None) -> dict[int, list[dict]]:
     """Wire records of a step's captured rows, per sequence id, in position order.
 
-    ``packed`` is ``pack_results(step)`` on the host. Fingerprints are computed per layer
-    for all rows at once and averaged over each row's layers with array adds; per-layer
-    rows (``LayerRow``) are only built for the raw and sketch modes, which report layers.
+    ``packed`` is ``pack_results(step)`` on the host. Each layer's group is turned into
+    its rows' per-layer entries at once (:func:`_raw_layers`, :func:`_sketch_layers`);
+    fingerprints are computed only for the rows that report them (fingerprint and sketch
+    modes), per layer for all of them in one call, and averaged over each row's layers
+    with array adds.
     """
     index: dict[tuple[int, int], int] = {}
     rows: list[CaptureRow] = []
-    layer_rows: list[dict[int, LayerRow | dict]] = []
+    layer_entries: list[dict[int, dict]] = []
+    periodic: list[bool] = []
     per_group: list[tuple[np.ndarray, ...]] = []
     offset = 0
     for layer in sorted(step.layers):
@@ -94,54 +83,57 @@ def step_records(step: StepCapture, packed: np.ndarray | None) -> dict[int, list
             where = np.empty(n, dtype=np.int64)
             modes = [row.seq.capture.params.mode for row in group.rows]
             raws = _raw_layers(fields, group.rows) if "raw" in modes else None
+            sketches, ripples = _sketch_layers(fields, group.rows) if "sketch" in modes else (None, None)
             for i, row in enumerate(group.rows):
                 key = (row.seq.seq_id, row.position)
                 j = index.get(key)
                 if j is None:
                     j = index[key] = len(rows)
                     rows.append(row)
-                    layer_rows.append({})
+                    layer_entries.append({})
+                    periodic.append(False)
                 where[i] = j
                 if modes[i] == "raw":
-                    layer_rows[j][layer] = raws[i]
+                    layer_entries[j][layer] = raws[i]
                 elif modes[i] == "sketch":
-                    layer_rows[j][layer] = _layer_row(fields, i)
-            per_group.append((where, fields["hist"][:n], fields["entropy"][:n], fields["num_stat_positions"][:n],
-                              fields["sink_mass"][:n]))
-    fingerprint_sum = np.zeros((len(rows), FINGERPRINT_DIM))
-    sink_sum = np.zeros(len(rows))
-    layer_count = np.zeros(len(rows))
-    if per_group:  # one fingerprint_v1 call for every (row, layer) of the step
-        where, hist, entropy, count, sink = (np.concatenate(parts) for parts in zip(*per_group))
-        layer_fingerprints = fingerprint_v1(torch.from_numpy(hist), torch.from_numpy(entropy),
-                                            torch.from_numpy(count)).numpy()
-        start = 0
-        for group_where, *_ in per_group:  # a row recurs once per layer it captures, at most once per group
-            part = slice(start, start + len(group_where))
-            fingerprint_sum[group_where] += layer_fingerprints[part]
-            sink_sum[group_where] += sink[part]
-            layer_count[group_where] += 1
-            start = part.stop
-    fingerprints = fingerprint_sum / layer_count[:, None]
-    sinks = sink_sum / layer_count
+                    layer_entries[j][layer] = sketches[i]
+                    periodic[j] = periodic[j] or bool(ripples[i])
+            summarised = np.array([mode != "raw" for mode in modes])
+            if summarised.any():
+                per_group.append((where[summarised], fields["hist"][:n][summarised],
+                                  fields["entropy"][:n][summarised], fields["num_stat_positions"][:n][summarised],
+                                  fields["sink_mass"][:n][summarised]))
+    fingerprints, sinks = _mean_fingerprints(per_group, len(rows))
     records: dict[int, list[dict]] = {}
     for j in sorted(range(len(rows)), key=lambda j: (rows[j].seq.seq_id, rows[j].position)):
         records.setdefault(rows[j].seq.seq_id, []).append(
-            _record(rows[j], layer_rows[j], fingerprints[j].tolist(), float(sinks[j])))
+            _record(rows[j], layer_entries[j], fingerprints[j], sinks[j], periodic[j]))
     return records
 
 
-def _layer_row(fields: dict[str, np.ndarray], i: int) -> LayerRow:
-    """Row ``i`` of a group's unpacked fields (top-k entries past ``|W|`` dropped)."""
-    positions = probs = _EMPTY
-    if "topk_pos" in fields:
-        keep = fields["topk_pos"][i] >= 0
-        positions, probs = fields["topk_pos"][i][keep].astype(np.int64), fields["topk_prob"][i][keep]
-    return LayerRow(positions, probs, fields["lse"][i], fields["hist"][i], float(fields["entropy"][i]),
-                    float(fields["sink_mass"][i]))
-
-
-_EMPTY = np.zeros(0, dtype=np.float32)
+def _mean_fingerprints(per_group: list[tuple[np.ndarray, ...]], num_rows: int) -> tuple[list, list]:
+    """Per step row, fingerprint v1 and sink mass averaged over the layers it captures (``None`` for rows no
+    group lists: raw rows). One ``fingerprint_v1`` call covers every (row, layer) of the step."""
+    if not per_group:
+        return [None] * num_rows, [None] * num_rows
+    fingerprint_sum = np.zeros((num_rows, FINGERPRINT_DIM))
+    sink_sum = np.zeros(num_rows)
+    layer_count = np.zeros(num_rows)
+    where, hist, entropy, count, sink = (np.concatenate(parts) for parts in zip(*per_group))
+    layer_fingerprints = fingerprint_v1(torch.from_numpy(hist), torch.from_numpy(entropy),
+                                        torch.from_numpy(count)).numpy()
+    start = 0
+    for group_where, *_ in per_group:  # a row recurs once per layer it captures, at most once per group
+        part = slice(start, start + len(group_where))
+        fingerprint_sum[group_where] += layer_fingerprints[part]
+        sink_sum[group_where] += sink[part]
+        layer_count[group_where] += 1
+        start = part.stop
+    listed = layer_count > 0
+    fingerprints = np.divide(fingerprint_sum, np.maximum(layer_count, 1)[:, None]).tolist()
+    sinks = np.divide(sink_sum, np.maximum(layer_count, 1)).tolist()
+    return ([f if ok else None for f, ok in zip(fingerprints, listed.tolist())],
+            [m if ok else None for m, ok in zip(sinks, listed.tolist())])
 
 
 def _unpack(result, packed: np.ndarray, offset: int) -> tuple[dict[str, np.ndarray], int]:
@@ -158,8 +150,10 @@ def _unpack(result, packed: np.ndarray, offset: int) -> tuple[dict[str, np.ndarr
     return fields, offset
 
 
-def _record(row: CaptureRow, layers: dict[int, LayerRow | dict], fingerprint: list[float], sink_mass: float) -> dict:
-    """One wire entry for one captured row (``fingerprint``/``sink_mass``: means over its layers).
+def _record(row: CaptureRow, layers: dict[int, dict], fingerprint: list[float] | None, sink_mass: float | None,
+            periodic: bool) -> dict:
+    """One wire entry for one captured row (``fingerprint``/``sink_mass``: means over its layers; ``periodic``:
+    whether any of its sketched layers attends periodically).
 
     The think phase is read here, when the records are built, not when the step was
     planned: by now the row's own token is on the host even if the step was launched
@@ -176,14 +170,12 @@ def _record(row: CaptureRow, layers: dict[int, LayerRow | dict], fingerprint: li
         return {"fingerprint": fingerprint, "schema_version": 1, "manifold": classify(fingerprint),
                 "step": row.decode_step, "sink_mass": sink_mass, **base}
     if mode == "sketch":
-        sketches = {str(layer): _sketch(row, data) for layer, data in sorted(layers.items())}
-        periodic = any(is_periodic((row.position - d.positions).tolist(), d.probs.tolist()) for d in layers.values())
+        sketches = {str(layer): layers[layer] for layer in sorted(layers)}
         return {"mode": "sketch", "layer_sketches": sketches, "manifold": classify(fingerprint, periodic), **base}
-    raws = dict(sorted(layers.items()))
-    if len(raws) == 1:
-        (layer, data), = raws.items()
+    if len(layers) == 1:
+        (layer, data), = layers.items()
         return {**data, "layer_id": layer, **base}
-    return {"layers": {str(layer): data for layer, data in raws.items()}, **base}
+    return {"layers": {str(layer): layers[layer] for layer in sorted(layers)}, **base}
 
 
 def _raw_layers(fields: dict[str, np.ndarray], rows: list[CaptureRow]) -> list[dict]:
@@ -208,22 +200,30 @@ def _raw_layers(fields: dict[str, np.ndarray], rows: list[CaptureRow]) -> list[d
     position_lists, prob_lists = (positions - shift).tolist(), probs.tolist()
     score_lists, logit_lists = scores.tolist(), logits.tolist()
     return [{"token_positions": position_lists[i][:k], "attention_scores": score_lists[i][:k],
-             "topk_logits": logit_lists[i][:k], "logsumexp_candidates": float(lse[i]),
-             "true_probs": prob_lists[i][:k], "topk_mass": float(mass[i])}
-            for i, k in enumerate(ks.tolist())]
+             "topk_logits": logit_lists[i][:k], "logsumexp_candidates": lse_i,
+             "true_probs": prob_lists[i][:k], "topk_mass": mass_i}
+            for i, (k, lse_i, mass_i) in enumerate(zip(ks.tolist(), lse.tolist(), mass.tolist()))]
 
 
-def _sketch(row: CaptureRow, data: LayerRow) -> dict:
-    """Sketch fields of one layer: hubs, distance histogram, entropy, captured mass."""
-    n = row.seq.capture.params.mask_prefix
-    positions, masses = data.positions[:SKETCH_HUBS], data.probs[:SKETCH_HUBS].astype(np.float64)
-    return {
-        "top_hubs": [[p - n, m] for p, m in zip(positions.tolist(), masses.tolist())],
-        "dist_hist": data.hist.astype(np.float64).tolist(),
-        "entropy": data.entropy,
-        "mass_captured": float(masses.sum()),
-        "sink_mass": data.sink_mass,
-    }
+def _sketch_layers(fields: dict[str, np.ndarray], rows: list[CaptureRow]) -> tuple[list[dict], np.ndarray]:
+    """Sketch fields of one layer for every row of a group (hubs, distance histogram, entropy, captured mass,
+    sink mass), and whether each row's hubs attend periodically (:func:`periodic_rows`), all at once."""
+    n = len(rows)
+    positions = fields["topk_pos"][:n, :SKETCH_HUBS].astype(np.int64)
+    masses = fields["topk_prob"][:n, :SKETCH_HUBS].astype(np.float64)
+    valid = positions >= 0
+    query = np.array([row.position for row in rows], dtype=np.int64)[:, None]
+    shift = np.array([row.seq.capture.params.mask_prefix for row in rows], dtype=np.int64)[:, None]
+    ripples = periodic_rows(query - positions, masses, valid)
+    counts = valid.sum(axis=1).tolist()
+    hub_positions, hub_masses = (positions - shift).tolist(), masses.tolist()
+    mass_captured = np.where(valid, masses, 0.0).sum(axis=1).tolist()
+    hists = fields["hist"][:n].astype(np.float64).tolist()
+    entropies, sinks = fields["entropy"][:n].tolist(), fields["sink_mass"][:n].tolist()
+    sketches = [{"top_hubs": list(map(list, zip(hub_positions[i][:c], hub_masses[i][:c]))), "dist_hist": hists[i],
+                 "entropy": entropies[i], "mass_captured": mass_captured[i], "sink_mass": sinks[i]}
+                for i, c in enumerate(counts)]
+    return sketches, ripples
 
 
 def append_full_rows(step: StepCapture) -> None:

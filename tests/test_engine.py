@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 
 import pytest
 
@@ -246,3 +248,18 @@ def test_unknown_and_corrupt_models_give_clear_errors(tmp_path, smollm_path):
     corrupt.write_bytes(smollm_path.read_bytes()[: 1 << 20])
     with pytest.raises(ModelLoadError):
         LLMEngine(EngineConfig(model=str(corrupt), device="cpu"))
+
+
+def test_engine_freezes_its_start_up_heap_until_closed(smollm_path):
+    """The heap built at start-up is frozen while the engine serves (the collector's full passes skip it) and
+    handed back on close, so a closed engine is collected like any object."""
+    gc.unfreeze()
+    engine = LLMEngine(EngineConfig(model=str(smollm_path), device="cpu", kv_cache_memory_gib=0.1))
+    assert gc.get_freeze_count() > 10_000
+    assert engine.generate(PROMPTS[:1], GREEDY)[0].completions[0].token_ids
+    engine.close()
+    assert gc.get_freeze_count() == 0
+    closed = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert closed() is None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from attnscope.zones import SAMPLING_BY_ZONE, classify, is_periodic
+import numpy as np
+
+from attnscope.zones import SAMPLING_BY_ZONE, classify, is_periodic, periodic_rows
 
 
 def fingerprint(local=0.0, mid=0.0, long=0.0, entropy=0.0):
@@ -36,3 +38,42 @@ def test_a_period_holding_little_mass_does_not_count():
     offsets = [5, 10, 15, 33, 47, 61]
     masses = [0.02, 0.02, 0.02, 0.3, 0.3, 0.34]
     assert not is_periodic(offsets, masses)
+
+
+def _periodic_by_definition(offsets, masses, min_share=0.5):
+    """The rule read literally: some offset p >= 2 among the far ones with >= 3 distinct far multiples
+    holding >= min_share of the far mass."""
+    far = {d: 0.0 for d in offsets if d >= 2}
+    for d, m in zip(offsets, masses):
+        if d >= 2:
+            far[d] += m
+    total = sum(far.values())
+    return total > 0 and any(
+        len([d for d in far if d % p == 0]) >= 3 and sum(m for d, m in far.items() if d % p == 0) >= min_share * total
+        for p in far)
+
+
+def test_rows_at_once_agree_with_the_rule(seed):
+    """Random top-k rows (distinct offsets, some near-periodic, some invalid entries): the batched rule and
+    the one-row rule both give the rule's answer for every row."""
+    rng = np.random.default_rng(seed)
+    rows, k = 300, 12
+    offsets = np.zeros((rows, k), dtype=np.int64)
+    for r in range(rows):
+        period = int(rng.integers(2, 9))
+        pool = np.concatenate([period * np.arange(1, 40), rng.integers(0, 300, 20)])
+        offsets[r] = rng.choice(np.unique(pool), size=k, replace=False)
+    masses = rng.dirichlet(np.ones(k), size=rows)
+    valid = rng.random((rows, k)) > 0.15
+    batched = periodic_rows(offsets, masses, valid)
+    expected = [_periodic_by_definition(offsets[r][valid[r]].tolist(), masses[r][valid[r]].tolist())
+                for r in range(rows)]
+    assert batched.tolist() == expected, f"seed={seed}"
+    assert 0 < sum(expected) < rows  # both answers occur
+    for r in range(0, rows, 7):
+        assert is_periodic(offsets[r][valid[r]].tolist(), masses[r][valid[r]].tolist()) == expected[r]
+
+
+def test_repeated_offsets_count_once_with_their_mass():
+    assert is_periodic([4, 4, 8, 12, 3], [0.2, 0.2, 0.2, 0.2, 0.2])
+    assert not is_periodic([4, 4, 4, 8], [0.25, 0.25, 0.25, 0.25])  # only two distinct multiples of 4
