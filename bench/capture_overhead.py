@@ -365,6 +365,7 @@ def bench_config(batch: int, length: int, k_cache: torch.Tensor, v_cache: torch.
         "separate_pass_total_over_fused_top32_peaked": ms["d_plain_plus_separate_pass"]
         / ms["c_fused_stats_top32_peaked"],
     }
+    result["peak_extra_bytes"] = {name: peak_extra_bytes(runs[name]) for name in ("a_plain", "c_fused_stats_top32")}
     torch.cuda.empty_cache()
     return result
 

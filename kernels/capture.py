@@ -106,9 +106,12 @@ DENSE_TOPK_NUM_WARPS = 8
 DENSE_TOPK_RADIX_BITS = 2
 FINISH_TICKETS = 64  # per capture row: the head sum, the chunk merge, one per chunk (<= DENSE_MAX_LISTS)
 # Pass A stores the captured rows' logits for Pass B (instead of Pass B re-reading K) when the
-# buffer [R, Hq, tiles * TILE_N] float32 fits in this many bytes (32 rows x 32 heads x 8K = 32 MiB)
-# and a row spans at most DENSE_MAX_LISTS * DENSE_MAX_CHUNK positions.
-LOGIT_STORE_MAX_BYTES = 64 << 20
+# buffer [R, Hq, tiles * TILE_N] float32 fits in this many bytes (32 rows x 32 heads x 128K positions)
+# and a row spans at most DENSE_MAX_LISTS * DENSE_MAX_CHUNK positions. The store is 1/32 of the
+# bytes of K and V the attention reads at Hkv=8, D=128. Measured on an H100 (Llama-8B attention,
+# flat keys): at 32 x 32K, 8 x 128K and 32 x 128K stored logits cost 1.16-1.22x the plain kernel
+# where re-reading keys cost 1.68-1.78x (the 64 MiB budget before this sent those to the re-read).
+LOGIT_STORE_MAX_BYTES = 512 << 20
 
 SLOTS = tl.constexpr(TOPK_SLOTS)
 TICKETS = tl.constexpr(FINISH_TICKETS)
