@@ -20,7 +20,7 @@ torch twin with the same API. Two passes over the keys, both split-K over positi
   streams them into a dense ``p̄ = sum_h w_h exp(s_h[j] - lse_h)`` per row (each block
   merging the ``lse`` it needs from the split partials), whose exact top-k the last block
   of each chunk finds without sorting (:func:`_select_topk`) and the last chunk of a row
-  merges. Otherwise Pass A records each head's largest logit
+  merges by a merge tree (:func:`_fold_lists`). Otherwise Pass A records each head's largest logit
   per key tile (tiles aligned to multiples of ``TILE_N``); with ``lse`` they bound ``p̄``
   per tile from above and below, and only the tiles whose upper bound reaches a floor
   under the ``k``-th value are re-read (see :func:`_mean_topk`), each by one program
@@ -90,7 +90,7 @@ PASS_B_ROPE_NUM_WARPS = 8
 # stored logits as one program per row and block of DENSE_BLOCK positions (fewer with many heads: at
 # most DENSE_LOAD_ELEMENTS logits per load) writing dense p̄; the last block of a chunk of DENSE_CHUNK
 # positions ranks the chunk exactly by DENSE_TOPK_RADIX_BITS-bit counting rounds, and a row's last
-# chunk merges the chunks' lists. Rows wider than DENSE_MAX_LISTS chunks take wider chunks, up to
+# chunk merges the chunks' lists (a merge tree of LOG_DENSE_MAX_LISTS levels). Rows wider than DENSE_MAX_LISTS chunks take wider chunks, up to
 # DENSE_MAX_CHUNK; wider rows re-read keys. Measured on an H100 with separate kernels (32 heads;
 # 32 x 8K, 8 x 32K, 1 x 128K, 1 x 2K): the counting rounds are latency-bound (1 x 2K took ~10 us
 # whatever the chunk); 2-bit digits (16 rounds) beat 1-bit ones by 2-2.5 us and 3- or 4-bit ones by
