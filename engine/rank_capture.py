@@ -12,19 +12,21 @@ buffer whose shape depends only on the step's plan, so it is the same on every r
 * per full-matrix row: ``[Hq, P + 1]`` probabilities, the rank's heads in place, zeros elsewhere.
 
 One ``reduce`` (sum) to rank 0 merges all layers at once, exactly: adding zeros and ``-inf``
-outside ``W`` on every rank changes nothing. Rank 0 then ranks ``p̄`` (``finish_partial``)
-and returns the finished results (one device-to-host copy); the others return nothing.
+outside ``W`` on every rank changes nothing. Rank 0 then ranks ``p̄`` (``finish_summed``: the
+``dense_topk`` kernel on a GPU) and returns the finished results (one device-to-host copy); the
+others return nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from attnscope.engine.capture_plan import StepCapture
 from attnscope.engine.capture_records import results_to_host
 from attnscope.engine.parallel import TensorParallel
+from attnscope.kernels.capture import DENSE_TOPK_MAX_WIDTH, dense_topk
 from attnscope.kernels.capture_reference import CaptureResult, PartialCapture, finish_partial
 
 
@@ -76,6 +78,18 @@ def _group_pieces(partial: PartialCapture, heads: range, num_heads: int) -> list
     return pieces
 
 
+def finish_summed(summed: PartialCapture, top_k: int) -> CaptureResult:
+    """Rank 0's capture of all heads from the summed partials: ``finish_partial``, except that on a CUDA device
+    ``p̄`` is ranked by the ``dense_topk`` kernel (the same order, no host sync inside the step) where its rows
+    fit the kernel (``DENSE_TOPK_MAX_WIDTH`` positions)."""
+    p_bar = summed.p_bar
+    if not top_k or p_bar.device.type != "cuda" or p_bar.shape[-1] > DENSE_TOPK_MAX_WIDTH:
+        return finish_partial(summed, top_k)
+    result = finish_partial(replace(summed, p_bar=None), 0)
+    result.topk_pos, result.topk_prob = dense_topk(p_bar, top_k)
+    return result
+
+
 def _unpack(capture: StepCapture, flat: torch.Tensor | None, pieces: list[torch.Tensor]) -> RankCaptures:
     """Rank 0: the summed buffer cut back into the pieces' shapes, finished into results, brought to the CPU
     in one copy (``results_to_host``)."""
@@ -87,7 +101,7 @@ def _unpack(capture: StepCapture, flat: torch.Tensor | None, pieces: list[torch.
             lse, hist, entropy, sink_mass = (next(summed) for _ in range(4))
             p_bar = next(summed) if group.partial.p_bar is not None else None
             stats = CaptureResult(lse, hist, entropy, sink_mass, own.num_stat_positions, None, None, None, None)
-            group.result = finish_partial(PartialCapture(stats, p_bar), group.top_k)
+            group.result = finish_summed(PartialCapture(stats, p_bar), group.top_k)
     results_to_host(capture)
     out = RankCaptures({layer: [g.result for g in groups] for layer, groups in capture.layers.items()})
     for layer, full in capture.full.items():

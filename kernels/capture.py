@@ -90,8 +90,9 @@ PASS_B_ROPE_NUM_WARPS = 8
 # stored logits as one program per row and block of DENSE_BLOCK positions (fewer with many heads: at
 # most DENSE_LOAD_ELEMENTS logits per load) writing dense p̄; the last block of a chunk of DENSE_CHUNK
 # positions ranks the chunk exactly by DENSE_TOPK_RADIX_BITS-bit counting rounds, and a row's last
-# chunk merges the chunks' lists (a merge tree of LOG_DENSE_MAX_LISTS levels). Rows wider than DENSE_MAX_LISTS chunks take wider chunks, up to
-# DENSE_MAX_CHUNK; wider rows re-read keys. Measured on an H100 with separate kernels (32 heads;
+# chunk merges the chunks' lists (a merge tree of LOG_DENSE_MAX_LISTS levels). Rows wider than
+# DENSE_MAX_LISTS chunks take wider chunks, up to DENSE_MAX_CHUNK; wider rows re-read keys.
+# Measured on an H100 with separate kernels (32 heads;
 # 32 x 8K, 8 x 32K, 1 x 128K, 1 x 2K): the counting rounds are latency-bound (1 x 2K took ~10 us
 # whatever the chunk); 2-bit digits (16 rounds) beat 1-bit ones by 2-2.5 us and 3- or 4-bit ones by
 # up to 1 us; chunks of 2048 at 8 warps were fastest or within 0.3 us. One program per chunk that
@@ -106,6 +107,7 @@ DENSE_CHUNK = 2048
 LOG_DENSE_MAX_LISTS = 5
 DENSE_MAX_LISTS = 1 << LOG_DENSE_MAX_LISTS
 DENSE_MAX_CHUNK = 8192
+DENSE_TOPK_MAX_WIDTH = DENSE_MAX_LISTS * DENSE_MAX_CHUNK  # widest row dense_topk ranks
 DENSE_LOAD_ELEMENTS = 16384
 DENSE_TOPK_NUM_WARPS = 8
 DENSE_TOPK_RADIX_BITS = 2
@@ -1592,8 +1594,8 @@ def dense_topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     values = torch.empty((rows, k), dtype=torch.float32, device=device)
     if not rows or not width:
         return pos.fill_(-1), values.zero_()
-    if width > DENSE_MAX_LISTS * DENSE_MAX_CHUNK:
-        raise ValueError(f"dense_topk ranks rows of up to {DENSE_MAX_LISTS * DENSE_MAX_CHUNK} positions, got {width}")
+    if width > DENSE_TOPK_MAX_WIDTH:
+        raise ValueError(f"dense_topk ranks rows of up to {DENSE_TOPK_MAX_WIDTH} positions, got {width}")
     chunk = _dense_chunk(width)
     num_chunks = triton.cdiv(width, chunk)
     scratch = torch.empty((rows, num_chunks, TOPK_SLOTS), dtype=torch.int64, device=device)

@@ -62,3 +62,31 @@ def test_finish_launch_is_deterministic_and_exact_on_cuda(length: int, splits: i
     for name in ("lse", "hist", "entropy", "sink_mass"):
         torch.testing.assert_close(getattr(first, name), getattr(ref, name), rtol=1e-3, atol=1e-4)
     assert torch.equal(first.num_stat_positions, ref.num_stat_positions)
+
+
+@pytest.mark.parametrize("width", [3000, 70_000])
+def test_rank0_ranks_summed_partials_like_the_reference_on_cuda(width: int) -> None:
+    """Tensor-parallel rank 0 ranks the summed ``p̄`` with the ``dense_topk`` kernel on a GPU: the same positions
+    and probabilities as the reference ranking on the CPU (ties among few distinct values, positions outside
+    ``W``, an empty row), the statistics passed through."""
+    from attnscope.engine.rank_capture import finish_summed
+    from attnscope.kernels.capture_reference import CaptureResult, PartialCapture, finish_partial
+
+    gen = torch.Generator(device="cuda").manual_seed(width)
+    rows = 6
+    p_bar = torch.rand((rows, width), generator=gen, device="cuda") * 1e-3
+    p_bar[1] = torch.randint(0, 5, (width,), generator=gen, device="cuda").float() * 0.125
+    p_bar[2, : width // 3] = float("-inf")
+    p_bar[3] = float("-inf")
+    stats = [torch.randn((rows, HQ), generator=gen, device="cuda"),
+             torch.rand((rows, 16), generator=gen, device="cuda"),
+             torch.rand(rows, generator=gen, device="cuda"), torch.rand(rows, generator=gen, device="cuda"),
+             torch.full((rows,), width, dtype=torch.int32, device="cuda")]
+    got = finish_summed(PartialCapture(CaptureResult(*stats, None, None, None, None), p_bar), 32)
+    want = finish_partial(PartialCapture(CaptureResult(*(s.cpu() for s in stats), None, None, None, None),
+                                         p_bar.cpu()), 32)
+    assert got.topk_pos.is_cuda
+    assert torch.equal(got.topk_pos.cpu(), want.topk_pos)
+    assert torch.equal(got.topk_prob.cpu(), want.topk_prob)
+    assert (got.topk_pos[3] == -1).all()
+    assert torch.equal(got.lse.cpu(), want.lse) and torch.equal(got.hist.cpu(), want.hist)
