@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+
 import numpy as np
 import torch
 
