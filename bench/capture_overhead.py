@@ -14,12 +14,13 @@
    (c_peaked) on keys with a trained model's profile (a sink at position 0, the 16 most
    recent and 16 scattered positions attract every head: logits 14 / 10 / 11 against a bulk
    of N(0, 1)), with the fraction of key tiles the re-read path re-read, (c_head) Pass A
-   with per-head top-8, (f) our standalone capture pass (top-32), (d) the separate-pass
+   with per-head top-8, (c_raw) head-mean top-32 without the statistics (what raw mode runs:
+   ``statistics=False``), (f) our standalone capture pass (top-32), (d) the separate-pass
    baseline of the reference systems (gather K, scores for all heads, logsumexp, softmax,
    head mean, ``torch.topk(32)``; timed alone and after the plain decode), (e) torch SDPA
    decode over contiguous K/V. Times are medians of CUDA-graph replays (many calls per
    graph, the L2 cache flushed before each call, the flush-only graph subtracted); (a),
-   (b), (c) also with eager ``triton.testing.do_bench`` (median, Python launch included).
+   (b), (c), (c_raw) also with eager ``triton.testing.do_bench`` (median, Python launch included).
 3. Peak extra memory at 1M context, B=1 (``torch.cuda.max_memory_allocated`` over the
    allocation before each call) for (a), (b), (c) and (d).
 
@@ -318,6 +319,7 @@ def bench_config(batch: int, length: int, k_cache: torch.Tensor, v_cache: torch.
     rows = torch.arange(batch, device=DEVICE)
     stats_req = capture_request(q, table, [length - 1] * batch, 0, 0, None)
     topk_req = replace(stats_req, top_k=TOP_K)
+    raw_req = replace(topk_req, statistics=False)
     head_req = replace(stats_req, head_top_k=HEAD_TOP_K)
     no_rows = select_rows(stats_req, rows[:0])
     args = (q, k_cache, v_cache, table, context, scale)
@@ -326,6 +328,7 @@ def bench_config(batch: int, length: int, k_cache: torch.Tensor, v_cache: torch.
         "a0_fused_no_rows": lambda: paged_decode_attention(*args, capture=no_rows, capture_rows=rows[:0]),
         "b_fused_stats": lambda: paged_decode_attention(*args, capture=stats_req, capture_rows=rows),
         "c_fused_stats_top32": lambda: paged_decode_attention(*args, capture=topk_req, capture_rows=rows),
+        "c_raw_fused_top32": lambda: paged_decode_attention(*args, capture=raw_req, capture_rows=rows),
         "c_fused_stats_top32_reread": lambda: paged_decode_attention_capture(*args, topk_req, rows,
                                                                              logit_store_bytes=0),
         "c_head_fused_stats_head_top8": lambda: paged_decode_attention(*args, capture=head_req, capture_rows=rows),
@@ -348,12 +351,13 @@ def bench_config(batch: int, length: int, k_cache: torch.Tensor, v_cache: torch.
     restore()
     result["ms"]["e_sdpa_contiguous"] = sdpa_ms(q, k_cache, v_cache, table, length, scale, flush)
     result["eager_ms"] = {name: triton.testing.do_bench(runs[name], return_mode="median")
-                          for name in ("a_plain", "b_fused_stats", "c_fused_stats_top32")}
+                          for name in ("a_plain", "b_fused_stats", "c_fused_stats_top32", "c_raw_fused_top32")}
     ms = result["ms"]
     result["ratios"] = {
         "fused_stats_over_plain": ms["b_fused_stats"] / ms["a_plain"],
         "fused_top32_over_plain": ms["c_fused_stats_top32"] / ms["a_plain"],
         "fused_top32_peaked_over_plain": ms["c_fused_stats_top32_peaked"] / ms["a_plain"],
+        "fused_raw_top32_over_plain": ms["c_raw_fused_top32"] / ms["a_plain"],
         "fused_top32_reread_over_plain": ms["c_fused_stats_top32_reread"] / ms["a_plain"],
         "fused_top32_reread_peaked_over_plain": ms["c_fused_stats_top32_reread_peaked"] / ms["a_plain"],
         "logits_stored": topk_stores_logits,
@@ -364,8 +368,10 @@ def bench_config(batch: int, length: int, k_cache: torch.Tensor, v_cache: torch.
         "separate_pass_total_over_fused_top32": ms["d_plain_plus_separate_pass"] / ms["c_fused_stats_top32"],
         "separate_pass_total_over_fused_top32_peaked": ms["d_plain_plus_separate_pass"]
         / ms["c_fused_stats_top32_peaked"],
+        "separate_pass_total_over_fused_raw_top32": ms["d_plain_plus_separate_pass"] / ms["c_raw_fused_top32"],
     }
-    result["peak_extra_bytes"] = {name: peak_extra_bytes(runs[name]) for name in ("a_plain", "c_fused_stats_top32")}
+    result["peak_extra_bytes"] = {name: peak_extra_bytes(runs[name])
+                                  for name in ("a_plain", "c_fused_stats_top32", "c_raw_fused_top32")}
     torch.cuda.empty_cache()
     return result
 

@@ -42,7 +42,9 @@ class LayerCapture:
     are set by ``StepCapture.finalize``; ``result`` by the attention layer (``partial``
     instead on a tensor-parallel rank). ``decode_rows`` is set in CUDA-graph steps only:
     the rows' decode-batch indices, ``-1`` for padding rows, which the fused decode
-    kernel then captures in one launch over the whole batch.
+    kernel then captures in one launch over the whole batch. ``statistics``: whether any row
+    reports the distance histogram, entropy or sink mass (sketch and fingerprint rows; raw
+    top-k rows report none, so a raw-only group skips them).
     """
 
     rows: list[CaptureRow]
@@ -54,6 +56,7 @@ class LayerCapture:
     result: CaptureResult | None = None
     partial: PartialCapture | None = None
     decode_rows: torch.Tensor | None = None
+    statistics: bool = False
 
 
 @dataclass
@@ -99,6 +102,7 @@ class StepCapture:
             group.rows.append(row)
             if need_k > group.top_k:
                 group.top_k = need_k
+            group.statistics = group.statistics or params.mode != "raw"
 
     def finalize(self, device: torch.device) -> None:
         """Build every group's per-row tensors on ``device``, once per step.
@@ -115,7 +119,7 @@ class StepCapture:
         built: dict[tuple, tuple[torch.Tensor, CaptureRequest]] = {}
         for groups in self.layers.values():
             for group in groups:
-                key = (tuple(id(r) for r in group.rows), group.top_k)
+                key = (tuple(id(r) for r in group.rows), group.top_k, group.statistics)
                 if key not in built:
                     built[key] = _row_settings(group, device)
                 group.index, group.settings = built[key]
@@ -129,7 +133,8 @@ class StepCapture:
         """The plan, finalized on the CPU, without the sequences (what a tensor-parallel rank needs)."""
         self.finalize(torch.device("cpu"))
         return StepCapture(
-            layers={layer: [LayerCapture([], g.derotate, g.top_k, g.token_indices, g.index, g.settings)
+            layers={layer: [LayerCapture([], g.derotate, g.top_k, g.token_indices, g.index, g.settings,
+                                         statistics=g.statistics)
                             for g in groups]
                     for layer, groups in self.layers.items()},
             full={layer: FullCapture([], index=f.index, positions=f.positions, block_tables=f.block_tables)
@@ -223,6 +228,7 @@ def _row_settings(group: LayerCapture, device: torch.device) -> tuple[torch.Tens
         block_tables=row_block_tables(rows, device),
         head_weights=torch.stack([r.seq.capture.head_weights for r in rows]).to(device),
         top_k=group.top_k,
+        statistics=group.statistics,
         **columns,
     )
     return torch.tensor([r.token_index for r in rows], device=device), template

@@ -17,7 +17,7 @@ and context length 0 (nothing read). Captured rows are padded the same way: row 
 match no decode row (``decode_rows = -1``), and their results are never read.
 
 A graph's layout is keyed by the rows-per-set buckets and, per captured layer, the row
-set and ``top_k``; the no-capture graph of every bucket is recorded when the engine
+set, ``top_k`` and whether it computes statistics; the no-capture graph of every bucket is recorded when the engine
 starts, capture layouts when first seen (at most ``MAX_LAYOUT_GRAPHS``, least recently
 used dropped). Steps with prefill chunks, full-matrix capture or de-rotated capture run
 eagerly. Results of a replay live in the graph's memory until the next replay: the
@@ -65,10 +65,11 @@ def bucket(n: int, limit: int = BATCH_BUCKETS[-1]) -> int | None:
 
 @dataclass(frozen=True)
 class CaptureLayout:
-    """What a graph's capture looks like: padded size of each row set; per layer ``(layer, row set, top_k)``."""
+    """What a graph's capture looks like: padded size of each row set; per layer ``(layer, row set, top_k,
+    statistics)``."""
 
     row_sets: tuple[int, ...]
-    layers: tuple[tuple[int, int, int], ...]
+    layers: tuple[tuple[int, int, int, bool], ...]
 
 
 @dataclass
@@ -110,7 +111,7 @@ def capture_layout(capture: StepCapture, batch: int) -> tuple[CaptureLayout, lis
         if key not in sets:
             sets[key] = len(members)
             members.append(_row_set(group))
-        layers.append((layer, sets[key], group.top_k))
+        layers.append((layer, sets[key], group.top_k, group.statistics))
     return CaptureLayout(tuple(bucket(len(rows.indices), batch) for rows in members), tuple(layers)), members
 
 
@@ -227,7 +228,7 @@ class DecodeGraphs:
         else:
             graph.logits = self._forward(graph)
         if capture is not None:
-            for layer, _, _ in layout.layers:
+            for layer, *_ in layout.layers:
                 ours, recorded = capture.layers[layer][0], graph.plan.layers[layer][0]
                 ours.result, ours.partial = recorded.result, recorded.partial
             capture.packed = graph.packed
@@ -315,11 +316,12 @@ class DecodeGraphs:
                 **fields,
             )))
         plan = StepCapture(device=self.device)
-        for layer, s, top_k in graph.layout.layers:
+        for layer, s, top_k, statistics in graph.layout.layers:
             gather, decode_rows, request = settings[s]
             plan.layers[layer] = [LayerCapture(
                 [], derotate=False, top_k=top_k, token_indices=list(range(st.row_sets[s])), index=gather,
-                settings=replace(request, top_k=top_k), decode_rows=decode_rows)]
+                settings=replace(request, top_k=top_k, statistics=statistics), decode_rows=decode_rows,
+                statistics=statistics)]
         return plan
 
     def _fill(self, graph: _DecodeGraph, input_ids: list[int], positions: list[int], slots: list[int],

@@ -389,6 +389,7 @@ def _capture_tile(
     u_lo,
     c_lo,
     TILE_N: tl.constexpr,
+    STATS: tl.constexpr,
 ):
     """Pass A statistics after one key tile, rescaled from running max ``m_old`` to ``m_new``.
 
@@ -403,38 +404,44 @@ def _capture_tile(
     statistics in the fused kernel): these statistics are 1.7 of the 2.7 us the fused kernel
     adds at 1 x 2K and 11 of 12.5 us at 32 x 8K (Llama-1B heads), the histogram most of it; a
     lazy histogram (the current bin's mass as a running sum, the ``[heads, 16]`` array touched
-    only when the bin changes) changed neither.
+    only when the bin changes) changed neither. Without ``STATS`` (raw top-k) only ``l_U``
+    grows; the other statistics stay 0.
     """
-    shift = tl.where(l_c > 0.0, m_old - m_new, 0.0) * l_c
     tile_last = tile_start + (TILE_N - 1)
-    l_s = l_s * alpha
-    if (tile_start >= c_lo) & (tile_last <= pos) & (tile_last < split_end):  # every key valid and in C
-        p_c = p
-        c_sum = p_sum
+    if STATS:
+        shift = tl.where(l_c > 0.0, m_old - m_new, 0.0) * l_c
+        l_s = l_s * alpha
+        if (tile_start >= c_lo) & (tile_last <= pos) & (tile_last < split_end):  # every key valid and in C
+            p_c = p
+            c_sum = p_sum
+            l_u = l_u * alpha + p_sum
+            e_tile = tl.sum(p * shifted, axis=1)
+        else:
+            in_u = (tokens >= u_lo) & (tokens <= pos)
+            in_c = in_u & (tokens >= c_lo)
+            p_c = tl.where(in_c[None, :], p, 0.0)
+            c_sum = tl.sum(p_c, axis=1)
+            l_u = l_u * alpha + tl.sum(tl.where(in_u[None, :], p, 0.0), axis=1)
+            e_tile = tl.sum(p_c * tl.where(in_c[None, :], shifted, 0.0), axis=1)
+            if tile_start < c_lo:
+                l_s += tl.sum(tl.where((in_u & (tokens < c_lo))[None, :], p, 0.0), axis=1)
+        e_c = alpha * (e_c + shift) + e_tile
+        l_c = l_c * alpha + c_sum
+        cols = tl.arange(0, 16)
+        hist = hist * alpha[:, None]
+        bin_lo = _distance_bins(pos - tl.minimum(tile_last, pos))
+        bin_hi = _distance_bins(pos - tile_start)
+        if bin_lo == bin_hi:
+            hist += tl.where(cols[None, :] == bin_lo, c_sum[:, None], 0.0)
+        else:
+            bins = _distance_bins(pos - tokens)
+            for b in range(bin_lo, bin_hi + 1):
+                bin_sum = tl.sum(tl.where(bins[None, :] == b, p_c, 0.0), axis=1)
+                hist += tl.where(cols[None, :] == b, bin_sum[:, None], 0.0)
+    elif (tile_start >= u_lo) & (tile_last <= pos) & (tile_last < split_end):
         l_u = l_u * alpha + p_sum
-        e_tile = tl.sum(p * shifted, axis=1)
     else:
-        in_u = (tokens >= u_lo) & (tokens <= pos)
-        in_c = in_u & (tokens >= c_lo)
-        p_c = tl.where(in_c[None, :], p, 0.0)
-        c_sum = tl.sum(p_c, axis=1)
-        l_u = l_u * alpha + tl.sum(tl.where(in_u[None, :], p, 0.0), axis=1)
-        e_tile = tl.sum(p_c * tl.where(in_c[None, :], shifted, 0.0), axis=1)
-        if tile_start < c_lo:
-            l_s += tl.sum(tl.where((in_u & (tokens < c_lo))[None, :], p, 0.0), axis=1)
-    e_c = alpha * (e_c + shift) + e_tile
-    l_c = l_c * alpha + c_sum
-    cols = tl.arange(0, 16)
-    hist = hist * alpha[:, None]
-    bin_lo = _distance_bins(pos - tl.minimum(tile_last, pos))
-    bin_hi = _distance_bins(pos - tile_start)
-    if bin_lo == bin_hi:
-        hist += tl.where(cols[None, :] == bin_lo, c_sum[:, None], 0.0)
-    else:
-        bins = _distance_bins(pos - tokens)
-        for b in range(bin_lo, bin_hi + 1):
-            bin_sum = tl.sum(tl.where(bins[None, :] == b, p_c, 0.0), axis=1)
-            hist += tl.where(cols[None, :] == b, bin_sum[:, None], 0.0)
+        l_u = l_u * alpha + tl.sum(tl.where(((tokens >= u_lo) & (tokens <= pos))[None, :], p, 0.0), axis=1)
     return l_u, l_s, l_c, e_c, hist
 
 
@@ -539,6 +546,7 @@ def _capture_split_kernel(
     HEAD_TOPK: tl.constexpr,
     TILE_MAX: tl.constexpr,
     STORE_LOGITS: tl.constexpr,
+    STATS: tl.constexpr,
 ):
     """Standalone Pass A of one (row, KV group, split) over the split's share of ``U``.
 
@@ -590,7 +598,7 @@ def _capture_split_kernel(
         p = tl.exp(shifted)
         l_u, l_s, l_c, e_c, hist = _capture_tile(
             l_u, l_s, l_c, e_c, hist, shifted, p, tl.sum(p, axis=1), m_i, m_new, alpha, tile_start, tokens,
-            split_end, pos, u_lo, c_lo, TILE_N,
+            split_end, pos, u_lo, c_lo, TILE_N, STATS,
         )
         if HEAD_TOPK:
             best = _head_topk_tile(best, logits, tokens, pos, u_lo, w_lo, head_top_k, GROUP_PAD, LOG_GROUP_PAD, TILE_N)
@@ -664,6 +672,7 @@ def _fused_decode_capture_kernel(
     TILE_MAX: tl.constexpr,
     STORE_LOGITS: tl.constexpr,
     ROWS_PAD: tl.constexpr,
+    STATS: tl.constexpr,
 ):
     """``_paged_decode_split_kernel`` plus Pass A in the same tile loop for captured sequences.
 
@@ -723,7 +732,7 @@ def _fused_decode_capture_kernel(
             )
             l_u, l_s, l_c, e_c, hist = _capture_tile(
                 l_u, l_s, l_c, e_c, hist, shifted, p, p_sum, m_i, m_new, alpha, tile_start, tokens, split_end,
-                pos, u_lo, c_lo, TILE_N,
+                pos, u_lo, c_lo, TILE_N, STATS,
             )
             if TILE_MAX:
                 _store_tile_max(tile_max_ptr, cap * stride_tr, heads, row_valid, tile_start, tile_max, stride_th, TILE_N)
@@ -1729,6 +1738,7 @@ def attention_capture(
             HEAD_TOPK=req.head_top_k > 0,
             TILE_MAX=req.top_k > 0 and not partials.stores_logits,
             STORE_LOGITS=partials.stores_logits,
+            STATS=req.statistics,
             num_warps=PASS_A_NUM_WARPS,
         )
     return _finish(k_cache, req, scale, partials)
@@ -1860,6 +1870,7 @@ def paged_decode_attention_capture(
         TILE_MAX=capture.top_k > 0 and not partials.stores_logits,
         STORE_LOGITS=partials.stores_logits,
         ROWS_PAD=max(2, triton.next_power_of_2(rows)),
+        STATS=capture.statistics,
         num_warps=FUSED_HEAD_TOPK_NUM_WARPS if capture.head_top_k else FUSED_NUM_WARPS,
         maxnreg=FUSED_HEAD_TOPK_MAXNREG if capture.head_top_k else FUSED_MAXNREG,
     )

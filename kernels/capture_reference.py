@@ -38,7 +38,9 @@ class CaptureRequest:
     ``sink_tokens`` ``[R]`` int32 makes positions of ``U`` below it sinks. ``top_k`` and
     ``head_top_k`` (0 = skip, at most ``MAX_TOP_K``) size the head-mean and per-head
     top-k. ``rope_cos``/``rope_sin`` ``[max_pos, D]`` (as ``RotaryEmbedding.cos``/``.sin``)
-    turn on de-rotation: every key is rotated back by its own position.
+    turn on de-rotation: every key is rotated back by its own position. ``statistics``
+    False skips the distance histogram, entropy and sink mass (returned as zeros): raw
+    top-k reports none of them, and they are most of Pass A's own work.
     """
 
     q: torch.Tensor
@@ -52,6 +54,7 @@ class CaptureRequest:
     head_top_k: int = 0
     rope_cos: torch.Tensor | None = None
     rope_sin: torch.Tensor | None = None
+    statistics: bool = True
 
 
 @dataclass
@@ -310,19 +313,23 @@ def _capture_chunk(
 
     lse, probs = _masked_softmax(logits, unmasked)
     mean_probs = (weights * probs).sum(dim=1)  # p̄ [r, T]
-    lse_stats, stat_probs = _masked_softmax(logits, stats)
-    per_head_entropy = torch.where(
-        stats[:, None, :], stat_probs * (lse_stats[..., None] - logits), torch.zeros_like(stat_probs)
-    ).sum(dim=-1)
-    bins = distance_bin((query_pos - pos).clamp(min=0))
-    hist = torch.zeros((logits.shape[0], NUM_BINS), dtype=torch.float32, device=device)
-    hist.scatter_add_(1, bins, (weights * stat_probs).sum(dim=1))
-
     out.lse[rows] = lse
-    out.hist[rows] = hist
-    out.entropy[rows] = (weights[..., 0] * per_head_entropy).sum(dim=-1)
-    out.sink_mass[rows] = torch.where(sinks, mean_probs, torch.zeros_like(mean_probs)).sum(dim=-1)
     out.num_stat_positions[rows] = stats.sum(dim=-1).to(torch.int32)
+    if req.statistics:
+        lse_stats, stat_probs = _masked_softmax(logits, stats)
+        per_head_entropy = torch.where(
+            stats[:, None, :], stat_probs * (lse_stats[..., None] - logits), torch.zeros_like(stat_probs)
+        ).sum(dim=-1)
+        bins = distance_bin((query_pos - pos).clamp(min=0))
+        hist = torch.zeros((logits.shape[0], NUM_BINS), dtype=torch.float32, device=device)
+        hist.scatter_add_(1, bins, (weights * stat_probs).sum(dim=1))
+        out.hist[rows] = hist
+        out.entropy[rows] = (weights[..., 0] * per_head_entropy).sum(dim=-1)
+        out.sink_mass[rows] = torch.where(sinks, mean_probs, torch.zeros_like(mean_probs)).sum(dim=-1)
+    else:
+        out.hist[rows] = 0.0
+        out.entropy[rows] = 0.0
+        out.sink_mass[rows] = 0.0
     num_candidates = candidates.sum(dim=-1)
     if req.top_k:
         pbar = mean_probs.masked_fill(~candidates, float("-inf"))

@@ -103,6 +103,37 @@ def test_fingerprint_matches_transformers_and_respects_stride_and_max(smollm_eng
         assert entry["sink_mass"] == pytest.approx(float(attn[20][:, pos, 0].mean()), abs=2e-5)
 
 
+def test_raw_and_fingerprint_requests_sharing_a_layer_both_match_transformers(smollm_engine, hf_smollm):
+    """A raw request (which needs no distance statistics) batched with a fingerprint request on the same
+    layer: the shared capture still computes the fingerprint's statistics, and both match HF."""
+    params = {"temperature": 0.0, "max_tokens": 5, "ignore_eos": True}
+    captures = [{"mode": "raw", "top_k": 6, "layers": [20]}, {"mode": "fingerprint", "layers": [20]}]
+    prompts = [smollm_engine.tokenizer.encode(p) for p in (PROMPT, "Count from one to ten in words:")]
+    rids = [smollm_engine.add_request(prompt_token_ids=p, params=params, capture=c) for p, c in zip(prompts, captures)]
+    entries = {rid: [] for rid in rids}
+    tokens = {rid: list(p) for rid, p in zip(rids, prompts)}
+    while smollm_engine.has_unfinished():
+        for out in smollm_engine.step():
+            for delta in out.deltas:
+                tokens[out.request_id] += delta.token_ids
+                entries[out.request_id] += delta.attention_tokens or []
+    raw_rid, fp_rid = rids
+    attn = hf_attentions(hf_smollm, tokens[raw_rid])
+    assert len(entries[raw_rid]) == 5
+    for entry in entries[raw_rid]:
+        ref = attn[20][:, entry["query_position"], : entry["query_position"] + 1].mean(0)
+        assert np.allclose(entry["true_probs"], ref[entry["token_positions"]].numpy(), atol=2e-5)
+        assert "fingerprint" not in entry
+    attn = hf_attentions(hf_smollm, tokens[fp_rid])
+    assert len(entries[fp_rid]) == 5
+    for entry in entries[fp_rid]:
+        pos = entry["query_position"]
+        hist, ent = _hist_reference(attn[20][:, pos, :], pos, sink=1)
+        assert np.allclose(entry["fingerprint"][4:], hist, atol=2e-5)
+        assert entry["fingerprint"][3] == pytest.approx(ent / math.log(pos), abs=2e-5)
+        assert entry["sink_mass"] == pytest.approx(float(attn[20][:, pos, 0].mean()), abs=2e-5)
+
+
 def test_sketch_mode_shapes_and_hubs(smollm_engine, hf_smollm):
     out = generate(smollm_engine, {"mode": "sketch", "layers": [10, 29]})
     choice = out.completions[0]

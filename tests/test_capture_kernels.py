@@ -586,6 +586,37 @@ def test_fused_decode_with_rope_runs_capture_separately(seed: int) -> None:
     check_result(result, replace(case, q=case.q[1:], keys=case.keys[1:]), req, seed)
 
 
+@LOGIT_PATHS
+@pytest.mark.parametrize("fused", [False, True], ids=["standalone", "fused"])
+def test_top_k_without_statistics_ranks_the_same_and_reports_zero_statistics(
+    seed: int, fused: bool, logit_store_bytes: int,
+) -> None:
+    """``statistics=False`` (raw top-k): lse, counts and both top-k are those of the full capture,
+    bit for bit; the histogram, entropy and sink mass are zero, as the reference reports them."""
+    case = make_case(seed, [150, 37, 1, 90], 8, 2, 32, 16, torch.float32)
+    rows = [0, 1, 2, 3]
+    req = decode_request(case, rows, random.Random(seed), 9, 3)
+    args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale)
+    results = []
+    for statistics in (True, False):
+        request = replace(req, statistics=statistics)
+        if fused:
+            out, _, result = paged_decode_attention_capture(
+                *args, request, torch.tensor(rows, dtype=torch.int32), num_splits=3,
+                logit_store_bytes=logit_store_bytes)
+            assert torch.equal(out, paged_decode_attention(*args, num_splits=3)[0]), f"seed={seed}"
+        else:
+            result = attention_capture(case.k_cache, request, case.scale, num_splits=3,
+                                       logit_store_bytes=logit_store_bytes)
+        results.append(result)
+    full, raw = results
+    for name in ("lse", "num_stat_positions", "topk_pos", "topk_prob", "head_topk_pos", "head_topk_logit"):
+        assert torch.equal(getattr(raw, name), getattr(full, name)), f"{name} (seed={seed})"
+    assert full.hist.sum() > 0 and full.entropy.abs().sum() > 0
+    assert not raw.hist.any() and not raw.entropy.any() and not raw.sink_mass.any()
+    check_result(raw, case, replace(req, statistics=False), seed)
+
+
 def test_capture_api_contract(seed: int) -> None:
     """No capture keeps the 2-tuple; empty requests work; bad requests fail before launch."""
     case = make_case(seed, [20], 4, 2, 32, 8, torch.float32)
