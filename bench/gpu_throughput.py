@@ -9,7 +9,7 @@ Llama-3.2-1B, Llama-3.1-8B) and a synthetic word-level tokenizer. For every shap
   between launches, which covers the device's step plus the host's scheduling, sampling and
   detokenisation where they do not hide behind it; the settings run in
   ``--rounds`` rounds and each keeps its best round's median), the GPU kernel time
-  of a step (CUDA profiler over a few more steps) and tokens/s for
+  of a step (CUDA profiler over a few more steps, with the longest kernels by name) and tokens/s for
   (a) no capture, (b) fingerprint capture on every request and every step (``auto``
   layers), (c) raw top-32 on ``auto`` layers for every request, all with overlapped steps,
   and (d) no capture one step at a time (``overlap_steps`` off: the host reads each step's
@@ -64,6 +64,7 @@ SETTINGS = {name: (capture, True) for name, capture in CAPTURES.items()}  # name
 SETTINGS["none_one_step"] = (None, False)
 WARMUP_STEPS = 3
 PROFILED_STEPS = 3
+TOP_KERNELS = 12
 DECODE_HEADROOM = 448
 
 
@@ -114,7 +115,7 @@ def run_case(engine: LLMEngine, ids: list[list[int]], steps: int, rounds: int) -
     lowest of its rounds' medians, so a burst of host noise in one round does not decide
     a ratio. Later rounds take their prompts from the prefix cache.
     """
-    result: dict = {"decode_ms": {}, "kernel_ms": {}}
+    result: dict = {"decode_ms": {}, "kernel_ms": {}, "kernel_us_per_step": {}}
     engine_overlaps = engine.overlap_steps
     for round_index in range(rounds):
         for name, (capture, overlap) in SETTINGS.items():
@@ -124,14 +125,14 @@ def run_case(engine: LLMEngine, ids: list[list[int]], steps: int, rounds: int) -
                                           profile_kernels=first)
             result["decode_ms"][name] = min(median, result["decode_ms"].get(name, median))
             if first:
-                result["kernel_ms"][name] = kernels
+                result["kernel_ms"][name], result["kernel_us_per_step"][name] = kernels
     engine.overlap_steps = engine_overlaps
     return result
 
 
 def run_setting(engine: LLMEngine, ids: list[list[int]], steps: int, capture: dict | None, prefill: dict | None,
-                profile_kernels: bool) -> tuple[float, float | None]:
-    """Median decode step ms of the prompts under one capture setting (and GPU kernel ms per step when
+                profile_kernels: bool) -> tuple[float, tuple[float, dict[str, float]] | None]:
+    """Median decode step ms of the prompts under one capture setting (and ``kernel_ms`` when
     ``profile_kernels``); records prefill tokens/s and the mean context into ``prefill`` when given."""
     # Requests prefilled first decode while the others prefill: room for that, aborted after timing.
     params = {"temperature": 0.0, "max_tokens": DECODE_HEADROOM, "ignore_eos": True}
@@ -158,16 +159,19 @@ def run_setting(engine: LLMEngine, ids: list[list[int]], steps: int, capture: di
     return statistics.median(samples), kernels
 
 
-def kernel_ms(engine: LLMEngine, steps: int) -> float:
+def kernel_ms(engine: LLMEngine, steps: int) -> tuple[float, dict[str, float]]:
     """GPU kernel time per engine step (CUDA profiler, kernels inside graphs included): the step's
-    device work, so ``decode_ms - kernel_ms`` is host time the GPU waits for."""
+    device work, so ``decode_ms - kernel_ms`` is host time the GPU waits for; and microseconds per
+    step of the ``TOP_KERNELS`` kernels that took longest, by name (where capture's time goes)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1000 / steps
+    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    by_name = {e.key[:80]: e.self_device_time_total / steps for e in events[:TOP_KERNELS]}
+    return sum(e.self_device_time_total for e in events) / 1000 / steps, by_name
 
 
 def hf_case(model, ids: list[list[int]], new_tokens: int) -> dict:

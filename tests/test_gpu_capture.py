@@ -34,14 +34,18 @@ def _decode_case(length: int, seed: int):
     return q, k_cache, v_cache, tables, lengths, req
 
 
-@pytest.mark.parametrize("length,splits", [(8192, 1), (5000, 6)])
-def test_finish_launch_is_deterministic_and_exact_on_cuda(length: int, splits: int) -> None:
-    """Fused decode capture (stored logits, several chunks per row; with and without split-K) repeated 8
-    times: identical every time, and top-k, probabilities and statistics match the float32 reference."""
+@pytest.mark.parametrize("length,splits,statistics", [(8192, 1, True), (5000, 6, True), (5000, 6, False)])
+def test_finish_launch_is_deterministic_and_exact_on_cuda(length: int, splits: int, statistics: bool) -> None:
+    """Fused decode capture (stored logits, several chunks per row; with and without split-K; with and
+    without the statistics, as raw top-k runs) repeated 8 times: identical every time, and top-k,
+    probabilities and statistics (zeros without them) match the float32 reference."""
+    from dataclasses import replace
+
     from attnscope.kernels.capture_reference import capture_rows_ref
     from attnscope.kernels.paged_decode import paged_decode_attention
 
     q, k_cache, v_cache, tables, lengths, req = _decode_case(length, seed=length)
+    req = replace(req, statistics=statistics)
     scale = D**-0.5
     rows = torch.arange(ROWS, device="cuda")
     runs = [paged_decode_attention(q, k_cache, v_cache, tables, lengths, scale, num_splits=splits, capture=req,
@@ -62,6 +66,7 @@ def test_finish_launch_is_deterministic_and_exact_on_cuda(length: int, splits: i
     for name in ("lse", "hist", "entropy", "sink_mass"):
         torch.testing.assert_close(getattr(first, name), getattr(ref, name), rtol=1e-3, atol=1e-4)
     assert torch.equal(first.num_stat_positions, ref.num_stat_positions)
+    assert bool(first.hist.any()) == statistics
 
 
 @pytest.mark.parametrize("width", [3000, 70_000])
