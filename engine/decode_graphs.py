@@ -19,14 +19,14 @@ match no decode row (``decode_rows = -1``), and their results are never read.
 A graph's layout is keyed by the rows-per-set buckets and, per captured layer, the row
 set, ``top_k`` and whether it computes statistics; the no-capture graph of every bucket
 is recorded when the engine starts, capture layouts when first seen (at most
-``MAX_LAYOUT_GRAPHS``, least recently used dropped). Steps with prefill chunks,
-full-matrix capture or de-rotated capture run eagerly. Results of a replay live in the graph's memory until the next replay: the
-engine queues what reads them (sampling, host copies of capture results) before it
-launches again. A step launched before the host has read the previous step's tokens
-(``EngineConfig.overlap_steps``) marks those inputs with a token source: the graph reads
-them from ``previous``, where the previous step's sampled ids are copied on the device.
-Each graph has two pinned host buffers used in turn, so filling one never races the
-copy of the step before, which may still be queued.
+``MAX_LAYOUT_GRAPHS``, least recently used dropped). Steps with prefill chunks, full-
+matrix capture or de-rotated capture run eagerly. Results of a replay live in the
+graph's memory until the next replay: the engine queues what reads them (sampling, host
+copies of capture results) before it launches again. A step launched before the host has
+read the previous step's tokens (``EngineConfig.overlap_steps``) marks those inputs with
+a token source: the graph reads them from ``previous``, where the previous step's
+sampled ids are copied on the device. Each graph has two pinned host buffers used in
+turn, so filling one never races the copy of the step before, which may still be queued.
 
 On a tensor-parallel rank the plan arrives without sequences (``StepCapture.shipped``):
 row settings come from its CPU-finalized settings instead, the graphs record the rank's
