@@ -19,8 +19,8 @@ match no decode row (``decode_rows = -1``), and their results are never read.
 A graph's layout is keyed by the rows-per-set buckets and, per captured layer, the row
 set, ``top_k`` and whether it computes statistics; the no-capture graph of every bucket
 is recorded when the engine starts, capture layouts when first seen (at most
-``MAX_LAYOUT_GRAPHS``, least recently used dropped). Steps with prefill chunks, full-
-matrix capture or de-rotated capture run eagerly. Results of a replay live in the
+``MAX_LAYOUT_GRAPHS``, least recently used dropped). Steps with prefill chunks,
+full-matrix capture or de-rotated capture run eagerly. Results of a replay live in the
 graph's memory until the next replay: the engine queues what reads them (sampling, host
 copies of capture results) before it launches again. A step launched before the host has
 read the previous step's tokens (``EngineConfig.overlap_steps``) marks those inputs with
