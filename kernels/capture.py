@@ -6,8 +6,9 @@ torch twin with the same API. Two passes over the keys, both split-K over positi
 * Pass A (grid ``(rows, Hkv, splits)``) streams its split's key tiles through an online
   softmax per query head with a running max ``m`` and keeps, rescaled like the attention's
   own sums: ``l_U``, ``l_S`` (sinks), ``l_C``, ``e_C = sum_C e^(s-m) (s-m)`` and the
-  16-bin distance histogram of ``e^(s-m)`` over ``C``, plus (``head_top_k > 0``) an exact
-  per-head running top-k of the logits over ``W``. :func:`paged_decode_attention_capture`
+  16-bin distance histogram of ``e^(s-m)`` over ``C`` (only ``l_U`` when the request's
+  ``statistics`` is off, as for raw top-k), plus (``head_top_k > 0``) an exact per-head
+  running top-k of the logits over ``W``. :func:`paged_decode_attention_capture`
   runs Pass A inside the decode attention kernel (same logits, same running max, one read
   of ``K``); :func:`attention_capture` runs it standalone over ``U`` only (used for
   de-rotated logits, which differ from the attention's). One finish launch
