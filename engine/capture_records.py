@@ -56,19 +56,13 @@ def results_to_host(step: StepCapture) -> None:
     packed = pack_results(step)
     if packed is None:
         return
-    host = packed.cpu()
+    host = packed.cpu().numpy()
     offset = 0
     for layer in sorted(step.layers):
         for group in step.layers[layer]:
-            fields = {}
-            for name in _PACKED_FIELDS:
-                tensor = getattr(group.result, name)
-                if tensor is not None:
-                    part = host[offset : offset + tensor.numel()]
-                    part = part.view(torch.int32) if tensor.dtype == torch.int32 else part.to(tensor.dtype)
-                    fields[name] = part.view(tensor.shape)
-                    offset += tensor.numel()
-            group.result = CaptureResult(**{name: fields.get(name) for name in _PACKED_FIELDS},
+            fields, offset = _unpack(group.result, host, offset)
+            group.result = CaptureResult(**{name: torch.from_numpy(fields[name]) if name in fields else None
+                                            for name in _PACKED_FIELDS},
                                          head_topk_pos=None, head_topk_logit=None)
 
 
@@ -112,7 +106,7 @@ def step_records(step: StepCapture, packed: np.ndarray | None) -> dict[int, list
             summarised = np.array([mode != "raw" for mode in modes])
             if summarised.any():
                 per_group.append((where[summarised], fields["hist"][:n][summarised],
-                                  fields["entropy"][:n][summarised], fields["num_stat_positions"][:n][summarised],
+                                  fields["entropy"][:n][summarised], fields["num_stat_positions"][:n][summarised].astype(np.int64),
                                   fields["sink_mass"][:n][summarised]))
     fingerprints, sinks = _mean_fingerprints(per_group, len(rows))
     records: dict[int, list[dict]] = {}
@@ -148,7 +142,8 @@ def _mean_fingerprints(per_group: list[tuple[np.ndarray, ...]], num_rows: int) -
 
 
 def _unpack(result, packed: np.ndarray, offset: int) -> tuple[dict[str, np.ndarray], int]:
-    """A group's fields as numpy views of the packed host array (shapes from the device result)."""
+    """A group's fields as numpy views of the packed host array, with the device result's shapes and dtypes
+    (int32 fields read back from their bits)."""
     fields = {}
     for name in _PACKED_FIELDS:
         tensor = getattr(result, name)
@@ -158,7 +153,6 @@ def _unpack(result, packed: np.ndarray, offset: int) -> tuple[dict[str, np.ndarr
         part = packed[offset : offset + size]
         fields[name] = (part.view(np.int32) if tensor.dtype == torch.int32 else part).reshape(tensor.shape)
         offset += size
-    fields["num_stat_positions"] = fields["num_stat_positions"].astype(np.int64)
     return fields, offset
 
 
