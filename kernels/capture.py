@@ -119,6 +119,14 @@ DENSE_TOPK_MAX_WIDTH = DENSE_MAX_LISTS * DENSE_MAX_CHUNK  # widest row dense_top
 DENSE_LOAD_ELEMENTS = 16384
 DENSE_TOPK_NUM_WARPS = 8
 DENSE_TOPK_RADIX_BITS = 2
+# Registers of the finish launch with stored logits (8 warps): ~128-185 uncapped, so 1-2 programs per SM
+# stream the logits. Capped at FINISH_WIDE_MAXNREG (3 programs per SM, a few bytes spilled in the
+# ranking) when there are at least FINISH_WIDE_BLOCKS_PER_SM dense blocks per SM. Measured on an
+# H100 (head-mean top-32 without statistics): 1B attention 32 x 8K 257.3 -> 251.5 us, 8B 32 x 8K 437.6
+# -> 432.1, 1 x 128K 264.5 -> 258.3 (kernel timings; in the engine at 1B 32 x 8K the finish launches of
+# 4 captured layers took 136 us per step instead of 156); at 1 x 2K (8 blocks) the cap cost 1.1 us.
+FINISH_WIDE_MAXNREG = 80
+FINISH_WIDE_BLOCKS_PER_SM = 2
 FINISH_TICKETS = 64  # per capture row: the head sum, the chunk merge, one per chunk (<= DENSE_MAX_LISTS)
 # Pass A stores the captured rows' logits for Pass B (instead of Pass B re-reading K) when the
 # buffer [R, Hq, tiles * TILE_N] float32 fits in this many bytes (32 rows x 32 heads x 128K positions)
@@ -1566,6 +1574,7 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
         scratch = torch.empty((rows, num_chunks, TOPK_SLOTS), dtype=torch.int64, device=device)
     attention = combine or SplitCombine(stats, stats, stats, stats)
     programs = rows * (num_blocks + num_heads) + (combine.out.shape[0] * num_heads if combine else 0)
+    wide = rows * num_blocks >= FINISH_WIDE_BLOCKS_PER_SM * _num_sms(device)
     if programs:
         _capture_finish_kernel[(programs,)](
             stats, req.head_weights, req.query_pos, req.mask_prefix, req.window, req.sink_tokens, partials.tickets,
@@ -1588,6 +1597,7 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
             COMBINE_OUT=combine is not None,
             HEAD_DIM=head_dim,
             num_warps=SPLIT_COMBINE_NUM_WARPS,
+            maxnreg=FINISH_WIDE_MAXNREG if wide else None,
         )
     if req.head_top_k:
         head_pos, head_logit = _final_topk(partials.head_keys, req.head_top_k, float("-inf"))
