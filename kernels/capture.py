@@ -14,7 +14,7 @@ torch twin with the same API. Two passes over the keys, both split-K over positi
   de-rotated logits, which differ from the attention's). One finish launch
   (:func:`_capture_finish_kernel`) then merges the splits per head into ``lse_U``,
   ``H_h = log l_C - e_C / l_C``, ``hist_h = hist_C / l_C`` and ``l_S / l_U`` and sums them
-  with the head weights (the last head of a row to finish, counted by an atomic ticket),
+  with the head weights (the last head group of a row to finish, counted by an atomic ticket),
   merges the decode attention's own splits, and runs Pass B from stored logits.
 * Pass B (only when ``top_k > 0``) needs every head's final ``lse_U``. When the captured
   rows' logits fit ``LOGIT_STORE_MAX_BYTES``, Pass A stores them and the finish launch
@@ -127,6 +127,13 @@ DENSE_TOPK_RADIX_BITS = 2
 # 4 captured layers took 136 us per step instead of 156); at 1 x 2K (8 blocks) the cap cost 1.1 us.
 FINISH_WIDE_MAXNREG = 80
 FINISH_WIDE_BLOCKS_PER_SM = 2
+# With more (row, head) pairs than SMs the finish merges each row's split partials HEAD_GROUP heads
+# per program: as many heads as keep the [heads, 16 bins, splits] histogram partials within
+# COMBINE_ELEMENTS (a whole row of 32 heads up to 8 splits), not one program per head. Measured on an
+# H100 (engine, 1B shape, 32 x 8K, 4 captured layers): finish launches 23.7 -> 16.1 us per step with
+# fingerprints, 136 -> 131 us with raw top-32; at batch 1 (one head per program kept) grouping was
+# 0.5-1 us slower.
+COMBINE_ELEMENTS = 4096
 FINISH_TICKETS = 64  # per capture row: the head sum, the chunk merge, one per chunk (<= DENSE_MAX_LISTS)
 # Pass A stores the captured rows' logits for Pass B (instead of Pass B re-reading K) when the
 # buffer [R, Hq, tiles * TILE_N] float32 fits in this many bytes (32 rows x 32 heads x 128K positions)
@@ -1209,53 +1216,58 @@ def _stored_block_topk(
 
 
 @triton.jit
-def _combine_head(
-    row, head, stats_ptr, head_weights_ptr, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr, tickets_ptr,
-    lse_ptr, head_stats_ptr, hist_ptr, entropy_ptr, sink_mass_ptr, num_stat_ptr, num_heads, num_splits,
-    stride_sr, stride_sh, stride_ss, stride_sf, stride_wr, stride_tr,
-    SPLITS_PAD: tl.constexpr, HEADS_PAD: tl.constexpr,
+def _combine_heads(
+    row, first_head, stats_ptr, head_weights_ptr, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr,
+    tickets_ptr, lse_ptr, head_stats_ptr, hist_ptr, entropy_ptr, sink_mass_ptr, num_stat_ptr, num_heads, num_splits,
+    num_head_groups, stride_sr, stride_sh, stride_ss, stride_sf, stride_wr, stride_tr,
+    SPLITS_PAD: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_GROUP: tl.constexpr,
 ):
-    """Merge one (row, head)'s per-split Pass A partials; the row's last head to finish sums the heads.
+    """Merge the per-split Pass A partials of one row's ``HEAD_GROUP`` heads from ``first_head``; the row's last
+    head group to finish sums the heads.
 
-    Writes the head's ``lse`` and ``head_stats[row, head] = [w H_h, w l_S / l_U, w hist_h / l_C
-    ...]``, then takes a ticket (``tickets[row, 0]``, zeroed by Pass A): the head drawing the
-    last one adds every head's weighted entropy, sink mass and histogram in a fixed order
+    Writes each head's ``lse`` and ``head_stats[row, head] = [w H_h, w l_S / l_U, w hist_h /
+    l_C ...]``, then takes a ticket (``tickets[row, 0]``, zeroed by Pass A): the group drawing
+    the last one adds every head's weighted entropy, sink mass and histogram in a fixed order
     and writes the row's ``num_stat``.
     """
+    heads = first_head + tl.arange(0, HEAD_GROUP)
+    head_valid = heads < num_heads
     splits = tl.arange(0, SPLITS_PAD)
-    valid = splits < num_splits
-    base = stats_ptr + row * stride_sr + head * stride_sh + splits * stride_ss
+    valid = head_valid[:, None] & (splits < num_splits)[None, :]
+    base = stats_ptr + row * stride_sr + heads[:, None] * stride_sh + splits[None, :] * stride_ss
     m = tl.load(base + 16 * stride_sf, mask=valid, other=float("-inf"))
     l_u = tl.load(base + 17 * stride_sf, mask=valid, other=0.0)
     l_s = tl.load(base + 18 * stride_sf, mask=valid, other=0.0)
     l_c = tl.load(base + 19 * stride_sf, mask=valid, other=0.0)
     e_c = tl.load(base + 20 * stride_sf, mask=valid, other=0.0)
     bins = tl.arange(0, 16)
-    hist = tl.load(base[None, :] + bins[:, None] * stride_sf, mask=valid[None, :], other=0.0)
-    m_max = tl.max(m, axis=0)
+    hist = tl.load(base[:, None, :] + bins[None, :, None] * stride_sf, mask=valid[:, None, :], other=0.0)
+    m_max = tl.max(m, axis=1)
     shift = tl.where(m_max == float("-inf"), 0.0, m_max)
-    scale = tl.exp(m - shift)  # 0 for empty splits
-    total_u = tl.sum(scale * l_u, axis=0)
-    total_s = tl.sum(scale * l_s, axis=0)
-    total_c = tl.sum(scale * l_c, axis=0)
-    total_e = tl.sum(scale * (e_c + tl.where(l_c > 0.0, m - shift, 0.0) * l_c), axis=0)
-    head_hist = tl.sum(scale[None, :] * hist, axis=1)
+    scale = tl.exp(m - shift[:, None])  # 0 for empty splits
+    total_u = tl.sum(scale * l_u, axis=1)
+    total_s = tl.sum(scale * l_s, axis=1)
+    total_c = tl.sum(scale * l_c, axis=1)
+    total_e = tl.sum(scale * (e_c + tl.where(l_c > 0.0, m - shift[:, None], 0.0) * l_c), axis=1)
+    head_hist = tl.sum(scale[:, None, :] * hist, axis=2)
     has_u = total_u > 0.0
     has_c = total_c > 0.0
     safe_u = tl.where(has_u, total_u, 1.0)
     safe_c = tl.where(has_c, total_c, 1.0)
-    tl.store(lse_ptr + row * num_heads + head, tl.where(has_u, shift + tl.log(safe_u), float("-inf")))
-    weight = tl.load(head_weights_ptr + row * stride_wr + head)
-    out = head_stats_ptr + (row * num_heads + head) * STATS_PER_HEAD
-    tl.store(out, tl.where(has_c, weight * (tl.log(safe_c) - total_e / safe_c), 0.0))
-    tl.store(out + 1, tl.where(has_u, weight * total_s / safe_u, 0.0))
-    tl.store(out + 2 + bins, tl.where(has_c, weight / safe_c, 0.0) * head_hist)
+    tl.store(lse_ptr + row * num_heads + heads, tl.where(has_u, shift + tl.log(safe_u), float("-inf")),
+             mask=head_valid)
+    weight = tl.load(head_weights_ptr + row * stride_wr + heads, mask=head_valid, other=0.0)
+    out = head_stats_ptr + (row * num_heads + heads) * STATS_PER_HEAD
+    tl.store(out, tl.where(has_c, weight * (tl.log(safe_c) - total_e / safe_c), 0.0), mask=head_valid)
+    tl.store(out + 1, tl.where(has_u, weight * total_s / safe_u, 0.0), mask=head_valid)
+    tl.store(out[:, None] + 2 + bins[None, :], (tl.where(has_c, weight / safe_c, 0.0))[:, None] * head_hist,
+             mask=head_valid[:, None])
     tl.debug_barrier()
-    if tl.atomic_add(tickets_ptr + row * stride_tr, 1, sem="acq_rel", scope="gpu") == num_heads - 1:
-        heads = tl.arange(0, HEADS_PAD)
+    if tl.atomic_add(tickets_ptr + row * stride_tr, 1, sem="acq_rel", scope="gpu") == num_head_groups - 1:
+        all_heads = tl.arange(0, HEADS_PAD)
         cols = tl.arange(0, 32)
-        block = tl.load(head_stats_ptr + (row * num_heads + heads[:, None]) * STATS_PER_HEAD + cols[None, :],
-                        mask=(heads < num_heads)[:, None] & (cols < STATS_PER_HEAD)[None, :], other=0.0,
+        block = tl.load(head_stats_ptr + (row * num_heads + all_heads[:, None]) * STATS_PER_HEAD + cols[None, :],
+                        mask=(all_heads < num_heads)[:, None] & (cols < STATS_PER_HEAD)[None, :], other=0.0,
                         cache_modifier=".cg")
         sums = tl.sum(block, axis=0)
         tl.store(entropy_ptr + row, tl.sum(tl.where(cols == 0, sums, 0.0), axis=0))
@@ -1271,22 +1283,22 @@ def _capture_finish_kernel(
     lse_ptr, head_stats_ptr, hist_ptr, entropy_ptr, sink_mass_ptr, num_stat_ptr,
     logits_ptr, probs_ptr, scratch_ptr, pos_ptr, value_ptr,
     part_out_ptr, part_lse_ptr, out_ptr, out_lse_ptr,
-    rows, num_heads, num_splits, width, num_blocks, num_chunks, k,
+    rows, num_heads, num_head_groups, num_splits, width, num_blocks, num_chunks, k,
     stride_sr, stride_sh, stride_ss, stride_sf, stride_wr, stride_tr, stride_lgr, stride_lgh, stride_pr, stride_scr,
     stride_scc, stride_or,
     stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_pls, stride_ob, stride_oh, stride_lb, stride_lh,
     SPLITS_PAD: tl.constexpr, HEADS_PAD: tl.constexpr, TOPK: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
     LOG_LISTS: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr, COMBINE_OUT: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_GROUP: tl.constexpr,
 ):
     """Everything after Pass A in one launch, one job per program (1-D grid).
 
     ``rows * num_blocks`` programs (``TOPK``, logits stored) run :func:`_stored_block_topk`;
-    ``rows * num_heads`` run :func:`_combine_head`; with ``COMBINE_OUT`` (a split decode
+    ``rows * num_head_groups`` run :func:`_combine_heads` (``HEAD_GROUP`` heads each); with ``COMBINE_OUT`` (a split decode
     kernel), the attention's own split merge for every (sequence, head) follows
     (``_combine_split_row``). None waits for another: each block merges the ``lse`` it needs
     from the partials itself, and the last program to finish a share of a row's work (its
-    heads, a chunk's blocks, its chunks) takes the next step, counted by tickets ``[R,
+    head groups, a chunk's blocks, its chunks) takes the next step, counted by tickets ``[R,
     FINISH_TICKETS]`` (stats, chunk merge, one per chunk) that Pass A zeroed.
     """
     pid = tl.program_id(0)
@@ -1300,15 +1312,15 @@ def _capture_finish_kernel(
                 stride_sf, stride_wr, stride_pr, stride_scr, stride_scc, stride_tr, stride_or,
                 BLOCK, CHUNK, HEADS_PAD, SPLITS_PAD, LOG_LISTS, MERGE_CHUNKS, RADIX_BITS,
             )
-    elif job < rows * num_heads:
-        _combine_head(
-            job // num_heads, job % num_heads, stats_ptr, head_weights_ptr, query_pos_ptr, mask_prefix_ptr,
-            window_ptr, sink_tokens_ptr, tickets_ptr, lse_ptr, head_stats_ptr, hist_ptr, entropy_ptr,
-            sink_mass_ptr, num_stat_ptr, num_heads, num_splits, stride_sr, stride_sh, stride_ss, stride_sf,
-            stride_wr, stride_tr, SPLITS_PAD, HEADS_PAD,
+    elif job < rows * num_head_groups:
+        _combine_heads(
+            job // num_head_groups, (job % num_head_groups) * HEAD_GROUP, stats_ptr, head_weights_ptr, query_pos_ptr,
+            mask_prefix_ptr, window_ptr, sink_tokens_ptr, tickets_ptr, lse_ptr, head_stats_ptr, hist_ptr, entropy_ptr,
+            sink_mass_ptr, num_stat_ptr, num_heads, num_splits, num_head_groups, stride_sr, stride_sh, stride_ss,
+            stride_sf, stride_wr, stride_tr, SPLITS_PAD, HEADS_PAD, HEAD_GROUP,
         )
     elif COMBINE_OUT:
-        job -= rows * num_heads
+        job -= rows * num_head_groups
         _combine_split_row(
             job // num_heads, job % num_heads, part_out_ptr, part_lse_ptr, out_ptr, out_lse_ptr, num_splits,
             stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_pls, stride_ob, stride_oh,
@@ -1573,7 +1585,12 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
         probs = torch.empty((rows, width), **f32)
         scratch = torch.empty((rows, num_chunks, TOPK_SLOTS), dtype=torch.int64, device=device)
     attention = combine or SplitCombine(stats, stats, stats, stats)
-    programs = rows * (num_blocks + num_heads) + (combine.out.shape[0] * num_heads if combine else 0)
+    splits_pad = max(2, triton.next_power_of_2(num_splits))
+    head_group = 1
+    if rows * num_heads > _num_sms(device):
+        head_group = max(1, min(heads_pad, COMBINE_ELEMENTS // (NUM_BINS * splits_pad)))
+    num_head_groups = triton.cdiv(num_heads, head_group)
+    programs = rows * (num_blocks + num_head_groups) + (combine.out.shape[0] * num_heads if combine else 0)
     wide = rows * num_blocks >= FINISH_WIDE_BLOCKS_PER_SM * _num_sms(device)
     if programs:
         _capture_finish_kernel[(programs,)](
@@ -1581,12 +1598,12 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
             lse, head_stats, hist, entropy, sink_mass, num_stat,
             partials.logits, probs, scratch, topk_pos if stored_topk else scratch, topk_prob if stored_topk else lse,
             attention.part_out, attention.part_lse, attention.out, attention.lse,
-            rows, num_heads, num_splits, width, num_blocks, num_chunks, k,
+            rows, num_heads, num_head_groups, num_splits, width, num_blocks, num_chunks, k,
             *stats.stride(), req.head_weights.stride(0), partials.tickets.stride(0), *partials.logits.stride()[:2],
             probs.stride(0), *scratch.stride()[:2], topk_pos.stride(0) if stored_topk else 0,
             *attention.part_out.stride()[:3], *attention.part_lse.stride()[:3], *attention.out.stride()[:2],
             *attention.lse.stride()[:2],
-            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            SPLITS_PAD=splits_pad,
             HEADS_PAD=heads_pad,
             TOPK=stored_topk,
             BLOCK=block,
@@ -1596,6 +1613,7 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
             RADIX_BITS=DENSE_TOPK_RADIX_BITS,
             COMBINE_OUT=combine is not None,
             HEAD_DIM=head_dim,
+            HEAD_GROUP=head_group,
             num_warps=SPLIT_COMBINE_NUM_WARPS,
             maxnreg=FINISH_WIDE_MAXNREG if wide else None,
         )

@@ -574,6 +574,21 @@ def test_fused_decode_capture(
     check_result(result, case_rows, req, seed)
 
 
+@pytest.mark.parametrize("combine_elements", [512, 1 << 14], ids=["groups-of-4-heads", "one-group-per-row"])
+def test_finish_merges_heads_in_groups(seed: int, combine_elements: int, monkeypatch) -> None:
+    """With more (row, head) pairs than SMs the finish merges several heads per program: groups of 4 of a
+    row's 9 heads (the last group partial) or the whole row at once give the reference's statistics and top-k."""
+    monkeypatch.setattr(capture_kernels, "_num_sms", lambda device: 1)
+    monkeypatch.setattr(capture_kernels, "COMBINE_ELEMENTS", combine_elements)  # 5 splits: 4 heads of 16 x 8
+    rows = [1, 2, 0]
+    case = make_case(seed, [130, 48, 5], 9, 3, 64, 8, torch.float32)
+    req = decode_request(case, rows, random.Random(seed), 5, 0)
+    args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale)
+    _, _, result = paged_decode_attention_capture(*args, req, torch.tensor(rows, dtype=torch.int32), num_splits=5)
+    index = torch.tensor(rows, dtype=torch.long)
+    check_result(result, replace(case, q=case.q[index], keys=[case.keys[r] for r in rows]), req, seed)
+
+
 def test_fused_decode_with_rope_runs_capture_separately(seed: int) -> None:
     """De-rotated capture cannot share the attention's logits: plain attention + standalone capture."""
     case = make_case(seed, [33, 60], 4, 2, 32, 16, torch.float32)
