@@ -1294,9 +1294,9 @@ def _capture_finish_kernel(
     """Everything after Pass A in one launch, one job per program (1-D grid).
 
     ``rows * num_blocks`` programs (``TOPK``, logits stored) run :func:`_stored_block_topk`;
-    ``rows * num_head_groups`` run :func:`_combine_heads` (``HEAD_GROUP`` heads each); with ``COMBINE_OUT`` (a split decode
-    kernel), the attention's own split merge for every (sequence, head) follows
-    (``_combine_split_row``). None waits for another: each block merges the ``lse`` it needs
+    ``rows * num_head_groups`` run :func:`_combine_heads` (``HEAD_GROUP`` heads each); with
+    ``COMBINE_OUT`` (a split decode kernel), the attention's own split merge for every
+    (sequence, head) follows (``_combine_split_row``). None waits for another: each block merges the ``lse`` it needs
     from the partials itself, and the last program to finish a share of a row's work (its
     head groups, a chunk's blocks, its chunks) takes the next step, counted by tickets ``[R,
     FINISH_TICKETS]`` (stats, chunk merge, one per chunk) that Pass A zeroed.
