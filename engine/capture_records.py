@@ -73,13 +73,14 @@ def step_records(step: StepCapture, packed: np.ndarray | None) -> dict[int, list
     its rows' per-layer entries at once (:func:`_raw_layers`, :func:`_sketch_layers`);
     fingerprints are computed only for the rows that report them (fingerprint and sketch
     modes), per layer for all of them in one call, and averaged over each row's layers
-    with array adds.
+    with array adds; sketch rows' hub periodicity only where their zone depends on it
+    (:func:`_step_periodicity`).
     """
     index: dict[tuple[int, int], int] = {}
     rows: list[CaptureRow] = []
     layer_entries: list[dict[int, dict]] = []
-    periodic: list[bool] = []
     per_group: list[tuple[np.ndarray, ...]] = []
+    hub_groups: list[tuple[np.ndarray, ...]] = []
     offset = 0
     for layer in sorted(step.layers):
         for group in step.layers[layer]:
@@ -88,7 +89,7 @@ def step_records(step: StepCapture, packed: np.ndarray | None) -> dict[int, list
             where = np.empty(n, dtype=np.int64)
             modes = [row.seq.capture.params.mode for row in group.rows]
             raws = _raw_layers(fields, group.rows) if "raw" in modes else None
-            sketches, ripples = _sketch_layers(fields, group.rows) if "sketch" in modes else (None, None)
+            sketches, hubs = _sketch_layers(fields, group.rows) if "sketch" in modes else (None, None)
             for i, row in enumerate(group.rows):
                 key = (row.seq.seq_id, row.position)
                 j = index.get(key)
@@ -96,19 +97,21 @@ def step_records(step: StepCapture, packed: np.ndarray | None) -> dict[int, list
                     j = index[key] = len(rows)
                     rows.append(row)
                     layer_entries.append({})
-                    periodic.append(False)
                 where[i] = j
                 if modes[i] == "raw":
                     layer_entries[j][layer] = raws[i]
                 elif modes[i] == "sketch":
                     layer_entries[j][layer] = sketches[i]
-                    periodic[j] = periodic[j] or bool(ripples[i])
+            if hubs is not None:
+                sketched = np.array([mode == "sketch" for mode in modes])
+                hub_groups.append((where[sketched], *(part[sketched] for part in hubs)))
             summarised = np.array([mode != "raw" for mode in modes])
             if summarised.any():
                 per_group.append((where[summarised], fields["hist"][:n][summarised],
                                   fields["entropy"][:n][summarised], fields["num_stat_positions"][:n][summarised].astype(np.int64),
                                   fields["sink_mass"][:n][summarised]))
     fingerprints, sinks = _mean_fingerprints(per_group, len(rows))
+    periodic = _step_periodicity(hub_groups, fingerprints)
     records: dict[int, list[dict]] = {}
     for j in sorted(range(len(rows)), key=lambda j: (rows[j].seq.seq_id, rows[j].position)):
         records.setdefault(rows[j].seq.seq_id, []).append(
@@ -141,6 +144,26 @@ def _mean_fingerprints(per_group: list[tuple[np.ndarray, ...]], num_rows: int) -
             [m if ok else None for m, ok in zip(sinks, listed.tolist())])
 
 
+def _step_periodicity(hub_groups: list[tuple[np.ndarray, ...]], fingerprints: list) -> list[bool]:
+    """Per step row, whether any of its sketched layers' hubs attend periodically (:func:`periodic_rows`).
+
+    ``classify`` reads periodicity only for a fingerprint no earlier zone rule claims, so
+    only those rows' hubs are tested, all layers of the step in one call; other rows
+    report ``False`` (which their zone ignores).
+    """
+    periodic = np.zeros(len(fingerprints), dtype=bool)
+    if not hub_groups:
+        return periodic.tolist()
+    open_rows = np.array([fingerprint is not None and classify(fingerprint) == "unknown"
+                          for fingerprint in fingerprints], dtype=bool)
+    where, offsets, masses, valid = (np.concatenate(parts) for parts in zip(*hub_groups))
+    undecided = open_rows[where]
+    if undecided.any():
+        ripples = periodic_rows(offsets[undecided], masses[undecided], valid[undecided])
+        periodic[where[undecided][ripples]] = True
+    return periodic.tolist()
+
+
 def _unpack(result, packed: np.ndarray, offset: int) -> tuple[dict[str, np.ndarray], int]:
     """A group's fields as numpy views of the packed host array, with the device result's shapes and dtypes
     (int32 fields read back from their bits)."""
@@ -159,7 +182,7 @@ def _unpack(result, packed: np.ndarray, offset: int) -> tuple[dict[str, np.ndarr
 def _record(row: CaptureRow, layers: dict[int, dict], fingerprint: list[float] | None, sink_mass: float | None,
             periodic: bool) -> dict:
     """One wire entry for one captured row (``fingerprint``/``sink_mass``: means over its layers; ``periodic``:
-    whether any of its sketched layers attends periodically).
+    whether any of its sketched layers attends periodically, where its zone depends on that).
 
     The think phase is read here, when the records are built, not when the step was
     planned: by now the row's own token is on the host even if the step was launched
@@ -211,16 +234,16 @@ def _raw_layers(fields: dict[str, np.ndarray], rows: list[CaptureRow]) -> list[d
             for i, (k, lse_i, mass_i) in enumerate(zip(ks.tolist(), lse.tolist(), mass.tolist()))]
 
 
-def _sketch_layers(fields: dict[str, np.ndarray], rows: list[CaptureRow]) -> tuple[list[dict], np.ndarray]:
+def _sketch_layers(fields: dict[str, np.ndarray], rows: list[CaptureRow]) -> tuple[list[dict], tuple[np.ndarray, ...]]:
     """Sketch fields of one layer for every row of a group (hubs, distance histogram, entropy, captured mass,
-    sink mass), and whether each row's hubs attend periodically (:func:`periodic_rows`), all at once."""
+    sink mass), all at once, and the hubs' offsets from the query, masses and valid flags (``[n, SKETCH_HUBS]``
+    each) for the periodicity rule."""
     n = len(rows)
     positions = fields["topk_pos"][:n, :SKETCH_HUBS].astype(np.int64)
     masses = fields["topk_prob"][:n, :SKETCH_HUBS].astype(np.float64)
     valid = positions >= 0
     query = np.array([row.position for row in rows], dtype=np.int64)[:, None]
     shift = np.array([row.seq.capture.params.mask_prefix for row in rows], dtype=np.int64)[:, None]
-    ripples = periodic_rows(query - positions, masses, valid)
     counts = valid.sum(axis=1).tolist()
     hub_positions, hub_masses = (positions - shift).tolist(), masses.tolist()
     mass_captured = np.where(valid, masses, 0.0).sum(axis=1).tolist()
@@ -229,7 +252,7 @@ def _sketch_layers(fields: dict[str, np.ndarray], rows: list[CaptureRow]) -> tup
     sketches = [{"top_hubs": list(map(list, zip(hub_positions[i][:c], hub_masses[i][:c]))), "dist_hist": hists[i],
                  "entropy": entropies[i], "mass_captured": mass_captured[i], "sink_mass": sinks[i]}
                 for i, c in enumerate(counts)]
-    return sketches, ripples
+    return sketches, (query - positions, masses, valid)
 
 
 def append_full_rows(step: StepCapture) -> None:

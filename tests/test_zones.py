@@ -77,3 +77,33 @@ def test_rows_at_once_agree_with_the_rule(seed):
 def test_repeated_offsets_count_once_with_their_mass():
     assert is_periodic([4, 4, 8, 12, 3], [0.2, 0.2, 0.2, 0.2, 0.2])
     assert not is_periodic([4, 4, 4, 8], [0.25, 0.25, 0.25, 0.25])  # only two distinct multiples of 4
+
+
+def test_step_periodicity_gives_every_row_its_defined_zone(seed):
+    """The engine tests hub periodicity only for rows whose fingerprint no earlier zone rule claims; every
+    row still gets the zone of its fingerprint and of whether any of its sketched layers is periodic (two
+    layer groups, rows in either or both, raw rows without a fingerprint)."""
+    from attnscope.engine.capture_records import _step_periodicity
+
+    rng = np.random.default_rng(seed)
+    num_rows, k = 200, 8
+    fingerprints = [None if r % 10 == 9 else fingerprint(local=rng.choice([0.1, 0.7]), mid=rng.choice([0.1, 0.5]),
+                                                          entropy=rng.choice([0.2, 0.9]))
+                    for r in range(num_rows)]
+    groups, periodic_layers = [], [[] for _ in range(num_rows)]
+    for _ in range(2):
+        where = np.array([r for r in range(num_rows) if fingerprints[r] is not None and rng.random() < 0.7])
+        offsets = np.array([rng.choice(np.unique(np.concatenate([int(rng.integers(2, 9)) * np.arange(1, 20),
+                                                                 rng.integers(0, 200, 10)])), k, replace=False)
+                            for _ in where])
+        masses = rng.dirichlet(np.ones(k), size=len(where))
+        valid = rng.random((len(where), k)) > 0.1
+        groups.append((where, offsets, masses, valid))
+        for i, r in enumerate(where.tolist()):
+            periodic_layers[r].append(is_periodic(offsets[i][valid[i]].tolist(), masses[i][valid[i]].tolist()))
+    periodic = _step_periodicity(groups, fingerprints)
+    zones = [classify(fp, flag) if fp is not None else None for fp, flag in zip(fingerprints, periodic)]
+    expected = [classify(fp, any(flags)) if fp is not None else None
+                for fp, flags in zip(fingerprints, periodic_layers)]
+    assert zones == expected, f"seed={seed}"
+    assert "structure_ripple" in expected and "unknown" in expected and "syntax_floor" in expected, f"seed={seed}"
