@@ -234,7 +234,8 @@ def _raw_layers(fields: dict[str, np.ndarray], rows: list[CaptureRow]) -> list[d
             for i, (k, lse_i, mass_i) in enumerate(zip(ks.tolist(), lse.tolist(), mass.tolist()))]
 
 
-def _sketch_layers(fields: dict[str, np.ndarray], rows: list[CaptureRow]) -> tuple[list[dict], tuple[np.ndarray, ...]]:
+def _sketch_layers(fields: dict[str, np.ndarray],
+                   rows: list[CaptureRow]) -> tuple[list[dict], tuple[np.ndarray, ...]]:
     """Sketch fields of one layer for every row of a group (hubs, distance histogram, entropy, captured mass,
     sink mass), all at once, and the hubs' offsets from the query, masses and valid flags (``[n, SKETCH_HUBS]``
     each) for the periodicity rule."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from attnscope.engine.capture_records import _step_periodicity
 from attnscope.zones import SAMPLING_BY_ZONE, classify, is_periodic, periodic_rows
 
 
@@ -83,8 +84,6 @@ def test_step_periodicity_gives_every_row_its_defined_zone(seed):
     """The engine tests hub periodicity only for rows whose fingerprint no earlier zone rule claims; every
     row still gets the zone of its fingerprint and of whether any of its sketched layers is periodic (two
     layer groups, rows in either or both, raw rows without a fingerprint)."""
-    from attnscope.engine.capture_records import _step_periodicity
-
     rng = np.random.default_rng(seed)
     num_rows, k = 200, 8
     fingerprints = [None if r % 10 == 9 else fingerprint(local=rng.choice([0.1, 0.7]), mid=rng.choice([0.1, 0.5]),
