@@ -108,7 +108,8 @@ def step_records(step: StepCapture, packed: np.ndarray | None) -> dict[int, list
             summarised = np.array([mode != "raw" for mode in modes])
             if summarised.any():
                 per_group.append((where[summarised], fields["hist"][:n][summarised],
-                                  fields["entropy"][:n][summarised], fields["num_stat_positions"][:n][summarised].astype(np.int64),
+                                  fields["entropy"][:n][summarised],
+                                  fields["num_stat_positions"][:n][summarised].astype(np.int64),
                                   fields["sink_mass"][:n][summarised]))
     fingerprints, sinks = _mean_fingerprints(per_group, len(rows))
     periodic = _step_periodicity(hub_groups, fingerprints)

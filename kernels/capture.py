@@ -1586,12 +1586,13 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
         scratch = torch.empty((rows, num_chunks, TOPK_SLOTS), dtype=torch.int64, device=device)
     attention = combine or SplitCombine(stats, stats, stats, stats)
     splits_pad = max(2, triton.next_power_of_2(num_splits))
+    num_sms = _num_sms(device)
     head_group = 1
-    if rows * num_heads > _num_sms(device):
+    if rows * num_heads > num_sms:
         head_group = max(1, min(heads_pad, COMBINE_ELEMENTS // (NUM_BINS * splits_pad)))
     num_head_groups = triton.cdiv(num_heads, head_group)
     programs = rows * (num_blocks + num_head_groups) + (combine.out.shape[0] * num_heads if combine else 0)
-    wide = rows * num_blocks >= FINISH_WIDE_BLOCKS_PER_SM * _num_sms(device)
+    wide = rows * num_blocks >= FINISH_WIDE_BLOCKS_PER_SM * num_sms
     if programs:
         _capture_finish_kernel[(programs,)](
             stats, req.head_weights, req.query_pos, req.mask_prefix, req.window, req.sink_tokens, partials.tickets,
