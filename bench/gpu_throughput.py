@@ -66,6 +66,8 @@ WARMUP_STEPS = 3
 PROFILED_STEPS = 3
 TOP_KERNELS = 12
 DECODE_HEADROOM = 448
+SOAK_MAX_PROMPT = 6000
+SOAK_MAX_NEW_TOKENS = 512
 
 
 def log(message: str) -> None:
@@ -220,8 +222,9 @@ def soak(engine: LLMEngine, seconds: float, vocab: int, seed: int) -> dict:
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
         while len(live) < 64:
-            ids = [rng.randrange(3, vocab) for _ in range(rng.randint(16, 6000))]
-            params = {"temperature": rng.choice([0.0, 0.8]), "max_tokens": rng.randint(8, 512), "ignore_eos": True}
+            ids = [rng.randrange(3, vocab) for _ in range(rng.randint(16, SOAK_MAX_PROMPT))]
+            params = {"temperature": rng.choice([0.0, 0.8]), "max_tokens": rng.randint(8, SOAK_MAX_NEW_TOKENS),
+                      "ignore_eos": True}
             live.add(engine.add_request(prompt_token_ids=ids, params=params, capture=rng.choice(kinds)))
         for out in engine.step():
             tokens += sum(len(d.token_ids) for d in out.deltas)
@@ -247,7 +250,9 @@ def main() -> None:
     parser.add_argument("--hf-cases", default="1x512,1x8192,32x512,32x2048",
                         help="BATCHxCONTEXT cases for HF transformers ('' = none)")
     parser.add_argument("--hf-new-tokens", type=int, default=16, help="tokens HF generates per case")
-    parser.add_argument("--soak-seconds", type=float, default=0.0, help="mixed-workload run on the first shape")
+    parser.add_argument("--soak-seconds", type=float, default=0.0,
+                        help="mixed-workload run on the first shape (engines then take prompts of up to "
+                             f"{SOAK_MAX_PROMPT} + {SOAK_MAX_NEW_TOKENS} tokens)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="KV cache share of free memory")
     parser.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: the engine's, 1 on CUDA)")
     parser.add_argument("--json", default=None, help="also write the JSON object here")
@@ -264,6 +269,8 @@ def main() -> None:
               "copy_bandwidth_tb_s": bandwidth / 1e12, "torch_threads": args.num_threads or 1,
               "shapes": {}}
     max_len = max(contexts) + DECODE_HEADROOM + 64
+    if args.soak_seconds:  # the engines take the soak's longest requests too
+        max_len = max(max_len, SOAK_MAX_PROMPT + SOAK_MAX_NEW_TOKENS)
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
         entry = report["shapes"][shape_name] = {"shape": shape, "cases": []}
