@@ -20,8 +20,9 @@ torch twin with the same API. Two passes over the keys, both split-K over positi
   rows' logits fit ``LOGIT_STORE_MAX_BYTES``, Pass A stores them and the finish launch
   streams them into a dense ``p̄ = sum_h w_h exp(s_h[j] - lse_h)`` per row (each block
   merging the ``lse`` it needs from the split partials), whose exact top-k the last block
-  of each chunk finds without sorting (:func:`_select_topk`) and the last chunk of a row
-  merges by a merge tree (:func:`_fold_lists`). Otherwise Pass A records each head's largest logit
+  of each chunk finds without sorting (:func:`_select_topk`); the chunks' lists merge into
+  the row's top-k in the row's last chunk (:func:`_fold_lists`) or, in a launch of one row, up a
+  binary tree as the chunks finish (:func:`_climb_tree`). Otherwise Pass A records each head's largest logit
   per key tile (tiles aligned to multiples of ``TILE_N``); with ``lse`` they bound ``p̄``
   per tile from above and below, and only the tiles whose upper bound reaches a floor
   under the ``k``-th value are re-read (see :func:`_mean_topk`), each by one program
@@ -97,8 +98,8 @@ PASS_B_ROPE_NUM_WARPS = 8
 # After Pass A one launch finishes a capture (_capture_finish_kernel): the combine, and Pass B from
 # stored logits as one program per row and block of DENSE_BLOCK positions (fewer with many heads: at
 # most DENSE_LOAD_ELEMENTS logits per load) writing dense p̄; the last block of a chunk of DENSE_CHUNK
-# positions ranks the chunk exactly by DENSE_TOPK_RADIX_BITS-bit counting rounds, and a row's last
-# chunk merges the chunks' lists (a merge tree of LOG_DENSE_MAX_LISTS levels). Rows wider than
+# positions ranks the chunk exactly by DENSE_TOPK_RADIX_BITS-bit counting rounds, and the chunks' lists
+# merge in LOG_DENSE_MAX_LISTS levels (see MERGE_TREE_MAX_ROWS). Rows wider than
 # DENSE_MAX_LISTS chunks take wider chunks, up to DENSE_MAX_CHUNK; wider rows re-read keys.
 # Measured on an H100 with separate kernels (32 heads;
 # 32 x 8K, 8 x 32K, 1 x 128K, 1 x 2K): the counting rounds are latency-bound (1 x 2K took ~10 us
@@ -125,6 +126,12 @@ DENSE_TOPK_RADIX_BITS = 2
 # H100 (head-mean top-32 without statistics): 1B attention 32 x 8K 257.3 -> 251.5 us, 8B 32 x 8K 437.6
 # -> 432.1, 1 x 128K 264.5 -> 258.3 (kernel timings; in the engine at 1B 32 x 8K the finish launches of
 # 4 captured layers took 136 us per step instead of 156); at 1 x 2K (8 blocks) the cap cost 1.1 us.
+# A launch of at most MERGE_TREE_MAX_ROWS rows merges a row's chunk lists up a binary tree as the chunks
+# finish (_climb_tree), larger ones in the row's last chunk (_fold_lists): measured on an H100 (Llama-8B
+# attention, raw top-32, finish launch): the tree took 1 x 32K (16 lists) from 19.7 to 17.2 us and 1 x 128K
+# (32 lists) from 65.1 to 55.9 us, but 32 x 8K (5 lists) from 30.6 to 31.9 us (1B heads: 32.5 to 33.3),
+# where the other rows' work hides the last chunk's merge.
+MERGE_TREE_MAX_ROWS = 1
 FINISH_WIDE_MAXNREG = 80
 FINISH_WIDE_BLOCKS_PER_SM = 2
 # With more (row, head) pairs than SMs the finish merges each row's split partials HEAD_GROUP heads
@@ -134,7 +141,7 @@ FINISH_WIDE_BLOCKS_PER_SM = 2
 # fingerprints, 136 -> 131 us with raw top-32; at batch 1 (one head per program kept) grouping was
 # 0.5-1 us slower.
 COMBINE_ELEMENTS = 4096
-FINISH_TICKETS = 64  # per capture row: the head sum, the chunk merge, one per chunk (<= DENSE_MAX_LISTS)
+FINISH_TICKETS = 2 * DENSE_MAX_LISTS  # per capture row: the head sum, the merge tree's nodes, one per chunk
 # Pass A stores the captured rows' logits for Pass B (instead of Pass B re-reading K) when the
 # buffer [R, Hq, tiles * TILE_N] float32 fits in this many bytes (32 rows x 32 heads x 128K positions)
 # and a row spans at most DENSE_MAX_LISTS * DENSE_MAX_CHUNK positions. The store is 1/32 of the
@@ -1100,28 +1107,68 @@ def _store_topk(best, pos_ptr, value_ptr, k, empty_value):
 
 @triton.jit
 def _chunk_topk(
-    p_bar, tokens, valid, k, chunk, num_chunks, scratch_row, ticket_ptr, pos_ptr, value_ptr, stride_scc,
+    p_bar, tokens, valid, k, chunk, num_chunks, scratch_row, tree_tickets, pos_ptr, value_ptr, stride_scc,
     CHUNK: tl.constexpr, LOG_LISTS: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
+    MERGE_TREE: tl.constexpr,
 ):
-    """Exact top-k of one chunk of a row's dense ``p̄``; the row's last chunk to finish writes the row's top-k.
+    """Exact top-k of one chunk of a row's dense ``p̄``; the chunk that completes the row's merge writes its top-k.
 
-    ``scratch_row`` holds ``num_chunks`` slots of ``SLOTS`` keys. One chunk (not
-    ``MERGE_CHUNKS``) writes its top-k directly. Otherwise each chunk leaves its sorted keys
-    in its own slot (where it selected them), then takes a ticket (``ticket_ptr``, zeroed
-    before the launch): the chunk drawing the last one merges every chunk's list
-    (:func:`_fold_lists`; keys order ties by position) and writes the row's positions and
-    values.
+    ``scratch_row`` holds ``num_chunks`` slots of ``SLOTS`` keys; ``tree_tickets`` ``2^LOG_LISTS
+    - 1`` tickets zeroed before the launch. One chunk (not ``MERGE_CHUNKS``) writes its top-k
+    directly. Otherwise, with ``MERGE_TREE``, the chunks' sorted lists merge up a binary tree
+    as they finish (:func:`_climb_tree`), so only the tree's height follows the last chunk;
+    without it each chunk leaves its list in its slot and takes the first ticket, and the chunk
+    drawing the last one merges every list (:func:`_fold_lists`). Keys order ties by position.
     """
     best = _select_topk(p_bar, tokens, valid, k, scratch_row + chunk * stride_scc, CHUNK, RADIX_BITS)
     if MERGE_CHUNKS:
-        slots = tl.arange(0, SLOTS)
-        tl.store(scratch_row + chunk * stride_scc + slots[None, :], best)
-        tl.debug_barrier()
-        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == num_chunks - 1:
-            best = _fold_lists(scratch_row, stride_scc, num_chunks, LOG_LISTS)
-            _store_topk(best, pos_ptr, value_ptr, k, 0.0)
+        if MERGE_TREE:
+            best, done = _climb_tree(best, chunk, num_chunks, scratch_row, stride_scc, tree_tickets, LOG_LISTS)
+            if done:
+                _store_topk(best, pos_ptr, value_ptr, k, 0.0)
+        else:
+            slots = tl.arange(0, SLOTS)
+            tl.store(scratch_row + chunk * stride_scc + slots[None, :], best)
+            tl.debug_barrier()
+            if tl.atomic_add(tree_tickets, 1, sem="acq_rel", scope="gpu") == num_chunks - 1:
+                best = _fold_lists(scratch_row, stride_scc, num_chunks, LOG_LISTS)
+                _store_topk(best, pos_ptr, value_ptr, k, 0.0)
     else:
         _store_topk(best, pos_ptr, value_ptr, k, 0.0)
+
+
+@triton.jit
+def _climb_tree(best, leaf, num_lists, row_keys, stride_ks, tree_tickets, LOG_LISTS: tl.constexpr):
+    """Merge list ``leaf`` (sorted keys ``best`` ``[1, SLOTS]``) up a row's binary merge tree of ``num_lists`` lists.
+
+    At each level a list with a sibling stores itself in its slot (``node << level``, the
+    first leaf slot of its subtree) and takes the parent's ticket (``tree_tickets``, ``2^LOG_LISTS - 1``
+    of them, zeroed before the launch; the parents of level ``l`` from index
+    ``2^(LOG_LISTS - 1 - l) - 1``): the first of the pair to arrive stops there, the second
+    merges the sibling's list (read reversed, ascending: :func:`_merge_sorted`) and climbs
+    on; a list without a sibling climbs unchanged. Returns the merged keys and whether this
+    program merged the root (it then holds the row's top keys).
+    """
+    slots = tl.arange(0, SLOTS)
+    reversed_slots = slots * -1 + (SLOTS - 1)
+    node = leaf
+    width = num_lists
+    climbing = tl.full([], 1, tl.int1)
+    for level in tl.static_range(LOG_LISTS):
+        if climbing & (width > 1):
+            if (node ^ 1) < width:
+                tl.store(row_keys + (node << level) * stride_ks + slots[None, :], best)
+                tl.debug_barrier()
+                ticket = tree_tickets + (1 << (LOG_LISTS - 1 - level)) - 1 + (node >> 1)
+                if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == 0:
+                    climbing = tl.full([], 0, tl.int1)
+                else:
+                    ascending = tl.load(row_keys + ((node ^ 1) << level) * stride_ks + reversed_slots[None, :],
+                                        cache_modifier=".cg")
+                    best = _merge_sorted(best, ascending, 1, 0)
+            node = node >> 1
+            width = (width + 1) >> 1
+    return best, climbing
 
 
 @triton.jit
@@ -1142,6 +1189,7 @@ def _dense_topk_kernel(
     LOG_LISTS: tl.constexpr,
     MERGE_CHUNKS: tl.constexpr,
     RADIX_BITS: tl.constexpr,
+    MERGE_TREE: tl.constexpr,
 ):
     """Exact top-k of one row's ``CHUNK`` dense ``p̄`` values (``-inf`` outside ``W``) by :func:`_chunk_topk`."""
     row = tl.program_id(0)
@@ -1149,8 +1197,10 @@ def _dense_topk_kernel(
     tokens = chunk * CHUNK + tl.arange(0, CHUNK)
     p_bar = tl.load(probs_ptr + row * stride_pr + tokens, mask=tokens < width, other=float("-inf"))
     _chunk_topk(
-        p_bar, tokens, p_bar >= 0.0, k, chunk, num_chunks, scratch_ptr + row * stride_scr, tickets_ptr + row,
+        p_bar, tokens, p_bar >= 0.0, k, chunk, num_chunks, scratch_ptr + row * stride_scr,
+        tickets_ptr + row * (1 << LOG_LISTS),
         pos_ptr + row * stride_or, value_ptr + row * stride_or, stride_scc, CHUNK, LOG_LISTS, MERGE_CHUNKS, RADIX_BITS,
+        MERGE_TREE,
     )
 
 
@@ -1176,15 +1226,16 @@ def _stored_block_topk(
     stride_lgr, stride_lgh, stride_sr, stride_sh, stride_ss, stride_sf, stride_wr, stride_pr, stride_scr, stride_scc,
     stride_tr, stride_or,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, HEADS_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    LOG_LISTS: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
+    LOG_LISTS: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr, MERGE_TREE: tl.constexpr,
 ):
     """Pass B from stored logits for ``BLOCK`` positions of a row; the last block of a chunk ranks the chunk.
 
     ``p̄[j] = sum_h w_h exp(s_h[j] - lse_h)`` over the block's positions in ``W`` (every
     head's logits in one load, each head's ``lse`` merged from the split partials here, so
     this runs beside the combine) goes to ``probs`` (``-inf`` outside ``W``). Then the block
-    takes its chunk's ticket (``tickets[row, 2 + chunk]``); the block drawing the last one
-    reads the chunk's ``p̄`` back and ranks it (:func:`_chunk_topk`).
+    takes its chunk's ticket (``tickets[row, 2^LOG_LISTS + chunk]``); the block drawing the
+    last one reads the chunk's ``p̄`` back and ranks it (:func:`_chunk_topk`; the row's merge
+    tree takes ``tickets[row, 1 : 2^LOG_LISTS]``).
     """
     tokens = block * BLOCK + tl.arange(0, BLOCK)
     pos, u_lo, w_lo, c_lo = _row_sets(row, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr)
@@ -1204,14 +1255,15 @@ def _stored_block_topk(
     chunk = block // (CHUNK // BLOCK)
     blocks_in_chunk = tl.minimum(CHUNK // BLOCK, tl.cdiv(width, BLOCK) - chunk * (CHUNK // BLOCK))
     tl.debug_barrier()
-    if tl.atomic_add(tickets_ptr + row * stride_tr + 2 + chunk, 1, sem="acq_rel", scope="gpu") == blocks_in_chunk - 1:
+    chunk_ticket = tickets_ptr + row * stride_tr + (1 << LOG_LISTS) + chunk
+    if tl.atomic_add(chunk_ticket, 1, sem="acq_rel", scope="gpu") == blocks_in_chunk - 1:
         chunk_tokens = chunk * CHUNK + tl.arange(0, CHUNK)
         chunk_probs = tl.load(probs_ptr + row * stride_pr + chunk_tokens, mask=chunk_tokens < width,
                               other=float("-inf"), cache_modifier=".cg")
         _chunk_topk(
             chunk_probs, chunk_tokens, chunk_probs >= 0.0, k, chunk, num_chunks, scratch_ptr + row * stride_scr,
             tickets_ptr + row * stride_tr + 1, pos_ptr + row * stride_or, value_ptr + row * stride_or, stride_scc,
-            CHUNK, LOG_LISTS, MERGE_CHUNKS, RADIX_BITS,
+            CHUNK, LOG_LISTS, MERGE_CHUNKS, RADIX_BITS, MERGE_TREE,
         )
 
 
@@ -1289,7 +1341,7 @@ def _capture_finish_kernel(
     stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_pls, stride_ob, stride_oh, stride_lb, stride_lh,
     SPLITS_PAD: tl.constexpr, HEADS_PAD: tl.constexpr, TOPK: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
     LOG_LISTS: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr, COMBINE_OUT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_GROUP: tl.constexpr, MERGE_TREE: tl.constexpr,
 ):
     """Everything after Pass A in one launch, one job per program (1-D grid).
 
@@ -1310,7 +1362,7 @@ def _capture_finish_kernel(
                 mask_prefix_ptr, window_ptr, sink_tokens_ptr, probs_ptr, scratch_ptr, tickets_ptr, pos_ptr, value_ptr,
                 num_heads, num_splits, width, num_chunks, k, stride_lgr, stride_lgh, stride_sr, stride_sh, stride_ss,
                 stride_sf, stride_wr, stride_pr, stride_scr, stride_scc, stride_tr, stride_or,
-                BLOCK, CHUNK, HEADS_PAD, SPLITS_PAD, LOG_LISTS, MERGE_CHUNKS, RADIX_BITS,
+                BLOCK, CHUNK, HEADS_PAD, SPLITS_PAD, LOG_LISTS, MERGE_CHUNKS, RADIX_BITS, MERGE_TREE,
             )
     elif job < rows * num_head_groups:
         _combine_heads(
@@ -1615,6 +1667,7 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
             COMBINE_OUT=combine is not None,
             HEAD_DIM=head_dim,
             HEAD_GROUP=head_group,
+            MERGE_TREE=rows <= MERGE_TREE_MAX_ROWS,
             num_warps=SPLIT_COMBINE_NUM_WARPS,
             maxnreg=FINISH_WIDE_MAXNREG if wide else None,
         )
@@ -1645,12 +1698,12 @@ def dense_topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     chunk = _dense_chunk(width)
     num_chunks = triton.cdiv(width, chunk)
     scratch = torch.empty((rows, num_chunks, TOPK_SLOTS), dtype=torch.int64, device=device)
-    tickets = torch.zeros((rows,), dtype=torch.int32, device=device)
+    tickets = torch.zeros((rows, DENSE_MAX_LISTS), dtype=torch.int32, device=device)
     _dense_topk_kernel[(rows, num_chunks)](
         probs, scratch, tickets, pos, values, width, k, num_chunks, probs.stride(0), *scratch.stride()[:2],
         pos.stride(0),
         CHUNK=chunk, LOG_LISTS=LOG_DENSE_MAX_LISTS, MERGE_CHUNKS=num_chunks > 1,
-        RADIX_BITS=DENSE_TOPK_RADIX_BITS, num_warps=DENSE_TOPK_NUM_WARPS,
+        RADIX_BITS=DENSE_TOPK_RADIX_BITS, MERGE_TREE=rows <= MERGE_TREE_MAX_ROWS, num_warps=DENSE_TOPK_NUM_WARPS,
     )
     return pos, values
 

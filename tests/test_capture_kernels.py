@@ -359,6 +359,9 @@ def test_dense_topk_ranks_like_the_reference(seed: int, width: int) -> None:
         assert torch.equal(pos, ref_pos.int()), f"seed={seed} k={k}"
         assert torch.equal(values, ref_values), f"seed={seed} k={k}"
         assert (pos[4] == -1).all() and (values[4] == 0).all()
+        for row in (1, 2):  # a launch of one row merges its chunks' lists up a tree
+            alone_pos, alone_values = dense_topk(probs[row : row + 1], k)
+            assert torch.equal(alone_pos[0], pos[row]) and torch.equal(alone_values[0], values[row]), f"row {row}"
 
 
 def test_dense_topk_refuses_rows_wider_than_its_chunks() -> None:
@@ -504,6 +507,23 @@ def test_stored_pass_b_ranks_across_blocks_and_chunks(seed: int, fused: bool, mo
     check_result(result, case, req, seed)
     for row in range(3):
         assert result.topk_pos[row].tolist() == exact_tie_ranking(case, req, row)[: req.top_k], f"row {row}"
+
+
+@pytest.mark.parametrize("length", [1500, 1793])
+def test_stored_pass_b_of_one_row_merges_up_a_tree(seed: int, length: int, monkeypatch) -> None:
+    """One captured row (batch 1): its chunks' lists merge up a binary tree as they finish -- 6 and 8 chunks of
+    256 positions, so pairs, a list without a sibling and the root all occur; a window of the last 300 positions
+    puts the answer in the last chunks -- with the exact, tie-ordered top-k."""
+    monkeypatch.setattr(capture_kernels, "DENSE_BLOCK", 64)
+    monkeypatch.setattr(capture_kernels, "DENSE_CHUNK", 256)
+    rng = random.Random(seed)
+    case = make_case(seed, [length], 8, 2, 32, 16, torch.float32, key_alphabet=3)
+    req = make_request(case, rng, 16, 0, query_pos=[length - 1], mask_prefix=[5], window=[300], sink_tokens=[1])
+    args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale)
+    _, _, result = paged_decode_attention_capture(*args, req, torch.arange(1, dtype=torch.int32), num_splits=2)
+    assert result.recomputed_tiles is None
+    check_result(result, case, req, seed)
+    assert result.topk_pos[0].tolist() == exact_tie_ranking(case, req, 0)[: req.top_k]
 
 
 def test_logits_are_stored_only_within_the_budget(seed: int) -> None:
