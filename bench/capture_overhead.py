@@ -25,7 +25,8 @@
    allocation before each call) for (a), (b), (c) and (d).
 
 Prints one JSON object (and writes it to ``--json PATH`` when given).
-``--quick`` runs one small timing config. Needs a CUDA GPU; about 3 minutes on an H100.
+``--quick`` runs one small timing config, ``--cases 1x32768,1x131072`` only the listed ones (neither runs the
+1M-context memory measurement). Needs a CUDA GPU; about 3 minutes on an H100.
 """
 
 from __future__ import annotations
@@ -412,9 +413,18 @@ def main() -> None:
     """Run the checks, the timings and the memory measurement; print and save one JSON object."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small timing config")
+    parser.add_argument("--cases", default="",
+                        help="comma-separated BATCHxLENGTH timing configs instead of the whole table, e.g. "
+                             "1x32768,1x131072 (no 1M-context memory run)")
     parser.add_argument("--seed", type=int, default=0, help="input seed")
     parser.add_argument("--json", default=None, help="also write the JSON object to this file")
     cli = parser.parse_args()
+    try:
+        cases = [tuple(int(x) for x in case.split("x")) for case in cli.cases.split(",") if case]
+    except ValueError:
+        parser.error(f"--cases takes BATCHxLENGTH items such as 1x32768, got {cli.cases!r}")
+    if any(len(case) != 2 or min(case) < 1 for case in cases):
+        parser.error(f"--cases takes BATCHxLENGTH items such as 1x32768, got {cli.cases!r}")
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     started = time.perf_counter()
@@ -433,13 +443,14 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     gen = torch.Generator(device=DEVICE).manual_seed(cli.seed + 1)
-    configs = [(1, 2048)] if cli.quick else [(b, n) for b in BATCHES for n in LENGTHS]
+    configs = cases or ([(1, 2048)] if cli.quick else [(b, n) for b in BATCHES for n in LENGTHS])
     configs = [(b, n) for b, n in configs if b * n * HKV * HEAD_DIM * 2 * 2 <= MAX_KV_BYTES]
-    max_tokens = max([b * n for b, n in configs] + [0 if cli.quick else LONG_CONTEXT])
+    whole_table = not (cli.quick or cases)
+    max_tokens = max([b * n for b, n in configs] + [LONG_CONTEXT if whole_table else 0])
     k_cache, v_cache = paged_cache(math.ceil(max_tokens / BLOCK_SIZE) + 1, HKV, HEAD_DIM, torch.bfloat16, gen)
     flush = torch.empty(2 * props.L2_cache_size, dtype=torch.int8, device=DEVICE)
     report["configs"] = [bench_config(b, n, k_cache, v_cache, flush, gen) for b, n in configs]
-    if not cli.quick:
+    if whole_table:
         report["long_context"] = long_context_memory(k_cache, v_cache, gen)
     report["wall_s"] = time.perf_counter() - started
 
