@@ -49,6 +49,7 @@ from attnscope.kernels.capture import attention_capture, paged_decode_attention_
 from attnscope.kernels.capture_reference import CaptureRequest, CaptureResult, capture_rows_ref
 from attnscope.kernels.paged_decode import paged_decode_attention
 from attnscope.kernels.reference import gather_paged_kv
+from cases import parse_cases  # bench/cases.py, beside this script
 from report import emit  # bench/report.py, beside this script
 
 HQ, HKV, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
@@ -419,12 +420,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="input seed")
     parser.add_argument("--json", default=None, help="also write the JSON object to this file")
     cli = parser.parse_args()
-    try:
-        cases = [tuple(int(x) for x in case.split("x")) for case in cli.cases.split(",") if case]
-    except ValueError:
-        parser.error(f"--cases takes BATCHxLENGTH items such as 1x32768, got {cli.cases!r}")
-    if any(len(case) != 2 or min(case) < 1 for case in cases):
-        parser.error(f"--cases takes BATCHxLENGTH items such as 1x32768, got {cli.cases!r}")
+    cases = parse_cases(parser, "--cases", cli.cases)
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     started = time.perf_counter()

@@ -43,7 +43,8 @@ import torch
 from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.kv_cache import kv_bytes_per_token
 from attnscope.engine.llm_engine import LLMEngine
-from random_model import random_prompts, write_model_folder  # bench/, beside this script
+from cases import parse_cases  # bench/, beside this script
+from random_model import random_prompts, write_model_folder
 from report import emit
 
 SHAPES = {
@@ -262,7 +263,7 @@ def main() -> None:
     device = torch.device("cuda")
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
-    hf_cases = [tuple(int(x) for x in c.split("x")) for c in args.hf_cases.split(",") if c]
+    hf_cases = parse_cases(parser, "--hf-cases", args.hf_cases)
     bandwidth = copy_bandwidth(device)
     log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     report = {"device": torch.cuda.get_device_name(0), "dtype": "bfloat16", "torch": torch.__version__,

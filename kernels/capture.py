@@ -1351,7 +1351,7 @@ def _capture_finish_kernel(
     (sequence, head) follows (``_combine_split_row``). None waits for another: each block merges the ``lse`` it needs
     from the partials itself, and the last program to finish a share of a row's work (its
     head groups, a chunk's blocks, its chunks) takes the next step, counted by tickets ``[R,
-    FINISH_TICKETS]`` (stats, chunk merge, one per chunk) that Pass A zeroed.
+    FINISH_TICKETS]`` (the head sum, the chunks' merge, one per chunk) that Pass A zeroed.
     """
     pid = tl.program_id(0)
     job = pid - rows * num_blocks  # num_blocks is 0 without TOPK
