@@ -179,7 +179,8 @@ def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
     decode_q = q[batch.decode_start :]
     tables, lengths = batch.decode_block_tables, batch.decode_context_lens
-    request = batch.capture.request(group, q, None, batch.q_heads)
+    # The fused kernel takes the captured rows' queries from the batch; a rank's partial reads them.
+    request = batch.capture.request(group, q, None, batch.q_heads, gather_queries=batch.q_heads is not None)
     kernel_request = request if batch.q_heads is None else replace(request, top_k=0, head_top_k=0)
     if group.decode_rows is not None:  # a CUDA-graph step: padding capture rows match no decode row
         out, _, result = paged_decode_attention(decode_q, k_cache, v_cache, tables, lengths, scale,

@@ -167,15 +167,19 @@ class StepCapture:
 
     @staticmethod
     def request(group: LayerCapture, q: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                heads: range | None = None) -> CaptureRequest:
+                heads: range | None = None, gather_queries: bool = True) -> CaptureRequest:
         """The kernel request of a finalized group: its rows' queries and per-row settings.
 
         ``heads``: the query heads ``q`` holds (a tensor-parallel rank's); their slice of
-        the head weights is used, so a rank's head sums add up across ranks.
+        the head weights is used, so a rank's head sums add up across ranks. Without
+        ``gather_queries`` the request's ``q`` is ``q``'s first row broadcast to the rows'
+        shape (no kernel): for the fused decode kernel, which reads only its shape and takes
+        the queries from the batch.
         """
         settings = group.settings
         weights = settings.head_weights if heads is None else settings.head_weights[:, heads.start:heads.stop]
-        return replace(settings, q=q[group.index], head_weights=weights.contiguous(),
+        queries = q[group.index] if gather_queries else q[:1].expand(group.index.shape[0], -1, -1)
+        return replace(settings, q=queries, head_weights=weights.contiguous(),
                        rope_cos=rope[0] if rope is not None else None,
                        rope_sin=rope[1] if rope is not None else None)
 

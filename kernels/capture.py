@@ -1897,14 +1897,21 @@ def paged_decode_attention_capture(
     """Decode attention of the whole batch with capture of the decode rows ``capture_rows``.
 
     ``paged_decode_attention(..., capture=, capture_rows=)`` lands here. ``capture_rows``
-    ``[R]`` indexes the batch; ``capture.q`` must equal ``q[capture_rows]``, and each
-    captured row's ``query_pos`` must be its ``context_lens - 1`` (its keys are read through
-    the decode ``block_tables``). Pass A runs inside the attention kernel: captured rows
-    reuse the attention's logits and running max, other rows run the plain tile loop (one
-    branch per program). Returns ``(out, lse, CaptureResult)`` with ``out``/``lse`` as the
-    plain kernel's. With rope tables (de-rotated logits differ from the attention's) the
-    plain kernel and :func:`attention_capture` run one after the other instead.
-    ``logit_store_bytes`` as in :func:`attention_capture`.
+    ``[R]`` indexes the batch (a row of ``-1`` matches no decode row: padding whose results
+    are not read), and each captured row's ``query_pos`` must be its ``context_lens - 1``
+    (its keys are read through the decode ``block_tables``). Pass A runs inside the
+    attention kernel: captured rows reuse the attention's logits and running max, other rows
+    run the plain tile loop (one branch per program). Returns ``(out, lse, CaptureResult)``
+    with ``out``/``lse`` as the plain kernel's. ``logit_store_bytes`` as in
+    :func:`attention_capture`.
+
+    Without rope tables ``capture.q`` (``[R, Hq, D]``) is read for its shape only: the
+    kernels take the captured rows' queries from ``q`` through ``capture_rows`` (gathered
+    here only when Pass B re-reads keys), so a caller need not gather them -- a gather
+    kernel per captured layer that the CUDA-graph step would otherwise run. With rope
+    tables (de-rotated logits differ from the attention's) ``capture.q`` holds the
+    un-rotated queries, and the plain kernel and :func:`attention_capture` run one after
+    the other instead.
     """
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out)
     _check_request(k_cache, capture)
@@ -1965,5 +1972,7 @@ def paged_decode_attention_capture(
         maxnreg=FUSED_HEAD_TOPK_MAXNREG if capture.head_top_k else FUSED_MAXNREG,
         num_stages=FUSED_NUM_STAGES if capture.statistics else FUSED_NO_STATS_NUM_STAGES,
     )
+    if capture.top_k and not partials.stores_logits:  # Pass B re-reads keys: it needs the rows' queries
+        capture = replace(capture, q=q.index_select(0, capture_rows.clamp(min=0)))
     combine = SplitCombine(part_out, part_lse, out, lse) if num_splits > 1 else None
     return out, lse, _finish(k_cache, capture, scale, partials, combine)

@@ -320,8 +320,8 @@ def paged_decode_attention(
     ``max_blocks * block_size`` as the length bound, so the launch needs no
     device-to-host sync on ``context_lens``.
 
-    With ``capture`` (a ``CaptureRequest`` for the decode rows ``capture_rows`` ``[R]``,
-    ``capture.q == q[capture_rows]``) it returns the 3-tuple ``(out, lse, CaptureResult)``
+    With ``capture`` (a ``CaptureRequest`` for the decode rows ``capture_rows`` ``[R]``; its
+    ``q`` ``[R, Hq, D]`` is read for its shape, see the capture function) it returns the 3-tuple ``(out, lse, CaptureResult)``
     from ``attnscope.kernels.capture.paged_decode_attention_capture``, which computes the
     capture statistics in the same pass as the attention; without it, the 2-tuple above.
     """

@@ -578,13 +578,18 @@ def test_fused_decode_capture(
     seed: int, dtype: torch.dtype, lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
     block_size: int, num_splits: int, rows: list[int], top_k: int, head_top_k: int, logit_store_bytes: int,
 ) -> None:
-    """Fused decode: attention equals the plain kernel's for every row, capture equals the reference."""
+    """Fused decode: attention equals the plain kernel's for every row, capture equals the reference.
+
+    The request's queries are NaN: the fused call takes the captured rows' queries from the
+    batch (both where Pass B reads stored logits and where it re-reads keys)."""
     case = make_case(seed, lens, num_heads, num_kv_heads, head_dim, block_size, dtype)
     req = decode_request(case, rows, random.Random(seed), top_k, head_top_k)
     args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale)
     plain_out, plain_lse = paged_decode_attention(*args, num_splits=num_splits)
+    unread = replace(req, q=torch.full_like(req.q, float("nan")))
     out, lse, result = paged_decode_attention_capture(
-        *args, req, torch.tensor(rows, dtype=torch.int32), num_splits=num_splits, logit_store_bytes=logit_store_bytes
+        *args, unread, torch.tensor(rows, dtype=torch.int32), num_splits=num_splits,
+        logit_store_bytes=logit_store_bytes,
     )
     assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse), f"seed={seed}"
     index = torch.tensor(rows, dtype=torch.long)
