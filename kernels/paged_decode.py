@@ -321,9 +321,10 @@ def paged_decode_attention(
     device-to-host sync on ``context_lens``.
 
     With ``capture`` (a ``CaptureRequest`` for the decode rows ``capture_rows`` ``[R]``; its
-    ``q`` ``[R, Hq, D]`` is read for its shape, see the capture function) it returns the 3-tuple ``(out, lse, CaptureResult)``
-    from ``attnscope.kernels.capture.paged_decode_attention_capture``, which computes the
-    capture statistics in the same pass as the attention; without it, the 2-tuple above.
+    ``q`` ``[R, Hq, D]`` is read for its shape, see the capture function) it returns the
+    3-tuple ``(out, lse, CaptureResult)`` from
+    ``attnscope.kernels.capture.paged_decode_attention_capture``, which computes the capture
+    statistics in the same pass as the attention; without it, the 2-tuple above.
     """
     if capture is not None:
         if capture_rows is None:
