@@ -108,8 +108,8 @@ class StepCapture:
         """Build every group's per-row tensors on ``device``, once per step.
 
         Layers capturing the same rows share one copy, so per layer at most the queries are
-        gathered (``request``; the fused decode kernel needs not even those). A plan finalized elsewhere (shipped to a tensor-parallel rank on the CPU)
-        is moved instead.
+        gathered (``request``; the fused decode kernel needs not even those). A plan finalized
+        elsewhere (shipped to a tensor-parallel rank on the CPU) is moved instead.
         """
         if self.device is not None:
             if self.device != device:
