@@ -13,6 +13,7 @@ tokens through the paged decode kernel (Triton on CUDA, its float32 torch twin o
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ from attnscope.engine.capture_plan import LayerCapture, StepCapture
 from attnscope.kernels.capture_reference import capture_rows_ref, partial_capture_ref
 from attnscope.kernels.full_attention import full_attention_rows
 from attnscope.kernels.reference import gather_paged_kv
+
+if TYPE_CHECKING:
+    from attnscope.kernels.capture import DeferredFinish
 
 
 @dataclass
@@ -75,6 +79,8 @@ class AttentionBatch:
     """A tensor-parallel rank's query heads (``None`` on one device): capture then yields partials."""
     cached_prefills: CachedPrefills | None = None
     """CUDA: the chunks of ``prefills`` the paged prefill kernel runs (``runs_paged_prefill``)."""
+    deferred: dict[tuple, DeferredFinish | None] = field(default_factory=dict)
+    """This forward's fused captures finished in one launch, per row set and settings (``_deferred_finish``)."""
 
     @property
     def num_decodes(self) -> int:
@@ -131,6 +137,30 @@ def _fusable(group: LayerCapture, batch: AttentionBatch, q: torch.Tensor) -> boo
     return q.is_cuda and not group.derotate and all(i >= batch.decode_start for i in group.token_indices)
 
 
+def _fused_group(groups: list[LayerCapture], batch: AttentionBatch, q: torch.Tensor) -> LayerCapture | None:
+    """The group of a layer that rides inside its decode kernel: the first fusable one."""
+    return next((group for group in groups if _fusable(group, batch, q)), None)
+
+
+def _finish_key(group: LayerCapture) -> tuple:
+    """Groups with equal keys capture the same rows with the same settings (their row tensors are shared)."""
+    return id(group.index), group.top_k, group.statistics
+
+
+def _deferred_finish(group: LayerCapture, batch: AttentionBatch, q: torch.Tensor) -> DeferredFinish | None:
+    """The ``DeferredFinish`` of this forward's fused groups with ``group``'s key, made at the first of their layers
+    with a slot per layer; ``None`` when only one layer fuses them (or on a tensor-parallel rank, whose partials
+    finish on their own)."""
+    key = _finish_key(group)
+    if key not in batch.deferred:
+        from attnscope.kernels.capture import DeferredFinish
+
+        slots = sum(1 for groups in batch.capture.layers.values()
+                    if (fused := _fused_group(groups, batch, q)) is not None and _finish_key(fused) == key)
+        batch.deferred[key] = DeferredFinish(slots) if slots > 1 and batch.q_heads is None else None
+    return batch.deferred[key]
+
+
 def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch: AttentionBatch,
                   scale: float) -> LayerCapture | None:
     """Compute the capture of this layer's captured rows (their keys are already in the cache).
@@ -141,10 +171,10 @@ def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch:
     the ranks; Triton on CUDA, the float32 twin elsewhere).
     """
     k_cache = batch.kv_caches[layer][0]
-    fused = None
-    for group in batch.capture.layers.get(layer, []):
-        if fused is None and _fusable(group, batch, q):
-            fused = group
+    groups = batch.capture.layers.get(layer, [])
+    fused = _fused_group(groups, batch, q)
+    for group in groups:
+        if group is fused:
             continue
         rope = batch.rope if group.derotate else None
         request = batch.capture.request(group, q_unrotated if group.derotate else q, rope, batch.q_heads)
@@ -173,8 +203,11 @@ def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     Only the captured rows run the capture kernel; the others run the plain decode kernel,
     so requests without capture pay nothing for sharing the batch. On a tensor-parallel
     rank the kernel computes the statistics of the rank's heads and the group's
-    ``PartialCapture`` adds the dense ``p̄`` share when the group has top-k.
+    ``PartialCapture`` adds the dense ``p̄`` share when the group has top-k. Where several
+    layers fuse groups of the same rows and settings, their captures finish in one launch
+    after the last of them (``DeferredFinish``): an earlier layer's result is filled then.
     """
+    from attnscope.kernels.capture import paged_decode_attention_capture
     from attnscope.kernels.paged_decode import paged_decode_attention
 
     decode_q = q[batch.decode_start :]
@@ -182,13 +215,14 @@ def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     # The fused kernel takes the captured rows' queries from the batch; a rank's partial reads them.
     request = batch.capture.request(group, q, None, batch.q_heads, gather_queries=batch.q_heads is not None)
     kernel_request = request if batch.q_heads is None else replace(request, top_k=0, head_top_k=0)
+    deferred = _deferred_finish(group, batch, q)
     if group.decode_rows is not None:  # a CUDA-graph step: padding capture rows match no decode row
-        out, _, result = paged_decode_attention(decode_q, k_cache, v_cache, tables, lengths, scale,
-                                                capture=kernel_request, capture_rows=group.decode_rows)
+        out, _, result = paged_decode_attention_capture(decode_q, k_cache, v_cache, tables, lengths, scale,
+                                                        kernel_request, group.decode_rows, deferred=deferred)
     elif len(group.token_indices) == decode_q.shape[0]:
         captured = group.index - batch.decode_start  # on the device already: no copy, no sync
-        out, _, result = paged_decode_attention(decode_q, k_cache, v_cache, tables, lengths, scale,
-                                                capture=kernel_request, capture_rows=captured)
+        out, _, result = paged_decode_attention_capture(decode_q, k_cache, v_cache, tables, lengths, scale,
+                                                        kernel_request, captured, deferred=deferred)
     else:
         captured = group.index - batch.decode_start
         taken = {i - batch.decode_start for i in group.token_indices}
@@ -196,9 +230,9 @@ def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         out = torch.empty_like(decode_q)
         out[others] = paged_decode_attention(decode_q[others], k_cache, v_cache, tables[others], lengths[others],
                                              scale)[0]
-        out[captured], _, result = paged_decode_attention(
-            decode_q[captured], k_cache, v_cache, tables[captured], lengths[captured], scale,
-            capture=kernel_request, capture_rows=torch.arange(len(group.token_indices), device=q.device))
+        out[captured], _, result = paged_decode_attention_capture(
+            decode_q[captured], k_cache, v_cache, tables[captured], lengths[captured], scale, kernel_request,
+            torch.arange(len(group.token_indices), device=q.device), deferred=deferred)
     if batch.q_heads is None:
         group.result = result
     else:

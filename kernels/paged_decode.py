@@ -385,20 +385,27 @@ def paged_decode_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     if num_splits > 1:
-        _combine_splits_kernel[(batch, num_heads)](
-            part_out,
-            part_lse,
-            out,
-            lse,
-            num_splits,
-            *part_out_strides,
-            *part_lse_strides,
-            out.stride(0),
-            out.stride(1),
-            lse.stride(0),
-            lse.stride(1),
-            HEAD_DIM=head_dim,
-            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
-            num_warps=SPLIT_COMBINE_NUM_WARPS,
-        )
+        combine_splits(part_out, part_lse, out, lse)
     return out, lse
+
+
+def combine_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merge a split decode kernel's per-split outputs ``[B, Hq, S, D]`` / logsumexps ``[B, Hq, S]`` into
+    ``out`` ``[B, Hq, D]`` and ``lse`` ``[B, Hq]`` (one program per sequence and head)."""
+    batch, num_heads, num_splits, head_dim = part_out.shape
+    _combine_splits_kernel[(batch, num_heads)](
+        part_out,
+        part_lse,
+        out,
+        lse,
+        num_splits,
+        *part_out.stride()[:3],
+        *part_lse.stride(),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        lse.stride(1),
+        HEAD_DIM=head_dim,
+        SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+        num_warps=SPLIT_COMBINE_NUM_WARPS,
+    )

@@ -37,6 +37,7 @@ from attnscope.kernels.capture import (  # noqa: E402
     DENSE_CHUNK,
     DENSE_MAX_CHUNK,
     DENSE_MAX_LISTS,
+    DeferredFinish,
     attention_capture,
     dense_topk,
     paged_decode_attention_capture,
@@ -597,6 +598,62 @@ def test_fused_decode_capture(
     assert_close(result.lse[unmasked], plain_lse[index][unmasked], TOLERANCES[dtype][0], "lse vs attention", seed)
     case_rows = replace(case, q=case.q[index], keys=[case.keys[r] for r in rows])
     check_result(result, case_rows, req, seed)
+
+
+# (dtype, lens, Hq, Hkv, head_dim, block_size, splits, captured rows, top_k, statistics)
+DEFERRED_CASES = [
+    pytest.param(torch.float32, [37, 1, 100, 64], 8, 2, 32, 16, 3, [2, 0], 8, True, id="sketch-like-3splits"),
+    pytest.param(torch.float16, [130, 48, 5], 9, 3, 64, 8, 4, [1, 2, 0], 5, False, id="raw-fp16-gqa3"),
+    pytest.param(torch.float32, [70, 33, 90], 4, 4, 32, 16, 1, [2], 0, True, id="fingerprint-1split-one-row"),
+]
+
+
+@pytest.mark.parametrize(
+    "dtype, lens, num_heads, num_kv_heads, head_dim, block_size, num_splits, rows, top_k, statistics", DEFERRED_CASES
+)
+def test_deferred_finish_equals_a_finish_per_layer(
+    seed: int, dtype: torch.dtype, lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
+    block_size: int, num_splits: int, rows: list[int], top_k: int, statistics: bool,
+) -> None:
+    """Three layers' fused calls sharing a DeferredFinish: each layer's attention equals the plain kernel's,
+    and the results the last call's one finish fills equal each layer finishing on its own, field by field."""
+    case = make_case(seed, lens, num_heads, num_kv_heads, head_dim, block_size, dtype)
+    req = replace(decode_request(case, rows, random.Random(seed), top_k, 0), statistics=statistics)
+    gen = torch.Generator().manual_seed(seed)
+    layers = [(case.q, case.k_cache, case.v_cache)] + [
+        (torch.randn(case.q.shape, generator=gen).to(dtype), torch.randn(case.k_cache.shape, generator=gen).to(dtype),
+         torch.randn(case.v_cache.shape, generator=gen).to(dtype)) for _ in range(2)]
+    captured = torch.tensor(rows, dtype=torch.int32)
+    deferred = DeferredFinish(slots=len(layers))
+    stacked, alone = [], []
+    for q, k_cache, v_cache in layers:
+        args = (q, k_cache, v_cache, case.block_tables, case.context_lens, case.scale)
+        plain_out, plain_lse = paged_decode_attention(*args, num_splits=num_splits)
+        out, lse, result = paged_decode_attention_capture(*args, req, captured, num_splits=num_splits,
+                                                          deferred=deferred)
+        assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse), f"seed={seed}"
+        stacked.append(result)
+        alone.append(paged_decode_attention_capture(*args, req, captured, num_splits=num_splits)[2])
+    assert deferred.active and deferred.taken == len(layers)
+    for got, want in zip(stacked, alone):
+        for name in ("lse", "hist", "entropy", "sink_mass", "num_stat_positions", "topk_pos", "topk_prob"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), f"{name} seed={seed}"
+
+
+def test_deferred_finish_falls_back_when_stacked_logits_do_not_fit(seed: int) -> None:
+    """Where one layer's logits fit the store budget but the stacked layers' do not, each call finishes on its
+    own (the DeferredFinish turns inactive) and still matches the reference."""
+    rows = [1, 0]
+    case = make_case(seed, [130, 48, 5], 8, 2, 32, 16, torch.float32)
+    req = decode_request(case, rows, random.Random(seed), 5, 0)
+    one_layer = 2 * 8 * 3 * 64 * 4  # rows x heads x (3 tiles of 64 cover 130) x float32
+    args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale)
+    deferred = DeferredFinish(slots=2)
+    _, _, result = paged_decode_attention_capture(*args, req, torch.tensor(rows, dtype=torch.int32), num_splits=2,
+                                                  logit_store_bytes=one_layer, deferred=deferred)
+    assert not deferred.active and result.recomputed_tiles is None  # its own finish, from stored logits
+    check_result(result, replace(case, q=case.q[torch.tensor(rows)], keys=[case.keys[r] for r in rows]), req, seed)
 
 
 @pytest.mark.parametrize("combine_elements", [512, 1 << 14], ids=["groups-of-4-heads", "one-group-per-row"])
