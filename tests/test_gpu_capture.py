@@ -69,6 +69,38 @@ def test_finish_launch_is_deterministic_and_exact_on_cuda(length: int, splits: i
     assert bool(first.hist.any()) == statistics
 
 
+@pytest.mark.parametrize("splits,statistics", [(1, False), (6, True)])
+def test_deferred_finish_matches_a_finish_per_layer_on_cuda(splits: int, statistics: bool) -> None:
+    """Four layers' fused captures of the same rows finished by one launch (``DeferredFinish``, 96 stacked rows)
+    give each layer the attention of the plain kernel and bit for bit the results of finishing alone."""
+    from dataclasses import replace
+
+    from attnscope.kernels.capture import DeferredFinish, paged_decode_attention_capture
+    from attnscope.kernels.paged_decode import paged_decode_attention
+
+    q, k_cache, v_cache, tables, lengths, req = _decode_case(5000, seed=splits)
+    req = replace(req, statistics=statistics)
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    layers = [(q, k_cache, v_cache)] + [
+        (torch.randn(q.shape, generator=gen, device="cuda").bfloat16() * 2,
+         torch.randn(k_cache.shape, generator=gen, device="cuda").bfloat16(),
+         torch.randn(v_cache.shape, generator=gen, device="cuda").bfloat16()) for _ in range(3)]
+    rows = torch.arange(ROWS, device="cuda")
+    deferred = DeferredFinish(slots=len(layers))
+    stacked = []
+    for layer_q, layer_k, layer_v in layers:
+        args = (layer_q, layer_k, layer_v, tables, lengths, D**-0.5)
+        out, lse, result = paged_decode_attention_capture(*args, req, rows, num_splits=splits, deferred=deferred)
+        assert torch.equal(out, paged_decode_attention(*args, num_splits=splits)[0])
+        stacked.append(result)
+    assert deferred.active
+    for (layer_q, layer_k, layer_v), got in zip(layers, stacked):
+        want = paged_decode_attention_capture(layer_q, layer_k, layer_v, tables, lengths, D**-0.5, req, rows,
+                                              num_splits=splits)[2]
+        for name in ("lse", "hist", "entropy", "sink_mass", "num_stat_positions", "topk_pos", "topk_prob"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
 @pytest.mark.parametrize("width", [3000, 70_000])
 def test_rank0_ranks_summed_partials_like_the_reference_on_cuda(width: int) -> None:
     """Tensor-parallel rank 0 ranks the summed ``p̄`` with the ``dense_topk`` kernel on a GPU: the same positions
