@@ -1524,6 +1524,12 @@ def _check_request(k_cache: torch.Tensor, req: CaptureRequest) -> None:
             raise ValueError("rope tables cover fewer positions than the rows attend")
 
 
+def _logits_fit(rows: int, num_heads: int, positions: int, logit_store_bytes: int) -> bool:
+    """Whether Pass A stores the logits of ``rows`` rows (float32 ``[rows, num_heads, positions]``): they fit in
+    ``logit_store_bytes`` and a row spans at most ``DENSE_MAX_LISTS`` chunks."""
+    return rows * num_heads * positions * 4 <= logit_store_bytes and positions <= DENSE_MAX_LISTS * DENSE_MAX_CHUNK
+
+
 def _empty_partials(rows: int, num_heads: int, num_splits: int, req: CaptureRequest, num_tiles: int,
                     device: torch.device, logit_store_bytes: int) -> PassAOutputs:
     """Pass A outputs: stats ``[R, Hq, S, STAT_WIDTH]``, per-head keys ``[R, Hq, S, TOPK_SLOTS]``, and
@@ -1545,8 +1551,7 @@ def _empty_partials(rows: int, num_heads: int, num_splits: int, req: CaptureRequ
     tile_max = logits = dummy
     if req.top_k:
         positions = num_tiles * _tile_tokens(req.q.shape[2])
-        fits = rows * num_heads * positions * 4 <= logit_store_bytes
-        if fits and positions <= DENSE_MAX_LISTS * DENSE_MAX_CHUNK:
+        if _logits_fit(rows, num_heads, positions, logit_store_bytes):
             logits = torch.empty((rows, num_heads, positions), dtype=torch.float32, device=device)
         else:
             tile_max = torch.empty((rows, num_heads, num_tiles), dtype=torch.float32, device=device)
@@ -2049,12 +2054,12 @@ def _take_slot(deferred: DeferredFinish | None, rows: int, num_heads: int, num_s
     if deferred.taken == deferred.slots:
         raise ValueError(f"a DeferredFinish of {deferred.slots} slots got a call more")
     if deferred.partials is None:
-        stacked = _empty_partials(deferred.slots * rows, num_heads, num_splits, req, num_tiles, device,
-                                  logit_store_bytes)
-        if req.top_k and not stacked.stores_logits:
+        positions = num_tiles * _tile_tokens(req.q.shape[2])
+        if req.top_k and not _logits_fit(deferred.slots * rows, num_heads, positions, logit_store_bytes):
             deferred.active = False
             return None
-        deferred.partials = stacked
+        deferred.partials = _empty_partials(deferred.slots * rows, num_heads, num_splits, req, num_tiles, device,
+                                            logit_store_bytes)
         deferred.outputs = _finish_outputs(deferred.slots * rows, num_heads, req.top_k, device)
     first = deferred.taken * rows
     deferred.taken += 1
