@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from attnscope.capture import SKETCH_HUBS
+from attnscope.capture import SKETCH_HUBS, CaptureParams
 from attnscope.engine.sequence import Sequence
 from attnscope.kernels.capture_reference import CaptureRequest, CaptureResult, PartialCapture
 
@@ -93,7 +93,7 @@ class StepCapture:
                 self.full.setdefault(layer, FullCapture([])).rows.append(row)
             return
         params = cap.params
-        need_k = params.top_k if params.mode == "raw" else SKETCH_HUBS if params.mode == "sketch" else 0
+        need_k, statistics = layer_needs(params)
         for layer in cap.layers:
             group = self._groups.get((layer, params.derotate))
             if group is None:
@@ -102,7 +102,7 @@ class StepCapture:
             group.rows.append(row)
             if need_k > group.top_k:
                 group.top_k = need_k
-            group.statistics = group.statistics or params.mode != "raw"
+            group.statistics = group.statistics or statistics
 
     def finalize(self, device: torch.device) -> None:
         """Build every group's per-row tensors on ``device``, once per step.
@@ -193,6 +193,13 @@ class StepCapture:
     def empty(self) -> bool:
         """True when nothing is captured this step."""
         return not self.layers and not self.full
+
+
+def layer_needs(params: CaptureParams) -> tuple[int, bool]:
+    """What a request asks of each layer it captures (not ``full``): the head-mean top-k width (raw:
+    its ``top_k``; sketch: its hubs; fingerprint: 0) and whether it needs the statistics (all but raw)."""
+    top_k = params.top_k if params.mode == "raw" else SKETCH_HUBS if params.mode == "sketch" else 0
+    return top_k, params.mode != "raw"
 
 
 def _settings_to(settings: CaptureRequest, device: torch.device) -> CaptureRequest:

@@ -19,7 +19,8 @@ match no decode row (``decode_rows = -1``), and their results are never read.
 A graph's layout is keyed by the rows-per-set buckets and, per captured layer, the row
 set, ``top_k`` and whether it computes statistics; the no-capture graph of every bucket
 is recorded when the engine starts, capture layouts when first seen (at most
-``MAX_LAYOUT_GRAPHS``, least recently used dropped). Steps with prefill chunks,
+``MAX_LAYOUT_GRAPHS``, least recently used dropped); ``warm_capture`` compiles their
+kernels at start-up. Steps with prefill chunks,
 full-matrix capture or de-rotated capture run eagerly. Results of a replay live in the
 graph's memory until the next replay: the engine queues what reads them (sampling, host
 copies of capture results) before it launches again. A step launched before the host has
@@ -37,7 +38,9 @@ result; the rank worker sums the partials across ranks after the replay.
 from __future__ import annotations
 
 import bisect
+import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -52,6 +55,7 @@ from attnscope.kernels.capture_reference import CaptureRequest
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 MAX_LAYOUT_GRAPHS = 16
+WARM_THREADS = 16  # most threads compiling capture kernels at start-up
 _ROW_FIELDS = ("gather", "decode_rows", "query_pos", "mask_prefix", "window", "sink_tokens")
 
 
@@ -242,11 +246,7 @@ class DecodeGraphs:
         if layout is not None and key in self._layouts:
             self._layouts.move_to_end(key)
             return self._layouts[key]
-        staging = _Staging(batch, self.width, self.num_heads, layout.row_sets if layout else ())
-        host, spare = (torch.zeros(staging.size, dtype=torch.int32, pin_memory=self.replay) for _ in range(2))
-        graph = _DecodeGraph(staging, layout, host, spare,
-                             torch.zeros(staging.size, dtype=torch.int32, device=self.device))
-        self._pad(graph)
+        graph = self._padded_graph(batch, layout)
         if self.replay:
             self._record(graph)
         if layout is None:
@@ -255,6 +255,37 @@ class DecodeGraphs:
             self._layouts[key] = graph
             if len(self._layouts) > MAX_LAYOUT_GRAPHS:
                 self._layouts.popitem(last=False)
+        return graph
+
+    def warm_capture(self, layer_sets: list[list[int]], needs: list[tuple[int, bool]]) -> int:
+        """Compile the capture kernels the graphs may launch before the first request needs them.
+
+        Triton compiles a kernel variant at its first launch: seconds each for the capture
+        finish, once in the middle of serving for every new batch shape. This runs (without
+        recording) the capture forward of every batch bucket with each bucket of capturing rows
+        up to it, for each set of layers and each ``(top_k, statistics)`` a layer may need,
+        on ``WARM_THREADS`` threads (Triton compiles outside the GIL) unless the model is split
+        over ranks, whose all-reduces must come in the same order on every rank.
+        Returns how many forwards ran.
+        """
+        layouts = [(batch, CaptureLayout((rows,), tuple((layer, 0, top_k, statistics) for layer in layers)))
+                   for batch in reversed([b for b in BATCH_BUCKETS if b <= self.max_batch])
+                   for rows in BATCH_BUCKETS if rows <= batch
+                   for layers in layer_sets for top_k, statistics in needs]
+        threads = 1 if self.model.tp.size > 1 else min(WARM_THREADS, os.cpu_count() or 1)
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda item: self._forward(self._padded_graph(*item)), layouts))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return len(layouts)
+
+    def _padded_graph(self, batch: int, layout: CaptureLayout | None) -> _DecodeGraph:
+        """A new graph's staging for a bucket and layout, filled with padding (not recorded)."""
+        staging = _Staging(batch, self.width, self.num_heads, layout.row_sets if layout else ())
+        host, spare = (torch.zeros(staging.size, dtype=torch.int32, pin_memory=self.replay) for _ in range(2))
+        graph = _DecodeGraph(staging, layout, host, spare,
+                             torch.zeros(staging.size, dtype=torch.int32, device=self.device))
+        self._pad(graph)
         return graph
 
     def _pad(self, graph: _DecodeGraph) -> None:

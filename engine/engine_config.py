@@ -25,6 +25,7 @@ class EngineConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=0.98, description="CUDA: fraction of free memory (after weights) for the KV cache.")
     max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget of one step (prefill chunks + decodes).")
     cuda_graphs: bool = Field(True, description="CUDA: replay decode steps from CUDA graphs recorded per batch-size bucket and capture layout.")
+    warm_capture: bool = Field(True, description="CUDA graphs: compile the attention-capture kernels for every batch bucket at start-up, so the first requests with capture do not wait seconds for Triton compiles.")
     overlap_steps: bool | None = Field(
         None, description="Launch step N+1 before reading step N's sampled tokens (its inputs read them on the device), "
         "so host work hides behind device work; None = on for one CUDA device, off on the CPU (where a launch "

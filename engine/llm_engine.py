@@ -209,7 +209,7 @@ class LLMEngine:
         model = self._load_model(checkpoint)
         num_blocks = self._num_kv_blocks()
         runner = ModelRunner(model, num_blocks, self.config.block_size, self.dtype, self.device,
-                             self.config.cuda_graphs, self.config.max_num_seqs)
+                             self.config.cuda_graphs, self.config.max_num_seqs, self.config.warm_capture)
         return runner, num_blocks
 
     def _load_model(self, checkpoint: LoadedCheckpoint) -> LlamaForCausalLM:

@@ -7,6 +7,8 @@ driver that owns the scheduler and the block tables, and ships the plain ``StepI
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,12 +16,15 @@ import torch
 
 from attnscope.engine.attention import AttentionBatch, CachedPrefills, PrefillChunk, runs_paged_prefill
 from attnscope.engine.block_manager import BlockManager
-from attnscope.engine.capture_plan import CaptureRow, StepCapture
+from attnscope.capture import CaptureParams
+from attnscope.engine.capture_plan import CaptureRow, StepCapture, layer_needs
 from attnscope.engine.decode_graphs import DecodeGraphs
 from attnscope.engine.kv_cache import allocate_kv_cache
 from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.device_values import read_pending_tokens
 from attnscope.engine.scheduler import ScheduledChunk, StepPlan
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,13 +109,15 @@ class ModelRunner:
     """Owns the model (one rank's shard of it) and its KV cache on one device.
 
     With ``cuda_graphs`` on a CUDA device, pure decode steps of up to ``max_num_seqs``
-    sequences replay CUDA graphs (``DecodeGraphs``; the no-capture graphs are recorded here);
+    sequences replay CUDA graphs (``DecodeGraphs``; the no-capture graphs are recorded here,
+    and with ``warm_capture`` the capture kernels those graphs launch are compiled here);
     other steps run eagerly. On a tensor-parallel rank a graph computes the rank's partial
     captures, which the rank worker then sums across ranks.
     """
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
-                 device: torch.device, cuda_graphs: bool = False, max_num_seqs: int = 1) -> None:
+                 device: torch.device, cuda_graphs: bool = False, max_num_seqs: int = 1,
+                 warm_capture: bool = False) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -121,6 +128,21 @@ class ModelRunner:
             max_len = min(model.rope.cos.shape[0], num_blocks * block_size)
             self.graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, -(-max_len // block_size), device)
             self.graphs.record_plain()
+            if warm_capture:
+                self._warm_capture()
+
+    def _warm_capture(self) -> int:
+        """Compile the capture kernels of the decode graphs at start-up (``DecodeGraphs.warm_capture``): for
+        ``last`` and ``auto`` layers, what fingerprint, raw and sketch requests need of a layer. Returns how
+        many forwards ran."""
+        started = time.perf_counter()
+        num_layers = self.model.config.num_layers
+        layer_sets = [CaptureParams(layers=layers).resolve_layers(num_layers) for layers in ("last", "auto")]
+        needs = sorted({layer_needs(CaptureParams(mode=mode)) for mode in ("fingerprint", "raw", "sketch")})
+        runs = self.graphs.warm_capture(layer_sets, needs)
+        logger.info("capture kernels compiled for the decode graphs: %d forwards in %.1f s", runs,
+                    time.perf_counter() - started)
+        return runs
 
     def run(self, inputs: StepInputs, capture: StepCapture | None,
             previous_tokens: torch.Tensor | None = None) -> torch.Tensor:

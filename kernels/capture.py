@@ -151,6 +151,18 @@ FINISH_TICKETS = 2 * DENSE_MAX_LISTS  # per capture row: the head sum, the merge
 # where re-reading keys cost 1.68-1.78x (the 64 MiB budget before this sent those to the re-read).
 LOGIT_STORE_MAX_BYTES = 512 << 20
 
+# Triton compiles a kernel again for every new combination of its integer arguments being 1, a
+# multiple of 16, or neither. The counts that follow the batch (rows, splits, blocks, chunks, k) and the
+# strides that follow them are therefore not specialised: otherwise each new batch shape recompiled the
+# finish launch (2-7 s on an H100 host) in the middle of serving. Strides along aligned axes (head dim,
+# logit rows of whole key tiles) stay specialised.
+FUSED_RUNTIME_INTS = ("num_splits", "head_top_k", "num_capture_rows", "stride_plb", "stride_plh", "stride_sr",
+                      "stride_sh", "stride_tr", "stride_th")
+SPLIT_RUNTIME_INTS = ("num_splits", "head_top_k", "stride_sr", "stride_sh", "stride_tr", "stride_th")
+FINISH_RUNTIME_INTS = ("rows", "num_head_groups", "num_splits", "num_blocks", "num_chunks", "k", "row_period",
+                       "stride_sr", "stride_sh", "stride_or", "stride_plb", "stride_plh")
+
+ROW_SCAN = tl.constexpr(64)  # capture rows the fused kernel compares at once when it looks up its row
 SLOTS = tl.constexpr(TOPK_SLOTS)
 TICKETS = tl.constexpr(FINISH_TICKETS)
 STATS_PER_HEAD = tl.constexpr(HEAD_STATS)
@@ -529,7 +541,7 @@ def _zero_tickets(tickets_ptr, row):
     tl.store(tickets_ptr + row * TICKETS + tl.arange(0, TICKETS), tl.zeros([TICKETS], dtype=tl.int32))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SPLIT_RUNTIME_INTS)
 def _capture_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -643,7 +655,7 @@ def _capture_split_kernel(
         _store_head_keys(head_keys_ptr, row * stride_kr + split * stride_ks, heads, row_valid, best, stride_khd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=FUSED_RUNTIME_INTS)
 def _fused_decode_capture_kernel(
     q_ptr,
     k_cache_ptr,
@@ -702,13 +714,12 @@ def _fused_decode_capture_kernel(
     HEAD_TOPK: tl.constexpr,
     TILE_MAX: tl.constexpr,
     STORE_LOGITS: tl.constexpr,
-    ROWS_PAD: tl.constexpr,
     STATS: tl.constexpr,
 ):
     """``_paged_decode_split_kernel`` plus Pass A in the same tile loop for captured sequences.
 
     A decode row ``seq`` is captured as capture row ``r`` when ``capture_rows[r] == seq``
-    (found by one vector compare over ``capture_rows``); uncaptured rows run the plain
+    (found by vector compares over ``capture_rows``, ``ROW_SCAN`` at a time); uncaptured rows run the plain
     attention loop. Captured rows reuse each tile's logits and running max; a captured
     row's first program zeroes its finish tickets.
     """
@@ -731,9 +742,11 @@ def _fused_decode_capture_kernel(
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     block_table_row = block_tables_ptr + seq * stride_btb
-    slots = tl.arange(0, ROWS_PAD)
-    captured = tl.load(capture_rows_ptr + slots, mask=slots < num_capture_rows, other=-1)
-    cap = tl.max(tl.where(captured == seq, slots, -1), axis=0)
+    slots = tl.arange(0, ROW_SCAN)
+    cap = tl.full([], -1, tl.int32)
+    for first in range(0, num_capture_rows, ROW_SCAN):
+        captured = tl.load(capture_rows_ptr + first + slots, mask=first + slots < num_capture_rows, other=-1)
+        cap = tl.maximum(cap, tl.max(tl.where(captured == seq, first + slots, -1), axis=0))
     if cap < 0:
         for tile_start in range(split_start, split_end, TILE_N):
             tokens = tile_start + tile_offsets
@@ -1045,14 +1058,14 @@ def _dense_mean_probs_kernel(
 
 
 @triton.jit
-def _radix_digit(bits, kth, k, SHIFT: tl.constexpr, WIDTH: tl.constexpr, RADIX_BITS: tl.constexpr):
-    """``kth`` with its ``WIDTH``-bit digit at ``SHIFT`` set to the largest value that keeps at least ``k`` of
+def _radix_digit(bits, kth, k, shift, width, RADIX_BITS: tl.constexpr):
+    """``kth`` with its ``width``-bit digit at ``shift`` set to the largest value that keeps at least ``k`` of
     ``bits`` at or above it (``kth``'s lower bits are 0): one reduction counts every candidate digit."""
     digits = tl.arange(0, 2**RADIX_BITS)
-    trials = kth | (digits << SHIFT)
+    trials = kth | (digits << shift)
     reaching = tl.sum((bits[:, None] >= trials[None, :]).to(tl.int32), axis=0)
-    taken = (reaching >= k) & (digits > 0) & (digits < 2**WIDTH)
-    return kth | (tl.sum(taken.to(tl.int32), axis=0) << SHIFT)
+    taken = (reaching >= k) & (digits > 0) & (digits < (1 << width))
+    return kth | (tl.sum(taken.to(tl.int32), axis=0) << shift)
 
 
 @triton.jit
@@ -1079,7 +1092,7 @@ def _select_topk(values, positions, valid, k, scratch, N: tl.constexpr, RADIX_BI
         kth = tl.full([], 0, tl.int32)
         if 31 % RADIX_BITS:  # the top bits that do not fill a whole digit
             kth = _radix_digit(bits, kth, k, 31 - 31 % RADIX_BITS, 31 % RADIX_BITS, RADIX_BITS)
-        for digit in tl.static_range(31 // RADIX_BITS):
+        for digit in range(31 // RADIX_BITS):
             kth = _radix_digit(bits, kth, k, 31 - 31 % RADIX_BITS - RADIX_BITS * (digit + 1), RADIX_BITS, RADIX_BITS)
         above = bits > kth
         tied = (bits == kth).to(tl.int32)
@@ -1155,7 +1168,7 @@ def _climb_tree(best, leaf, num_lists, row_keys, stride_ks, tree_tickets, LOG_LI
     node = leaf
     width = num_lists
     climbing = tl.full([], 1, tl.int1)
-    for level in tl.static_range(LOG_LISTS):
+    for level in range(LOG_LISTS):
         if climbing & (width > 1):
             if (node ^ 1) < width:
                 tl.store(row_keys + (node << level) * stride_ks + slots[None, :], best)
@@ -1333,7 +1346,7 @@ def _combine_heads(
         tl.store(num_stat_ptr + row, tl.maximum(pos + 1 - c_lo, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=FINISH_RUNTIME_INTS)
 def _capture_finish_kernel(
     stats_ptr, head_weights_ptr, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr, tickets_ptr,
     lse_ptr, head_stats_ptr, hist_ptr, entropy_ptr, sink_mass_ptr, num_stat_ptr,
@@ -2024,7 +2037,6 @@ def paged_decode_attention_capture(
         HEAD_TOPK=capture.head_top_k > 0,
         TILE_MAX=capture.top_k > 0 and not partials.stores_logits,
         STORE_LOGITS=partials.stores_logits,
-        ROWS_PAD=max(2, triton.next_power_of_2(rows)),
         STATS=capture.statistics,
         num_warps=FUSED_HEAD_TOPK_NUM_WARPS if capture.head_top_k else FUSED_NUM_WARPS,
         maxnreg=FUSED_HEAD_TOPK_MAXNREG if capture.head_top_k else FUSED_MAXNREG,

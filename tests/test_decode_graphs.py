@@ -71,6 +71,24 @@ def test_static_decode_steps_match_eager_steps(smollm_engine, overlap):
     _assert_same_outputs(eager, static)
 
 
+def test_capture_warm_up_keeps_no_graph_and_changes_no_output(smollm_engine):
+    """The start-up warm-up runs a padded capture forward per batch bucket, capturing-row bucket, layer set and
+    need (batch buckets 1 and 2: 3 x 2 x 3), keeps none of them, and decode steps after it match eager ones."""
+    engine = smollm_engine
+    max_tokens = [5, 4, 2]
+    eager = _generate(engine, max_tokens)
+    graphs = _static_graphs(engine)
+    graphs.max_batch = 2
+    try:
+        assert engine.runner._warm_capture() == 18
+        assert graphs.replays == 0 and not graphs._layouts
+        graphs.max_batch = 8
+        static = _generate(engine, max_tokens)
+    finally:
+        engine.runner.graphs = None
+    _assert_same_outputs(eager, static)
+
+
 class _ShippedPlanRunner:
     """The engine's runner fed the plan a tensor-parallel rank gets (``shipped``: no sequences), results copied back."""
 

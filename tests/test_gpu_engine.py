@@ -243,3 +243,31 @@ def test_rank_partials_on_cuda_match_their_twin(fused: bool):
         torch.testing.assert_close(getattr(got.stats, name), getattr(want.stats, name), rtol=2e-2, atol=2e-3)
     assert torch.equal(torch.isinf(got.p_bar), torch.isinf(want.p_bar))
     torch.testing.assert_close(got.p_bar, want.p_bar, rtol=2e-2, atol=1e-4)
+
+
+def test_capture_steps_after_the_warm_up_compile_no_kernel(tiny_llama):
+    """With ``warm_capture`` (the CUDA default) decode steps with fingerprint, raw and sketch capture, for three
+    rows and for one, launch only kernel variants the engine compiled at start-up."""
+    import triton
+
+    from attnscope.kernels import capture, paged_decode
+
+    kernels = [fn for module in (capture, paged_decode) for fn in vars(module).values()
+               if isinstance(fn, triton.runtime.JITFunction)]
+
+    def compiled() -> int:
+        return sum(len(caches[0]) for fn in kernels for caches in fn.device_caches.values())
+
+    engine = _engine(tiny_llama, "cuda")
+    captures = [{"mode": "fingerprint", "layers": "auto", "fingerprint_max_steps": None},
+                {"mode": "raw", "top_k": 7, "layers": "last"}, {"mode": "sketch", "layers": "auto"}]
+    for batch in (captures, captures[1:2]):
+        rids = [engine.add_request(" ".join(CORPUS[i : i + 4]), params={"max_tokens": 12, "ignore_eos": True},
+                                   capture=c) for i, c in enumerate(batch)]
+        engine.step()  # the prompts' prefill runs eagerly, with its own kernel variants
+        before = compiled()
+        records = []
+        while engine.has_unfinished():
+            records += [r for out in engine.step() for d in out.deltas for r in d.attention_tokens or []]
+        assert compiled() == before
+        assert len(records) >= 10 * len(rids)
