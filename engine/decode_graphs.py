@@ -263,21 +263,29 @@ class DecodeGraphs:
         Triton compiles a kernel variant at its first launch: seconds each for the capture
         finish, once in the middle of serving for every new batch shape. This runs (without
         recording) the capture forward of every batch bucket with each bucket of capturing rows
-        up to it, for each set of layers and each ``(top_k, statistics)`` a layer may need,
-        on ``WARM_THREADS`` threads (Triton compiles outside the GIL) unless the model is split
+        up to it, for each set of layers and each ``(top_k, statistics)`` a layer may need.
+        Each batch bucket's forwards run in turn on one thread, the buckets on up to
+        ``WARM_THREADS`` threads at once (Triton compiles outside the GIL; threads on different
+        buckets seldom compile the same variant, which both would), unless the model is split
         over ranks, whose all-reduces must come in the same order on every rank.
         Returns how many forwards ran.
         """
-        layouts = [(batch, CaptureLayout((rows,), tuple((layer, 0, top_k, statistics) for layer in layers)))
-                   for batch in reversed([b for b in BATCH_BUCKETS if b <= self.max_batch])
-                   for rows in BATCH_BUCKETS if rows <= batch
-                   for layers in layer_sets for top_k, statistics in needs]
-        threads = 1 if self.model.tp.size > 1 else min(WARM_THREADS, os.cpu_count() or 1)
+        buckets = list(reversed([b for b in BATCH_BUCKETS if b <= self.max_batch]))
+
+        def warm_bucket(batch: int) -> int:
+            layouts = [CaptureLayout((rows,), tuple((layer, 0, top_k, statistics) for layer in layers))
+                       for rows in reversed([r for r in BATCH_BUCKETS if r <= batch])
+                       for layers in layer_sets for top_k, statistics in needs]
+            for layout in layouts:
+                self._forward(self._padded_graph(batch, layout))
+            return len(layouts)
+
+        threads = 1 if self.model.tp.size > 1 else min(WARM_THREADS, len(buckets), os.cpu_count() or 1)
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda item: self._forward(self._padded_graph(*item)), layouts))
+            runs = sum(pool.map(warm_bucket, buckets))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return len(layouts)
+        return runs
 
     def _padded_graph(self, batch: int, layout: CaptureLayout | None) -> _DecodeGraph:
         """A new graph's staging for a bucket and layout, filled with padding (not recorded)."""
