@@ -160,7 +160,8 @@ FUSED_RUNTIME_INTS = ("num_splits", "head_top_k", "num_capture_rows", "stride_pl
                       "stride_sh", "stride_tr", "stride_th")
 SPLIT_RUNTIME_INTS = ("num_splits", "head_top_k", "stride_sr", "stride_sh", "stride_tr", "stride_th")
 FINISH_RUNTIME_INTS = ("rows", "num_head_groups", "num_splits", "num_blocks", "num_chunks", "k", "row_period",
-                       "stride_sr", "stride_sh", "stride_or", "stride_plb", "stride_plh")
+                       "merge_tree", "stride_sr", "stride_sh", "stride_or", "stride_plb", "stride_plh")
+DENSE_TOPK_RUNTIME_INTS = ("width", "k", "num_chunks", "stride_pr", "stride_scr", "stride_or", "merge_tree")
 
 ROW_SCAN = tl.constexpr(64)  # capture rows the fused kernel compares at once when it looks up its row
 SLOTS = tl.constexpr(TOPK_SLOTS)
@@ -1121,22 +1122,22 @@ def _store_topk(best, pos_ptr, value_ptr, k, empty_value):
 
 @triton.jit
 def _chunk_topk(
-    p_bar, tokens, valid, k, chunk, num_chunks, scratch_row, tree_tickets, pos_ptr, value_ptr, stride_scc,
-    CHUNK: tl.constexpr, LOG_LISTS: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr,
-    MERGE_TREE: tl.constexpr,
+    p_bar, tokens, valid, k, chunk, num_chunks, scratch_row, tree_tickets, pos_ptr, value_ptr, stride_scc, merge_tree,
+    CHUNK: tl.constexpr, LOG_LISTS: tl.constexpr, RADIX_BITS: tl.constexpr,
 ):
     """Exact top-k of one chunk of a row's dense ``p̄``; the chunk that completes the row's merge writes its top-k.
 
     ``scratch_row`` holds ``num_chunks`` slots of ``SLOTS`` keys; ``tree_tickets`` ``2^LOG_LISTS
-    - 1`` tickets zeroed before the launch. One chunk (not ``MERGE_CHUNKS``) writes its top-k
-    directly. Otherwise, with ``MERGE_TREE``, the chunks' sorted lists merge up a binary tree
+    - 1`` tickets zeroed before the launch. A row of one chunk writes its top-k directly.
+    Otherwise, with ``merge_tree`` (non-zero), the chunks' sorted lists merge up a binary tree
     as they finish (:func:`_climb_tree`), so only the tree's height follows the last chunk;
     without it each chunk leaves its list in its slot and takes the first ticket, and the chunk
     drawing the last one merges every list (:func:`_fold_lists`). Keys order ties by position.
+    Both are run-time branches, so one compiled kernel serves every row count and width.
     """
     best = _select_topk(p_bar, tokens, valid, k, scratch_row + chunk * stride_scc, CHUNK, RADIX_BITS)
-    if MERGE_CHUNKS:
-        if MERGE_TREE:
+    if num_chunks > 1:
+        if merge_tree != 0:
             best, done = _climb_tree(best, chunk, num_chunks, scratch_row, stride_scc, tree_tickets, LOG_LISTS)
             if done:
                 _store_topk(best, pos_ptr, value_ptr, k, 0.0)
@@ -1185,7 +1186,7 @@ def _climb_tree(best, leaf, num_lists, row_keys, stride_ks, tree_tickets, LOG_LI
     return best, climbing
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DENSE_TOPK_RUNTIME_INTS)
 def _dense_topk_kernel(
     probs_ptr,
     scratch_ptr,
@@ -1199,11 +1200,10 @@ def _dense_topk_kernel(
     stride_scr,
     stride_scc,
     stride_or,
+    merge_tree,
     CHUNK: tl.constexpr,
     LOG_LISTS: tl.constexpr,
-    MERGE_CHUNKS: tl.constexpr,
     RADIX_BITS: tl.constexpr,
-    MERGE_TREE: tl.constexpr,
 ):
     """Exact top-k of one row's ``CHUNK`` dense ``p̄`` values (``-inf`` outside ``W``) by :func:`_chunk_topk`."""
     row = tl.program_id(0)
@@ -1213,8 +1213,7 @@ def _dense_topk_kernel(
     _chunk_topk(
         p_bar, tokens, p_bar >= 0.0, k, chunk, num_chunks, scratch_ptr + row * stride_scr,
         tickets_ptr + row * (1 << LOG_LISTS),
-        pos_ptr + row * stride_or, value_ptr + row * stride_or, stride_scc, CHUNK, LOG_LISTS, MERGE_CHUNKS, RADIX_BITS,
-        MERGE_TREE,
+        pos_ptr + row * stride_or, value_ptr + row * stride_or, stride_scc, merge_tree, CHUNK, LOG_LISTS, RADIX_BITS,
     )
 
 
@@ -1238,9 +1237,9 @@ def _stored_block_topk(
     row, block, logits_ptr, stats_ptr, head_weights_ptr, query_pos_ptr, mask_prefix_ptr, window_ptr, sink_tokens_ptr,
     probs_ptr, scratch_ptr, tickets_ptr, pos_ptr, value_ptr, num_heads, num_splits, width, num_chunks, k, row_period,
     stride_lgr, stride_lgh, stride_sr, stride_sh, stride_ss, stride_sf, stride_wr, stride_pr, stride_scr, stride_scc,
-    stride_tr, stride_or,
+    stride_tr, stride_or, merge_tree,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, HEADS_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    LOG_LISTS: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr, MERGE_TREE: tl.constexpr,
+    LOG_LISTS: tl.constexpr, RADIX_BITS: tl.constexpr,
 ):
     """Pass B from stored logits for ``BLOCK`` positions of a row; the last block of a chunk ranks the chunk.
 
@@ -1279,7 +1278,7 @@ def _stored_block_topk(
         _chunk_topk(
             chunk_probs, chunk_tokens, chunk_probs >= 0.0, k, chunk, num_chunks, scratch_ptr + row * stride_scr,
             tickets_ptr + row * stride_tr + 1, pos_ptr + row * stride_or, value_ptr + row * stride_or, stride_scc,
-            CHUNK, LOG_LISTS, MERGE_CHUNKS, RADIX_BITS, MERGE_TREE,
+            merge_tree, CHUNK, LOG_LISTS, RADIX_BITS,
         )
 
 
@@ -1352,13 +1351,13 @@ def _capture_finish_kernel(
     lse_ptr, head_stats_ptr, hist_ptr, entropy_ptr, sink_mass_ptr, num_stat_ptr,
     logits_ptr, probs_ptr, scratch_ptr, pos_ptr, value_ptr,
     part_out_ptr, part_lse_ptr, out_ptr, out_lse_ptr,
-    rows, num_heads, num_head_groups, num_splits, width, num_blocks, num_chunks, k, row_period,
+    rows, num_heads, num_head_groups, num_splits, width, num_blocks, num_chunks, k, row_period, merge_tree,
     stride_sr, stride_sh, stride_ss, stride_sf, stride_wr, stride_tr, stride_lgr, stride_lgh, stride_pr, stride_scr,
     stride_scc, stride_or,
     stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_pls, stride_ob, stride_oh, stride_lb, stride_lh,
     SPLITS_PAD: tl.constexpr, HEADS_PAD: tl.constexpr, TOPK: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-    LOG_LISTS: tl.constexpr, MERGE_CHUNKS: tl.constexpr, RADIX_BITS: tl.constexpr, COMBINE_OUT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_GROUP: tl.constexpr, MERGE_TREE: tl.constexpr,
+    LOG_LISTS: tl.constexpr, RADIX_BITS: tl.constexpr, COMBINE_OUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_GROUP: tl.constexpr,
 ):
     """Everything after Pass A in one launch, one job per program (1-D grid).
 
@@ -1380,8 +1379,8 @@ def _capture_finish_kernel(
                 pid // num_blocks, pid % num_blocks, logits_ptr, stats_ptr, head_weights_ptr, query_pos_ptr,
                 mask_prefix_ptr, window_ptr, sink_tokens_ptr, probs_ptr, scratch_ptr, tickets_ptr, pos_ptr, value_ptr,
                 num_heads, num_splits, width, num_chunks, k, row_period, stride_lgr, stride_lgh, stride_sr, stride_sh,
-                stride_ss, stride_sf, stride_wr, stride_pr, stride_scr, stride_scc, stride_tr, stride_or,
-                BLOCK, CHUNK, HEADS_PAD, SPLITS_PAD, LOG_LISTS, MERGE_CHUNKS, RADIX_BITS, MERGE_TREE,
+                stride_ss, stride_sf, stride_wr, stride_pr, stride_scr, stride_scc, stride_tr, stride_or, merge_tree,
+                BLOCK, CHUNK, HEADS_PAD, SPLITS_PAD, LOG_LISTS, RADIX_BITS,
             )
     elif job < rows * num_head_groups:
         _combine_heads(
@@ -1711,7 +1710,8 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
             partials.logits, probs, scratch, topk_pos if stored_topk else scratch, topk_prob if stored_topk else lse,
             attention.part_out, attention.part_lse, attention.out, attention.lse,
             rows, num_heads, num_head_groups, num_splits, width, num_blocks, num_chunks, k, row_period,
-            *stats.stride(), req.head_weights.stride(0), partials.tickets.stride(0), *partials.logits.stride()[:2],
+            int(rows <= MERGE_TREE_MAX_ROWS), *stats.stride(), req.head_weights.stride(0), partials.tickets.stride(0),
+            *partials.logits.stride()[:2],
             probs.stride(0), *scratch.stride()[:2], topk_pos.stride(0) if stored_topk else 0,
             *attention.part_out.stride()[:3], *attention.part_lse.stride()[:3], *attention.out.stride()[:2],
             *attention.lse.stride()[:2],
@@ -1721,12 +1721,10 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
             BLOCK=block,
             CHUNK=chunk,
             LOG_LISTS=LOG_DENSE_MAX_LISTS,
-            MERGE_CHUNKS=num_chunks > 1,
             RADIX_BITS=DENSE_TOPK_RADIX_BITS,
             COMBINE_OUT=combine is not None,
             HEAD_DIM=head_dim,
             HEAD_GROUP=head_group,
-            MERGE_TREE=rows <= MERGE_TREE_MAX_ROWS,
             num_warps=SPLIT_COMBINE_NUM_WARPS,
             maxnreg=FINISH_WIDE_MAXNREG if wide else None,
         )
@@ -1760,9 +1758,8 @@ def dense_topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     tickets = torch.zeros((rows, DENSE_MAX_LISTS), dtype=torch.int32, device=device)
     _dense_topk_kernel[(rows, num_chunks)](
         probs, scratch, tickets, pos, values, width, k, num_chunks, probs.stride(0), *scratch.stride()[:2],
-        pos.stride(0),
-        CHUNK=chunk, LOG_LISTS=LOG_DENSE_MAX_LISTS, MERGE_CHUNKS=num_chunks > 1,
-        RADIX_BITS=DENSE_TOPK_RADIX_BITS, MERGE_TREE=rows <= MERGE_TREE_MAX_ROWS, num_warps=DENSE_TOPK_NUM_WARPS,
+        pos.stride(0), int(rows <= MERGE_TREE_MAX_ROWS),
+        CHUNK=chunk, LOG_LISTS=LOG_DENSE_MAX_LISTS, RADIX_BITS=DENSE_TOPK_RADIX_BITS, num_warps=DENSE_TOPK_NUM_WARPS,
     )
     return pos, values
 
