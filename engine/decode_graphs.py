@@ -55,7 +55,7 @@ from attnscope.kernels.capture_reference import CaptureRequest
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 MAX_LAYOUT_GRAPHS = 16
-WARM_THREADS = 8  # most threads compiling capture kernels at start-up
+WARM_THREADS = 16  # most threads compiling capture kernels at start-up
 _ROW_FIELDS = ("gather", "decode_rows", "query_pos", "mask_prefix", "window", "sink_tokens")
 
 
@@ -264,27 +264,29 @@ class DecodeGraphs:
         finish, once in the middle of serving for every new batch shape. This runs (without
         recording) the capture forward of every batch bucket with each bucket of capturing rows
         up to it, for each set of layers and each ``(top_k, statistics)`` a layer may need.
-        Each (layer set, need) pair runs its forwards in turn on a thread of its own (Triton
-        compiles outside the GIL), unless the model is split over ranks, whose all-reduces must
-        come in the same order on every rank. Pairs that launch the same variants (raw and
-        sketch share the finish kernel) walk the buckets in opposite orders: two threads that
-        reach one variant at the same time both compile it.
+        Each batch bucket's forwards run in turn on one thread, the buckets on up to
+        ``WARM_THREADS`` threads at once (Triton compiles outside the GIL), unless the model is
+        split over ranks, whose all-reduces must come in the same order on every rank. Each
+        thread starts at a different (layers, need) pair: threads that reach one kernel variant
+        at the same time both compile it.
         Returns how many forwards ran.
         """
-        shapes = [(batch, rows) for batch in reversed([b for b in BATCH_BUCKETS if b <= self.max_batch])
-                  for rows in reversed([r for r in BATCH_BUCKETS if r <= batch])]
+        buckets = list(reversed([b for b in BATCH_BUCKETS if b <= self.max_batch]))
+
         combos = [(layers, top_k, statistics) for layers in layer_sets for top_k, statistics in needs]
 
-        def warm_combo(index: int) -> int:
-            layers, top_k, statistics = combos[index]
-            layer_needs = tuple((layer, 0, top_k, statistics) for layer in layers)
-            for batch, rows in shapes if index % 2 == 0 else reversed(shapes):
-                self._forward(self._padded_graph(batch, CaptureLayout((rows,), layer_needs)))
-            return len(shapes)
+        def warm_bucket(index: int, batch: int) -> int:
+            turned = combos[index % len(combos):] + combos[:index % len(combos)]
+            layouts = [CaptureLayout((rows,), tuple((layer, 0, top_k, statistics) for layer in layers))
+                       for layers, top_k, statistics in turned
+                       for rows in reversed([r for r in BATCH_BUCKETS if r <= batch])]
+            for layout in layouts:
+                self._forward(self._padded_graph(batch, layout))
+            return len(layouts)
 
-        threads = 1 if self.model.tp.size > 1 else min(WARM_THREADS, len(combos), os.cpu_count() or 1)
+        threads = 1 if self.model.tp.size > 1 else min(WARM_THREADS, len(buckets), os.cpu_count() or 1)
         with ThreadPoolExecutor(threads) as pool:
-            runs = sum(pool.map(warm_combo, range(len(combos))))
+            runs = sum(pool.map(warm_bucket, range(len(buckets)), buckets))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return runs
