@@ -265,28 +265,24 @@ class DecodeGraphs:
         recording) the capture forward of every batch bucket with each bucket of capturing rows
         up to it, for each set of layers and each ``(top_k, statistics)`` a layer may need.
         Each batch bucket's forwards run in turn on one thread, the buckets on up to
-        ``WARM_THREADS`` threads at once (Triton compiles outside the GIL), unless the model is
-        split over ranks, whose all-reduces must come in the same order on every rank. Each
-        thread starts at a different (layers, need) pair: threads that reach one kernel variant
-        at the same time both compile it.
+        ``WARM_THREADS`` threads at once (Triton compiles outside the GIL; threads on different
+        buckets seldom compile the same variant, which both would), unless the model is split
+        over ranks, whose all-reduces must come in the same order on every rank.
         Returns how many forwards ran.
         """
         buckets = list(reversed([b for b in BATCH_BUCKETS if b <= self.max_batch]))
 
-        combos = [(layers, top_k, statistics) for layers in layer_sets for top_k, statistics in needs]
-
-        def warm_bucket(index: int, batch: int) -> int:
-            turned = combos[index % len(combos):] + combos[:index % len(combos)]
+        def warm_bucket(batch: int) -> int:
             layouts = [CaptureLayout((rows,), tuple((layer, 0, top_k, statistics) for layer in layers))
-                       for layers, top_k, statistics in turned
-                       for rows in reversed([r for r in BATCH_BUCKETS if r <= batch])]
+                       for rows in reversed([r for r in BATCH_BUCKETS if r <= batch])
+                       for layers in layer_sets for top_k, statistics in needs]
             for layout in layouts:
                 self._forward(self._padded_graph(batch, layout))
             return len(layouts)
 
         threads = 1 if self.model.tp.size > 1 else min(WARM_THREADS, len(buckets), os.cpu_count() or 1)
         with ThreadPoolExecutor(threads) as pool:
-            runs = sum(pool.map(warm_bucket, range(len(buckets)), buckets))
+            runs = sum(pool.map(warm_bucket, buckets))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return runs

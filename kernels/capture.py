@@ -61,7 +61,6 @@ from attnscope.kernels.paged_decode import (
     combine_splits,
     default_num_splits,
     paged_decode_attention,
-    splits_pad,
 )
 
 TOPK_SLOTS = 64  # running top-k width of every program (>= MAX_TOP_K, >= the key tile width)
@@ -137,8 +136,8 @@ MERGE_TREE_MAX_ROWS = 1
 FINISH_WIDE_MAXNREG = 80
 FINISH_WIDE_BLOCKS_PER_SM = 2
 # With more (row, head) pairs than SMs the finish merges each row's split partials HEAD_GROUP heads
-# per program: as many heads as keep the [heads, 16 bins, split axis] histogram partials within
-# COMBINE_ELEMENTS (a whole row of 32 heads up to 8 splits, 4 heads beyond), not one program per head. Measured on an
+# per program: as many heads as keep the [heads, 16 bins, splits] histogram partials within
+# COMBINE_ELEMENTS (a whole row of 32 heads up to 8 splits), not one program per head. Measured on an
 # H100 (engine, 1B shape, 32 x 8K, 4 captured layers): finish launches 23.7 -> 16.1 us per step with
 # fingerprints, 136 -> 131 us with raw top-32; at batch 1 (one head per program kept) grouping was
 # 0.5-1 us slower.
@@ -1696,11 +1695,11 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
         probs = torch.empty((rows, width), dtype=torch.float32, device=device)
         scratch = torch.empty((rows, num_chunks, TOPK_SLOTS), dtype=torch.int64, device=device)
     attention = combine or SplitCombine(stats, stats, stats, stats)
-    split_width = splits_pad(num_splits)
+    splits_pad = max(2, triton.next_power_of_2(num_splits))
     num_sms = _num_sms(device)
     head_group = 1
     if rows * num_heads > num_sms:
-        head_group = max(1, min(heads_pad, COMBINE_ELEMENTS // (NUM_BINS * split_width)))
+        head_group = max(1, min(heads_pad, COMBINE_ELEMENTS // (NUM_BINS * splits_pad)))
     num_head_groups = triton.cdiv(num_heads, head_group)
     programs = rows * (num_blocks + num_head_groups) + (combine.out.shape[0] * num_heads if combine else 0)
     wide = rows * num_blocks >= FINISH_WIDE_BLOCKS_PER_SM * num_sms
@@ -1716,7 +1715,7 @@ def _finish(k_cache: torch.Tensor, req: CaptureRequest, scale: float, partials: 
             probs.stride(0), *scratch.stride()[:2], topk_pos.stride(0) if stored_topk else 0,
             *attention.part_out.stride()[:3], *attention.part_lse.stride()[:3], *attention.out.stride()[:2],
             *attention.lse.stride()[:2],
-            SPLITS_PAD=split_width,
+            SPLITS_PAD=splits_pad,
             HEADS_PAD=heads_pad,
             TOPK=stored_topk,
             BLOCK=block,

@@ -30,10 +30,6 @@ if TYPE_CHECKING:
 DEFAULT_NUM_SMS = 132
 MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 64
-# The split axis of the kernels that merge splits is SMALL_SPLITS_PAD wide up to that many splits and
-# MAX_SPLITS wide beyond (the padding is masked loads): two compiled variants serve every split count,
-# where a width per power of two made each batch size's first capture step wait seconds for a compile.
-SMALL_SPLITS_PAD = 8
 MIN_DOT_ROWS = 16
 # Warps of the split combine; capture's finish launch, which merges a captured layer's splits with
 # the same code, runs at this width too, so attention with and without capture stays bit-equal.
@@ -231,14 +227,6 @@ def _combine_splits_kernel(
     )
 
 
-def splits_pad(num_splits: int) -> int:
-    """Width of the split axis where splits are merged: ``SMALL_SPLITS_PAD`` up to that many splits,
-    else ``MAX_SPLITS`` (or the next power of two above a larger explicit count)."""
-    if num_splits <= SMALL_SPLITS_PAD:
-        return SMALL_SPLITS_PAD
-    return max(MAX_SPLITS, triton.next_power_of_2(num_splits))
-
-
 def _tile_tokens(head_dim: int) -> int:
     """Keys per tile of the stage-1 loop: 64, halved for head_dim > 128 to bound registers."""
     return 64 if head_dim <= 128 else 32
@@ -418,6 +406,6 @@ def combine_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Te
         lse.stride(0),
         lse.stride(1),
         HEAD_DIM=head_dim,
-        SPLITS_PAD=splits_pad(num_splits),
+        SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
         num_warps=SPLIT_COMBINE_NUM_WARPS,
     )
