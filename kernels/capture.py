@@ -155,7 +155,9 @@ LOGIT_STORE_MAX_BYTES = 512 << 20
 # multiple of 16, or neither. The counts that follow the batch (rows, splits, blocks, chunks, k) and the
 # strides that follow them are therefore not specialised: otherwise each new batch shape recompiled the
 # finish launch (2-7 s on an H100 host) in the middle of serving. Strides along aligned axes (head dim,
-# logit rows of whole key tiles) stay specialised.
+# logit rows of whole key tiles) stay specialised, and so does the fused kernel's ROWS_PAD (the captured
+# rows it compares at once, a power of two: ~1.5 s a variant to compile): looking its row up in a loop of
+# fixed 64-row scans instead cost 1-2 % of raw top-32 at 8 x 32K and 32 x 8K (H100, paired runs).
 FUSED_RUNTIME_INTS = ("num_splits", "head_top_k", "num_capture_rows", "stride_plb", "stride_plh", "stride_sr",
                       "stride_sh", "stride_tr", "stride_th")
 SPLIT_RUNTIME_INTS = ("num_splits", "head_top_k", "stride_sr", "stride_sh", "stride_tr", "stride_th")
@@ -163,7 +165,6 @@ FINISH_RUNTIME_INTS = ("rows", "num_head_groups", "num_splits", "num_blocks", "n
                        "merge_tree", "stride_sr", "stride_sh", "stride_or", "stride_plb", "stride_plh")
 DENSE_TOPK_RUNTIME_INTS = ("width", "k", "num_chunks", "stride_pr", "stride_scr", "stride_or", "merge_tree")
 
-ROW_SCAN = tl.constexpr(64)  # capture rows the fused kernel compares at once when it looks up its row
 SLOTS = tl.constexpr(TOPK_SLOTS)
 TICKETS = tl.constexpr(FINISH_TICKETS)
 STATS_PER_HEAD = tl.constexpr(HEAD_STATS)
@@ -715,12 +716,13 @@ def _fused_decode_capture_kernel(
     HEAD_TOPK: tl.constexpr,
     TILE_MAX: tl.constexpr,
     STORE_LOGITS: tl.constexpr,
+    ROWS_PAD: tl.constexpr,
     STATS: tl.constexpr,
 ):
     """``_paged_decode_split_kernel`` plus Pass A in the same tile loop for captured sequences.
 
     A decode row ``seq`` is captured as capture row ``r`` when ``capture_rows[r] == seq``
-    (found by vector compares over ``capture_rows``, ``ROW_SCAN`` at a time); uncaptured rows run the plain
+    (found by one vector compare over ``capture_rows``); uncaptured rows run the plain
     attention loop. Captured rows reuse each tile's logits and running max; a captured
     row's first program zeroes its finish tickets.
     """
@@ -743,11 +745,9 @@ def _fused_decode_capture_kernel(
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     block_table_row = block_tables_ptr + seq * stride_btb
-    slots = tl.arange(0, ROW_SCAN)
-    cap = tl.full([], -1, tl.int32)
-    for first in range(0, num_capture_rows, ROW_SCAN):
-        captured = tl.load(capture_rows_ptr + first + slots, mask=first + slots < num_capture_rows, other=-1)
-        cap = tl.maximum(cap, tl.max(tl.where(captured == seq, first + slots, -1), axis=0))
+    slots = tl.arange(0, ROWS_PAD)
+    captured = tl.load(capture_rows_ptr + slots, mask=slots < num_capture_rows, other=-1)
+    cap = tl.max(tl.where(captured == seq, slots, -1), axis=0)
     if cap < 0:
         for tile_start in range(split_start, split_end, TILE_N):
             tokens = tile_start + tile_offsets
@@ -2034,6 +2034,7 @@ def paged_decode_attention_capture(
         HEAD_TOPK=capture.head_top_k > 0,
         TILE_MAX=capture.top_k > 0 and not partials.stores_logits,
         STORE_LOGITS=partials.stores_logits,
+        ROWS_PAD=max(2, triton.next_power_of_2(rows)),
         STATS=capture.statistics,
         num_warps=FUSED_HEAD_TOPK_NUM_WARPS if capture.head_top_k else FUSED_NUM_WARPS,
         maxnreg=FUSED_HEAD_TOPK_MAXNREG if capture.head_top_k else FUSED_MAXNREG,
