@@ -45,6 +45,9 @@ class AppArgs(BaseModel):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=0.98, description="CUDA: fraction of free memory for the KV cache")
     max_num_seqs: int = Field(64, ge=1, description="sequences running at once per engine")
     enforce_eager: bool = Field(False, description="CUDA: run every step eagerly, without CUDA graphs")
+    skip_capture_warmup: bool = Field(False, description="CUDA graphs: do not compile the capture kernels at start-up "
+                                      "(a faster start; the first capture step of each batch shape then waits seconds "
+                                      "for Triton compiles)")
     num_threads: int | None = Field(None, ge=1, description="torch threads per engine: the CPU model's math, or a CUDA engine's host-side work (default: its reserved CPUs)")
     num_replicas: int = Field(1, ge=1, description="engine replicas (one model copy each) when not autoscaling")
     autoscaling_max_replicas: int | None = Field(None, ge=1, description="autoscale the engine replicas up to this many "
@@ -137,7 +140,7 @@ class AppArgs(BaseModel):
                             gpu_memory_utilization=self.gpu_memory_utilization, max_num_seqs=self.max_num_seqs,
                             num_threads=threads, tensor_parallel_size=self.tensor_parallel_size,
                             rank_num_cpus=self.rank_num_cpus, placement_strategy=self.placement_strategy,
-                            cuda_graphs=not self.enforce_eager)
+                            cuda_graphs=not self.enforce_eager, warm_capture=not self.skip_capture_warmup)
 
     def engine_options(self) -> dict[str, Any]:
         """Serve options of the engine deployment: replicas, their resources and the prefix-affinity router.

@@ -136,6 +136,7 @@ class ModelRunner:
         ``last`` and ``auto`` layers, what fingerprint, raw and sketch requests need of a layer. Returns how
         many forwards ran."""
         started = time.perf_counter()
+        logger.info("compiling the capture kernels for the decode graphs (warm_capture; seconds per kernel variant)")
         num_layers = self.model.config.num_layers
         layer_sets = [CaptureParams(layers=layers).resolve_layers(num_layers) for layers in ("last", "auto")]
         needs = sorted({layer_needs(CaptureParams(mode=mode)) for mode in ("fingerprint", "raw", "sketch")})

@@ -42,8 +42,9 @@ def test_serve_flags_become_app_args():
     assert settings.attention_cors_origins == ["http://x"] and settings.attention_disable_in_production
     assert settings.engine_config().num_threads == 2 and settings.gpus_per_replica() == 0.0
     assert not _app_args(build_parser().parse_args(["serve"])).return_attention_tokens
-    assert settings.engine_config().cuda_graphs
+    assert settings.engine_config().cuda_graphs and settings.engine_config().warm_capture
     assert not _app_args(build_parser().parse_args(["serve", "--enforce-eager"])).engine_config().cuda_graphs
+    assert not _app_args(build_parser().parse_args(["serve", "--skip-capture-warmup"])).engine_config().warm_capture
 
 
 def test_engine_options_for_autoscaling_tensor_parallel_and_pinned_replicas():
