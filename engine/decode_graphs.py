@@ -246,7 +246,7 @@ class DecodeGraphs:
         if layout is not None and key in self._layouts:
             self._layouts.move_to_end(key)
             return self._layouts[key]
-        graph = self._padded_graph(batch, layout)
+        graph = self._padded_graph(batch, layout, pinned=self.replay)
         if self.replay:
             self._record(graph)
         if layout is None:
@@ -279,7 +279,7 @@ class DecodeGraphs:
                        for rows in reversed([r for r in BATCH_BUCKETS if r <= batch])
                        for layers in layer_sets for top_k, statistics in needs]
             for layout in layouts:
-                self._forward(self._padded_graph(batch, layout))
+                self._forward(self._padded_graph(batch, layout, pinned=False))
             return len(layouts)
 
         threads = 1 if self.model.tp.size > 1 else min(WARM_THREADS, len(buckets), os.cpu_count() or 1)
@@ -289,10 +289,12 @@ class DecodeGraphs:
             torch.cuda.synchronize(self.device)
         return runs
 
-    def _padded_graph(self, batch: int, layout: CaptureLayout | None) -> _DecodeGraph:
-        """A new graph's staging for a bucket and layout, filled with padding (not recorded)."""
+    def _padded_graph(self, batch: int, layout: CaptureLayout | None, pinned: bool) -> _DecodeGraph:
+        """A new graph's staging for a bucket and layout, filled with padding (not recorded). Its host buffers
+        are page-locked only when ``pinned`` (a graph that will be replayed, whose inputs are copied
+        asynchronously); a warm-up forward that is run once and dropped needs no page-locked memory."""
         staging = _Staging(batch, self.width, self.num_heads, layout.row_sets if layout else ())
-        host, spare = (torch.zeros(staging.size, dtype=torch.int32, pin_memory=self.replay) for _ in range(2))
+        host, spare = (torch.zeros(staging.size, dtype=torch.int32, pin_memory=pinned) for _ in range(2))
         graph = _DecodeGraph(staging, layout, host, spare,
                              torch.zeros(staging.size, dtype=torch.int32, device=self.device))
         self._pad(graph)
