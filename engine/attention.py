@@ -24,6 +24,7 @@ from attnscope.kernels.full_attention import full_attention_rows
 from attnscope.kernels.reference import gather_paged_kv
 
 if TYPE_CHECKING:
+    from attnscope.engine.launch_shapes import LaunchShapes
     from attnscope.kernels.capture import DeferredFinish
 
 
@@ -79,6 +80,8 @@ class AttentionBatch:
     """A tensor-parallel rank's query heads (``None`` on one device): capture then yields partials."""
     cached_prefills: CachedPrefills | None = None
     """CUDA: the chunks of ``prefills`` the paged prefill kernel runs (``runs_paged_prefill``)."""
+    shapes: LaunchShapes | None = None
+    """An eager step of an engine with decode graphs: the graphs' launch shapes, which its capture calls use."""
     deferred: dict[tuple, DeferredFinish | None] = field(default_factory=dict)
     """This forward's fused captures finished in one launch, per row set and settings (``_deferred_finish``)."""
 
@@ -112,13 +115,18 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     return out[0].transpose(0, 1)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query per sequence ``[B, Hq, D]`` over its paged keys: Triton on CUDA, SDPA on gathered keys elsewhere."""
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float, shapes: LaunchShapes | None = None) -> torch.Tensor:
+    """One query per sequence ``[B, Hq, D]`` over its paged keys: Triton on CUDA, SDPA on gathered keys elsewhere.
+    With ``shapes`` (an eager step of an engine with decode graphs) the kernel splits the context as the decode
+    graph of the batch's bucket does, so it runs a variant compiled at start-up."""
     if q.is_cuda:
         from attnscope.kernels.paged_decode import paged_decode_attention
 
-        out, _ = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        num_splits = None
+        if shapes is not None:
+            num_splits = shapes.num_splits(q.shape[0], k_cache.shape[2], k_cache.shape[1], q.device)
+        out, _ = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
         return out
     lengths = context_lens.tolist()
     longest = max(lengths)
@@ -200,15 +208,17 @@ def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          scale: float, group: LayerCapture) -> torch.Tensor:
     """Decode attention of the step's decode rows, the group's capture statistics in the same pass.
 
-    Only the captured rows run the capture kernel; the others run the plain decode kernel,
-    so requests without capture pay nothing for sharing the batch. On a tensor-parallel
-    rank the kernel computes the statistics of the rank's heads and the group's
+    The kernel runs the whole decode batch: captured rows run Pass A beside their attention,
+    the others its plain tile loop, so requests without capture pay nothing for sharing the
+    batch. An eager step with ``batch.shapes`` launches it with the split count of its
+    batch bucket's decode graph (its rows and tables are padded by ``StepCapture.finalize``
+    and the model runner), so it reuses the kernel variants compiled at start-up. On a
+    tensor-parallel rank the kernel computes the statistics of the rank's heads and the group's
     ``PartialCapture`` adds the dense ``p̄`` share when the group has top-k. Where several
     layers fuse groups of the same rows and settings, their captures finish in one launch
     after the last of them (``DeferredFinish``): an earlier layer's result is filled then.
     """
     from attnscope.kernels.capture import paged_decode_attention_capture
-    from attnscope.kernels.paged_decode import paged_decode_attention
 
     decode_q = q[batch.decode_start :]
     tables, lengths = batch.decode_block_tables, batch.decode_context_lens
@@ -216,23 +226,16 @@ def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     request = batch.capture.request(group, q, None, batch.q_heads, gather_queries=batch.q_heads is not None)
     kernel_request = request if batch.q_heads is None else replace(request, top_k=0, head_top_k=0)
     deferred = _deferred_finish(group, batch, q)
-    if group.decode_rows is not None:  # a CUDA-graph step: padding capture rows match no decode row
-        out, _, result = paged_decode_attention_capture(decode_q, k_cache, v_cache, tables, lengths, scale,
-                                                        kernel_request, group.decode_rows, deferred=deferred)
-    elif len(group.token_indices) == decode_q.shape[0]:
-        captured = group.index - batch.decode_start  # on the device already: no copy, no sync
-        out, _, result = paged_decode_attention_capture(decode_q, k_cache, v_cache, tables, lengths, scale,
-                                                        kernel_request, captured, deferred=deferred)
-    else:
-        captured = group.index - batch.decode_start
-        taken = {i - batch.decode_start for i in group.token_indices}
-        others = _to_device([i for i in range(decode_q.shape[0]) if i not in taken], q.device)
-        out = torch.empty_like(decode_q)
-        out[others] = paged_decode_attention(decode_q[others], k_cache, v_cache, tables[others], lengths[others],
-                                             scale)[0]
-        out[captured], _, result = paged_decode_attention_capture(
-            decode_q[captured], k_cache, v_cache, tables[captured], lengths[captured], scale, kernel_request,
-            torch.arange(len(group.token_indices), device=q.device), deferred=deferred)
+    captured = group.decode_rows  # a CUDA-graph step: padding capture rows match no decode row
+    num_splits = None
+    if captured is None:  # on the device already: no copy, no sync; padded rows (LaunchShapes) match none
+        # int32 like a graph's decode rows: the kernel variant compiled for the graphs serves this launch too
+        captured = F.pad((group.index - batch.decode_start).int(), (0, request.q.shape[0] - group.index.shape[0]),
+                         value=-1)
+        if batch.shapes is not None:
+            num_splits = batch.shapes.num_splits(decode_q.shape[0], k_cache.shape[2], k_cache.shape[1], q.device)
+    out, _, result = paged_decode_attention_capture(decode_q, k_cache, v_cache, tables, lengths, scale,
+                                                    kernel_request, captured, num_splits, deferred=deferred)
     if batch.q_heads is None:
         group.result = result
     else:
@@ -240,14 +243,6 @@ def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
         group.partial = partial_capture(k_cache, request, scale, stats=result)
     return out
-
-
-def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """An int64 tensor on ``device`` without blocking the host (a pinned copy on CUDA)."""
-    host = torch.tensor(values, dtype=torch.long)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: AttentionBatch,
@@ -266,7 +261,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
         decoded = fused_decode_capture(q, k_cache, v_cache, batch, scale, fused)
     elif batch.num_decodes:
         decoded = decode_attention(q[batch.decode_start :], k_cache, v_cache, batch.decode_block_tables,
-                                   batch.decode_context_lens, scale)
+                                   batch.decode_context_lens, scale, batch.shapes)
     if not batch.prefills:
         return decoded
     out = torch.empty_like(q)

@@ -19,6 +19,7 @@ from attnscope.engine.sequence import Sequence
 from attnscope.kernels.capture_reference import CaptureRequest, CaptureResult, PartialCapture
 
 if TYPE_CHECKING:
+    from attnscope.engine.launch_shapes import LaunchShapes
     from attnscope.engine.rank_capture import RankCaptures
 
 
@@ -104,12 +105,16 @@ class StepCapture:
                 group.top_k = need_k
             group.statistics = group.statistics or statistics
 
-    def finalize(self, device: torch.device) -> None:
+    def finalize(self, device: torch.device, shapes: LaunchShapes | None = None) -> None:
         """Build every group's per-row tensors on ``device``, once per step.
 
         Layers capturing the same rows share one copy, so per layer at most the queries are
         gathered (``request``; the fused decode kernel needs not even those). A plan finalized
-        elsewhere (shipped to a tensor-parallel rank on the CPU) is moved instead.
+        elsewhere (shipped to a tensor-parallel rank on the CPU) is moved instead. With
+        ``shapes`` (an eager step of an engine with decode graphs) the settings of a group of
+        at most ``shapes.max_batch`` rows are padded to the graphs' launch shapes: rows to a
+        bucket (position 0, every head, no mask; results past the group's own rows are not
+        read), block tables to the graphs' width.
         """
         if self.device is not None:
             if self.device != device:
@@ -121,7 +126,7 @@ class StepCapture:
             for group in groups:
                 key = (tuple(id(r) for r in group.rows), group.top_k, group.statistics)
                 if key not in built:
-                    built[key] = _row_settings(group, device)
+                    built[key] = _row_settings(group, device, shapes)
                 group.index, group.settings = built[key]
                 group.token_indices = [r.token_index for r in group.rows]
         for full in self.full.values():
@@ -178,7 +183,13 @@ class StepCapture:
         """
         settings = group.settings
         weights = settings.head_weights if heads is None else settings.head_weights[:, heads.start:heads.stop]
-        queries = q[group.index] if gather_queries else q[:1].expand(group.index.shape[0], -1, -1)
+        rows = settings.query_pos.shape[0]  # padded past the group's rows in an eager step with launch shapes
+        if gather_queries:
+            queries = q[group.index]
+            if rows > queries.shape[0]:
+                queries = torch.cat([queries, queries.new_zeros((rows - queries.shape[0], *queries.shape[1:]))])
+        else:
+            queries = q[:1].expand(rows, -1, -1)
         return replace(settings, q=queries, head_weights=weights.contiguous(),
                        rope_cos=rope[0] if rope is not None else None,
                        rope_sin=rope[1] if rope is not None else None)
@@ -209,9 +220,9 @@ def _settings_to(settings: CaptureRequest, device: torch.device) -> CaptureReque
                    window=settings.window.to(device), sink_tokens=settings.sink_tokens.to(device))
 
 
-def row_block_tables(rows: list[CaptureRow], device: torch.device) -> torch.Tensor:
-    """The rows' block tables padded with block 0 into ``[R, max_blocks]`` int32."""
-    padded = np.zeros((len(rows), max(len(r.block_table) for r in rows)), dtype=np.int32)
+def row_block_tables(rows: list[CaptureRow], device: torch.device, num_rows: int = 0, width: int = 0) -> torch.Tensor:
+    """The rows' block tables padded with block 0 into ``[max(R, num_rows), max(max_blocks, width)]`` int32."""
+    padded = np.zeros((max(len(rows), num_rows), max(width, *(len(r.block_table) for r in rows))), dtype=np.int32)
     for target, row in zip(padded, rows):
         target[: len(row.block_table)] = row.block_table
     return torch.from_numpy(padded).to(device)
@@ -229,15 +240,22 @@ def row_columns(rows: list[CaptureRow]) -> dict[str, list[int]]:
     }
 
 
-def _row_settings(group: LayerCapture, device: torch.device) -> tuple[torch.Tensor, CaptureRequest]:
-    """The rows' token indices and a request holding everything but the queries (built once per step)."""
+def _row_settings(group: LayerCapture, device: torch.device,
+                  shapes: LaunchShapes | None) -> tuple[torch.Tensor, CaptureRequest]:
+    """The rows' token indices and a request holding everything but the queries (built once per step), its
+    settings padded to ``shapes`` when given (``StepCapture.finalize``)."""
     rows = group.rows
-    columns = {name: torch.tensor(values, dtype=torch.int32, device=device)
+    padded = shapes is not None and len(rows) <= shapes.max_batch  # no graph, no warm variant, beyond it
+    num_rows = shapes.rows(len(rows)) if padded else len(rows)
+    padding = num_rows - len(rows)
+    columns = {name: torch.tensor(values + [0] * padding, dtype=torch.int32, device=device)
                for name, values in row_columns(rows).items()}
+    weights = [r.seq.capture.head_weights for r in rows]
+    weights += [torch.full_like(weights[0], 1.0 / weights[0].shape[0])] * padding
     template = CaptureRequest(
         q=torch.empty(0, device=device),
-        block_tables=row_block_tables(rows, device),
-        head_weights=torch.stack([r.seq.capture.head_weights for r in rows]).to(device),
+        block_tables=row_block_tables(rows, device, num_rows, shapes.width if padded else 0),
+        head_weights=torch.stack(weights).to(device),
         top_k=group.top_k,
         statistics=group.statistics,
         **columns,

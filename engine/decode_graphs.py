@@ -37,7 +37,6 @@ result; the rank worker sums the partials across ranks after the replay.
 
 from __future__ import annotations
 
-import bisect
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -49,22 +48,14 @@ import torch
 from attnscope.engine.attention import AttentionBatch
 from attnscope.engine.capture_plan import LayerCapture, StepCapture, row_columns
 from attnscope.engine.capture_records import pack_results
+from attnscope.engine.launch_shapes import BATCH_BUCKETS, LaunchShapes, bucket
 from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.device_values import read_pending_tokens
-from attnscope.kernels.capture_reference import CaptureRequest
+from attnscope.kernels.capture_reference import CaptureRequest, capture_rows_ref
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 MAX_LAYOUT_GRAPHS = 16
 WARM_THREADS = 16  # most threads compiling capture kernels at start-up
 _ROW_FIELDS = ("gather", "decode_rows", "query_pos", "mask_prefix", "window", "sink_tokens")
-
-
-def bucket(n: int, limit: int = BATCH_BUCKETS[-1]) -> int | None:
-    """The smallest bucket holding ``n`` rows, capped at ``limit``; ``None`` when ``n`` exceeds the cap."""
-    i = bisect.bisect_left(BATCH_BUCKETS, n)
-    if i == len(BATCH_BUCKETS):
-        return None
-    return min(BATCH_BUCKETS[i], limit) if n <= limit else None
 
 
 @dataclass(frozen=True)
@@ -270,7 +261,10 @@ class DecodeGraphs:
         Threads that reach one variant at the same time both compile it: in a start-up trace on
         an H100 (Llama-1B shape, 32 sequences) 46 distinct finish variants took 80 compiles, and
         one thread per (layer set, need) instead, which compiled fewer, came up later.
-        Returns how many forwards ran.
+        Each bucket also runs the standalone capture (``attention_capture``) of as many rows
+        for each need, at the graphs' table width: eager steps capture a request's first token
+        (produced by its prefill) that way, padded to these shapes (``LaunchShapes``).
+        Returns how many forwards and standalone captures ran.
         """
         buckets = list(reversed([b for b in BATCH_BUCKETS if b <= self.max_batch]))
 
@@ -280,7 +274,10 @@ class DecodeGraphs:
                        for layers in layer_sets for top_k, statistics in needs]
             for layout in layouts:
                 self._forward(self._padded_graph(batch, layout, pinned=False))
-            return len(layouts)
+            standalone = needs if self.model.tp.size == 1 else []
+            for top_k, statistics in standalone:
+                self._warm_standalone(batch, top_k, statistics)
+            return len(layouts) + len(standalone)
 
         threads = 1 if self.model.tp.size > 1 else min(WARM_THREADS, len(buckets), os.cpu_count() or 1)
         with ThreadPoolExecutor(threads) as pool:
@@ -288,6 +285,30 @@ class DecodeGraphs:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return runs
+
+    @property
+    def shapes(self) -> LaunchShapes:
+        """The launch shapes of these graphs, which eager capture steps use too."""
+        return LaunchShapes(self.max_batch, self.width)
+
+    def _warm_standalone(self, rows: int, top_k: int, statistics: bool) -> None:
+        """Run the standalone capture of ``rows`` padding rows (position 0, every head) at the graphs' table width
+        (on the CPU its float32 twin, as eager steps there)."""
+        k_cache = self.kv_caches[0][0]
+        config = self.model.config
+        ints = {"dtype": torch.int32, "device": self.device}
+        zeros = torch.zeros(rows, **ints)
+        request = CaptureRequest(
+            q=torch.zeros((rows, config.num_heads, config.head_dim), dtype=k_cache.dtype, device=self.device),
+            block_tables=torch.zeros((rows, self.width), **ints), query_pos=zeros,
+            head_weights=torch.full((rows, config.num_heads), 1.0 / config.num_heads, device=self.device),
+            mask_prefix=zeros, window=zeros, sink_tokens=zeros, top_k=top_k, statistics=statistics)
+        if k_cache.is_cuda:
+            from attnscope.kernels.capture import attention_capture
+
+            attention_capture(k_cache, request, config.head_dim ** -0.5)
+        else:
+            capture_rows_ref(k_cache, request, config.head_dim ** -0.5)
 
     def _padded_graph(self, batch: int, layout: CaptureLayout | None, pinned: bool) -> _DecodeGraph:
         """A new graph's staging for a bucket and layout, filled with padding (not recorded). Its host buffers

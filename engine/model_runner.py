@@ -158,20 +158,22 @@ class ModelRunner:
                                      inputs.token_sources, previous_tokens)
             if logits is not None:
                 return logits
+        shapes = self.graphs.shapes if self.graphs is not None else None
         if capture is not None:
-            capture.finalize(self.device)
+            capture.finalize(self.device, shapes)
         batch = AttentionBatch(
             slot_mapping=self._tensor(inputs.slots),
             prefills=[PrefillChunk(start, end, cached, torch.tensor(table, dtype=torch.long, device=self.device))
                       for start, end, cached, table in inputs.prefills],
             decode_start=len(inputs.input_ids) - len(inputs.decode_lens),
-            decode_block_tables=self._block_table_tensor(inputs.decode_tables),
+            decode_block_tables=self._block_table_tensor(inputs.decode_tables, shapes.width if shapes else 0),
             decode_context_lens=torch.tensor(inputs.decode_lens, dtype=torch.int32, device=self.device),
             kv_caches=self.kv_caches,
             capture=capture,
             rope=(self.model.rope.cos, self.model.rope.sin),
             q_heads=self.model.heads.q_heads if self.model.tp.size > 1 else None,
             cached_prefills=self._cached_prefills(inputs) if self.device.type == "cuda" else None,
+            shapes=shapes,
         )
         input_ids = self._tensor(inputs.input_ids)
         if inputs.token_sources:
@@ -200,9 +202,11 @@ class ModelRunner:
         """An int64 tensor on the model's device."""
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _block_table_tensor(self, tables: list[np.ndarray]) -> torch.Tensor:
-        """Block tables padded with block 0 into ``[B, max_blocks]`` int32."""
-        padded = np.zeros((len(tables), max((len(t) for t in tables), default=1)), dtype=np.int32)
+    def _block_table_tensor(self, tables: list[np.ndarray], width: int = 0) -> torch.Tensor:
+        """Block tables padded with block 0 into ``[B, max(max_blocks, width)]`` int32 (eager steps of an engine
+        with decode graphs: as wide as the graphs' tables, so their kernels split the context as the graphs'
+        do, see ``LaunchShapes``)."""
+        padded = np.zeros((len(tables), max(width, *(len(t) for t in tables), 1)), dtype=np.int32)
         for row, table in zip(padded, tables):
             row[: len(table)] = table
         return torch.from_numpy(padded).to(self.device)

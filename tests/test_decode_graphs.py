@@ -73,14 +73,15 @@ def test_static_decode_steps_match_eager_steps(smollm_engine, overlap):
 
 def test_capture_warm_up_keeps_no_graph_and_changes_no_output(smollm_engine):
     """The start-up warm-up runs a padded capture forward per batch bucket, capturing-row bucket, layer set and
-    need (batch buckets 1 and 2: 3 x 2 x 3), keeps none of them, and decode steps after it match eager ones."""
+    need (batch buckets 1 and 2: 3 x 2 x 3) and a standalone capture per batch bucket and need (2 x 3), keeps
+    none of them, and decode steps after it match eager ones."""
     engine = smollm_engine
     max_tokens = [5, 4, 2]
     eager = _generate(engine, max_tokens)
     graphs = _static_graphs(engine)
     graphs.max_batch = 2
     try:
-        assert engine.runner._warm_capture() == 18
+        assert engine.runner._warm_capture() == 24
         assert graphs.replays == 0 and not graphs._layouts
         graphs.max_batch = 8
         static = _generate(engine, max_tokens)
@@ -124,3 +125,36 @@ def test_static_decode_steps_from_shipped_plans_match_eager_steps(smollm_engine)
         engine.runner = runner
         runner.graphs = None
     _assert_same_outputs(eager, static)
+
+
+def test_eager_steps_padded_to_the_graph_shapes_match_unpadded_ones(smollm_engine):
+    """With decode graphs, eager steps pad a layer's captured rows to a bucket and their block tables to the
+    graphs' width (``LaunchShapes``): three first tokens (a bucket of 4) and a prompt arriving mid-decode (its
+    first token beside three decode rows in one eager step) give the same tokens and captures as without graphs."""
+    engine = smollm_engine
+    captures = [{"mode": "raw", "top_k": 6, "layers": "last"}, {"mode": "sketch", "layers": "last"},
+                {"mode": "fingerprint", "layers": "last", "fingerprint_max_steps": None},
+                {"mode": "raw", "top_k": 4, "layers": "last", "window": 5}]
+
+    def generate() -> list:
+        params = {"temperature": 0.0, "max_tokens": 6, "ignore_eos": True}
+        rids = [engine.add_request(p, params=params, capture=c) for p, c in zip(PROMPTS, captures)]
+        outputs = {rid: [] for rid in rids}
+        for _ in range(3):
+            for out in engine.step():
+                outputs[out.request_id].append(out)
+        late = engine.add_request("Say hello in French.", params=params, capture=captures[3])
+        outputs[late] = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                outputs[out.request_id].append(out)
+        return [[d for out in outputs[rid] for d in out.deltas] for rid in outputs]
+
+    eager = generate()
+    _static_graphs(engine)
+    try:
+        static = generate()
+    finally:
+        engine.runner.graphs = None
+    _assert_same_outputs(eager, static)
+    assert all(len([r for d in deltas for r in d.attention_tokens or []]) == 6 for deltas in static)

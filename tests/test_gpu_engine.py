@@ -246,8 +246,10 @@ def test_rank_partials_on_cuda_match_their_twin(fused: bool):
 
 
 def test_capture_steps_after_the_warm_up_compile_no_kernel(tiny_llama):
-    """With ``warm_capture`` (the CUDA default) decode steps with fingerprint, raw and sketch capture, for three
-    rows and for one, launch only kernel variants the engine compiled at start-up."""
+    """With ``warm_capture`` (the CUDA default) no decode or capture kernel compiles after start-up: not for the
+    prefill steps that capture the first tokens of three requests and of one, nor the decode steps with
+    fingerprint, raw and sketch capture, nor an eager step where a new prompt is prefilled beside captured
+    decode rows (``LaunchShapes``)."""
     import triton
 
     from attnscope.kernels import capture, paged_decode
@@ -259,15 +261,18 @@ def test_capture_steps_after_the_warm_up_compile_no_kernel(tiny_llama):
         return sum(len(caches[0]) for fn in kernels for caches in fn.device_caches.values())
 
     engine = _engine(tiny_llama, "cuda")
+    before = compiled()
     captures = [{"mode": "fingerprint", "layers": "auto", "fingerprint_max_steps": None},
                 {"mode": "raw", "top_k": 7, "layers": "last"}, {"mode": "sketch", "layers": "auto"}]
+    params = {"max_tokens": 12, "ignore_eos": True}
     for batch in (captures, captures[1:2]):
-        rids = [engine.add_request(" ".join(CORPUS[i : i + 4]), params={"max_tokens": 12, "ignore_eos": True},
-                                   capture=c) for i, c in enumerate(batch)]
-        engine.step()  # the prompts' prefill runs eagerly, with its own kernel variants
-        before = compiled()
-        records = []
+        rids = [engine.add_request(" ".join(CORPUS[i : i + 4]), params=params, capture=c)
+                for i, c in enumerate(batch)]
+        records, steps = [], 0
         while engine.has_unfinished():
+            if steps == 4:
+                rids.append(engine.add_request(" ".join(CORPUS[5:40]), params=params, capture=captures[2]))
             records += [r for out in engine.step() for d in out.deltas for r in d.attention_tokens or []]
+            steps += 1
         assert compiled() == before
         assert len(records) >= 10 * len(rids)
