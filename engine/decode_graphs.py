@@ -55,6 +55,9 @@ from attnscope.kernels.capture_reference import CaptureRequest, capture_rows_ref
 
 MAX_LAYOUT_GRAPHS = 16
 WARM_THREADS = 16  # most threads compiling capture kernels at start-up
+# Staging fields start on 16 bytes: Triton compiles a kernel variant per pointer alignment it sees, so
+# unaligned fields (offsets that vary with the bucket and row sets) multiplied the capture kernels' variants.
+_FIELD_ALIGN = 4
 _ROW_FIELDS = ("gather", "decode_rows", "query_pos", "mask_prefix", "window", "sink_tokens")
 
 
@@ -112,7 +115,8 @@ def capture_layout(capture: StepCapture, batch: int) -> tuple[CaptureLayout, lis
 
 @dataclass
 class _Staging:
-    """Offsets of a graph's fields in its int32 staging buffer (tables last, ``[width, batch]`` column-major)."""
+    """Offsets of a graph's fields in its int32 staging buffer (each on 16 bytes; tables last, ``[width, batch]``
+    column-major)."""
 
     batch: int
     width: int
@@ -131,8 +135,9 @@ class _Staging:
         self._add("tables", self.width * self.batch)
 
     def _add(self, name: str, length: int) -> None:
-        self.fields[name] = slice(self.size, self.size + length)
-        self.size += length
+        start = -(-self.size // _FIELD_ALIGN) * _FIELD_ALIGN
+        self.fields[name] = slice(start, start + length)
+        self.size = start + length
 
     def view(self, buffer: torch.Tensor | np.ndarray, name: str) -> torch.Tensor | np.ndarray:
         """The field ``name`` of a staging buffer."""

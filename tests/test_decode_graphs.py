@@ -158,3 +158,14 @@ def test_eager_steps_padded_to_the_graph_shapes_match_unpadded_ones(smollm_engin
         engine.runner.graphs = None
     _assert_same_outputs(eager, static)
     assert all(len([r for d in deltas for r in d.attention_tokens or []]) == 6 for deltas in static)
+
+
+def test_staging_fields_start_on_16_bytes():
+    """Every field of a graph's staging buffer starts on 16 bytes whatever the batch and row sets, so the kernels
+    reading them see aligned pointers (Triton compiles a variant per alignment it meets)."""
+    from attnscope.engine.decode_graphs import _Staging
+
+    for batch, width, heads, row_sets in ((1, 3, 9, (1,)), (5, 7, 3, (3, 2)), (24, 33, 32, (24, 1, 16))):
+        staging = _Staging(batch, width, heads, row_sets)
+        assert all(field.start % 4 == 0 for field in staging.fields.values())
+        assert staging.size == staging.fields["tables"].stop
