@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from attnscope.capture import SKETCH_HUBS, CaptureParams
 from attnscope.engine.sequence import Sequence
@@ -221,11 +222,13 @@ def _settings_to(settings: CaptureRequest, device: torch.device) -> CaptureReque
 
 
 def row_block_tables(rows: list[CaptureRow], device: torch.device, num_rows: int = 0, width: int = 0) -> torch.Tensor:
-    """The rows' block tables padded with block 0 into ``[max(R, num_rows), max(max_blocks, width)]`` int32."""
-    padded = np.zeros((max(len(rows), num_rows), max(width, *(len(r.block_table) for r in rows))), dtype=np.int32)
+    """The rows' block tables padded with block 0 into ``[max(R, num_rows), max(max_blocks, width)]`` int32 (the
+    padding past the rows' own blocks added on ``device``: the host copies only the blocks in use)."""
+    padded = np.zeros((len(rows), max(len(r.block_table) for r in rows)), dtype=np.int32)
     for target, row in zip(padded, rows):
         target[: len(row.block_table)] = row.block_table
-    return torch.from_numpy(padded).to(device)
+    return F.pad(torch.from_numpy(padded).to(device),
+                 (0, max(0, width - padded.shape[1]), 0, max(0, num_rows - len(rows))))
 
 
 def row_columns(rows: list[CaptureRow]) -> dict[str, list[int]]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from attnscope.engine.attention import AttentionBatch, CachedPrefills, PrefillChunk, runs_paged_prefill
 from attnscope.engine.block_manager import BlockManager
@@ -206,7 +207,8 @@ class ModelRunner:
         """Block tables padded with block 0 into ``[B, max(max_blocks, width)]`` int32 (eager steps of an engine
         with decode graphs: as wide as the graphs' tables, so their kernels split the context as the graphs'
         do, see ``LaunchShapes``)."""
-        padded = np.zeros((len(tables), max(width, *(len(t) for t in tables), 1)), dtype=np.int32)
+        padded = np.zeros((len(tables), max((len(t) for t in tables), default=1)), dtype=np.int32)
         for row, table in zip(padded, tables):
             row[: len(table)] = table
-        return torch.from_numpy(padded).to(self.device)
+        # widened on the device: the host copies only the columns in use
+        return F.pad(torch.from_numpy(padded).to(self.device), (0, max(0, width - padded.shape[1])))
