@@ -130,11 +130,12 @@ def test_static_decode_steps_from_shipped_plans_match_eager_steps(smollm_engine)
 def test_eager_steps_padded_to_the_graph_shapes_match_unpadded_ones(smollm_engine):
     """With decode graphs, eager steps pad a layer's captured rows to a bucket and their block tables to the
     graphs' width (``LaunchShapes``): three first tokens (a bucket of 4) and a prompt arriving mid-decode (its
-    first token beside three decode rows in one eager step) give the same tokens and captures as without graphs."""
+    first token beside three decode rows in one eager step) give the same tokens and captures as without graphs;
+    the late prompt's own rows (prompt attention: more rows than the graphs' largest bucket) go unpadded."""
     engine = smollm_engine
     captures = [{"mode": "raw", "top_k": 6, "layers": "last"}, {"mode": "sketch", "layers": "last"},
                 {"mode": "fingerprint", "layers": "last", "fingerprint_max_steps": None},
-                {"mode": "raw", "top_k": 4, "layers": "last", "window": 5}]
+                {"mode": "raw", "top_k": 4, "layers": "last", "window": 5, "include_prompt": True}]
 
     def generate() -> list:
         params = {"temperature": 0.0, "max_tokens": 6, "ignore_eos": True}
@@ -143,7 +144,8 @@ def test_eager_steps_padded_to_the_graph_shapes_match_unpadded_ones(smollm_engin
         for _ in range(3):
             for out in engine.step():
                 outputs[out.request_id].append(out)
-        late = engine.add_request("Say hello in French.", params=params, capture=captures[3])
+        late = engine.add_request("Write two sentences about the history of old stone bridges over rivers.",
+                                  params=params, capture=captures[3])
         outputs[late] = []
         while engine.has_unfinished():
             for out in engine.step():
@@ -157,7 +159,8 @@ def test_eager_steps_padded_to_the_graph_shapes_match_unpadded_ones(smollm_engin
     finally:
         engine.runner.graphs = None
     _assert_same_outputs(eager, static)
-    assert all(len([r for d in deltas for r in d.attention_tokens or []]) == 6 for deltas in static)
+    counts = [len([r for d in deltas for r in d.attention_tokens or []]) for deltas in static]
+    assert counts[:3] == [6, 6, 6] and counts[3] > 6 + 8  # the late request's prompt rows, then its 6 tokens
 
 
 def test_staging_fields_start_on_16_bytes():
