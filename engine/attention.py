@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from attnscope.engine.capture_plan import LayerCapture, StepCapture
-from attnscope.kernels.capture_reference import capture_rows_ref, partial_capture_ref
+from attnscope.kernels.capture_reference import (CaptureRequest, CaptureResult, capture_rows_ref,
+                                                  partial_capture_ref)
 from attnscope.kernels.full_attention import full_attention_rows
 from attnscope.kernels.reference import gather_paged_kv
 
 if TYPE_CHECKING:
-    from attnscope.engine.launch_shapes import LaunchShapes
     from attnscope.kernels.capture import DeferredFinish
 
 
@@ -80,8 +80,9 @@ class AttentionBatch:
     """A tensor-parallel rank's query heads (``None`` on one device): capture then yields partials."""
     cached_prefills: CachedPrefills | None = None
     """CUDA: the chunks of ``prefills`` the paged prefill kernel runs (``runs_paged_prefill``)."""
-    shapes: LaunchShapes | None = None
-    """An eager step of an engine with decode graphs: the graphs' launch shapes, which its capture calls use."""
+    decode_num_splits: int | None = None
+    """An eager step of an engine with decode graphs: the split count of its batch bucket's graph
+    (``LaunchShapes.num_splits``), so its decode kernels run the variants compiled at start-up."""
     deferred: dict[tuple, DeferredFinish | None] = field(default_factory=dict)
     """This forward's fused captures finished in one launch, per row set and settings (``_deferred_finish``)."""
 
@@ -116,16 +117,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float, shapes: LaunchShapes | None = None) -> torch.Tensor:
-    """One query per sequence ``[B, Hq, D]`` over its paged keys: Triton on CUDA, SDPA on gathered keys elsewhere.
-    With ``shapes`` (an eager step of an engine with decode graphs) the kernel splits the context as the decode
-    graph of the batch's bucket does, so it runs a variant compiled at start-up."""
+                     context_lens: torch.Tensor, scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """One query per sequence ``[B, Hq, D]`` over its paged keys: Triton on CUDA (``num_splits`` splits, or
+    the kernel's own choice), SDPA on gathered keys elsewhere."""
     if q.is_cuda:
         from attnscope.kernels.paged_decode import paged_decode_attention
 
-        num_splits = None
-        if shapes is not None:
-            num_splits = shapes.num_splits(q.shape[0], k_cache.shape[2], k_cache.shape[1], q.device)
         out, _ = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
         return out
     lengths = context_lens.tolist()
@@ -169,6 +166,16 @@ def _deferred_finish(group: LayerCapture, batch: AttentionBatch, q: torch.Tensor
     return batch.deferred[key]
 
 
+def standalone_capture(k_cache: torch.Tensor, request: CaptureRequest, scale: float) -> CaptureResult:
+    """A request's capture read from the cache on its own, not inside the decode kernel (prompt and first-token
+    rows, de-rotated logits): Triton on CUDA, the float32 twin elsewhere."""
+    if k_cache.is_cuda:
+        from attnscope.kernels.capture import attention_capture
+
+        return attention_capture(k_cache, request, scale)
+    return capture_rows_ref(k_cache, request, scale)
+
+
 def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch: AttentionBatch,
                   scale: float) -> LayerCapture | None:
     """Compute the capture of this layer's captured rows (their keys are already in the cache).
@@ -192,12 +199,8 @@ def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch:
             group.partial = partial_capture(k_cache, request, scale)
         elif batch.q_heads is not None:
             group.partial = partial_capture_ref(k_cache, request, scale)
-        elif q.is_cuda:
-            from attnscope.kernels.capture import attention_capture
-
-            group.result = attention_capture(k_cache, request, scale)
         else:
-            group.result = capture_rows_ref(k_cache, request, scale)
+            group.result = standalone_capture(k_cache, request, scale)
     full = batch.capture.full.get(layer)
     if full is not None:
         full.probs = full_attention_rows(q[full.index], k_cache, full.block_tables, full.positions, scale)
@@ -210,9 +213,9 @@ def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
     The kernel runs the whole decode batch: captured rows run Pass A beside their attention,
     the others its plain tile loop, so requests without capture pay nothing for sharing the
-    batch. An eager step with ``batch.shapes`` launches it with the split count of its
-    batch bucket's decode graph (its rows and tables are padded by ``StepCapture.finalize``
-    and the model runner), so it reuses the kernel variants compiled at start-up. On a
+    batch. An eager step launches it with ``batch.decode_num_splits`` (its rows and tables
+    padded by ``StepCapture.finalize`` and the model runner to the graphs' launch shapes),
+    so it reuses the kernel variants compiled at start-up. On a
     tensor-parallel rank the kernel computes the statistics of the rank's heads and the group's
     ``PartialCapture`` adds the dense ``p̄`` share when the group has top-k. Where several
     layers fuse groups of the same rows and settings, their captures finish in one launch
@@ -227,15 +230,13 @@ def fused_decode_capture(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     kernel_request = request if batch.q_heads is None else replace(request, top_k=0, head_top_k=0)
     deferred = _deferred_finish(group, batch, q)
     captured = group.decode_rows  # a CUDA-graph step: padding capture rows match no decode row
-    num_splits = None
     if captured is None:  # on the device already: no copy, no sync; padded rows (LaunchShapes) match none
         # int32 like a graph's decode rows: the kernel variant compiled for the graphs serves this launch too
         captured = F.pad((group.index - batch.decode_start).int(), (0, request.q.shape[0] - group.index.shape[0]),
                          value=-1)
-        if batch.shapes is not None:
-            num_splits = batch.shapes.num_splits(decode_q.shape[0], k_cache.shape[2], k_cache.shape[1], q.device)
     out, _, result = paged_decode_attention_capture(decode_q, k_cache, v_cache, tables, lengths, scale,
-                                                    kernel_request, captured, num_splits, deferred=deferred)
+                                                    kernel_request, captured, batch.decode_num_splits,
+                                                    deferred=deferred)
     if batch.q_heads is None:
         group.result = result
     else:
@@ -261,7 +262,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
         decoded = fused_decode_capture(q, k_cache, v_cache, batch, scale, fused)
     elif batch.num_decodes:
         decoded = decode_attention(q[batch.decode_start :], k_cache, v_cache, batch.decode_block_tables,
-                                   batch.decode_context_lens, scale, batch.shapes)
+                                   batch.decode_context_lens, scale, batch.decode_num_splits)
     if not batch.prefills:
         return decoded
     out = torch.empty_like(q)

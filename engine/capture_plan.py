@@ -133,7 +133,7 @@ class StepCapture:
         for full in self.full.values():
             full.index = torch.tensor([r.token_index for r in full.rows], device=device)
             full.positions = torch.tensor([r.position for r in full.rows], device=device)
-            full.block_tables = row_block_tables(full.rows, device)
+            full.block_tables = block_table_tensor([r.block_table for r in full.rows], device)
 
     def shipped(self) -> StepCapture:
         """The plan, finalized on the CPU, without the sequences (what a tensor-parallel rank needs)."""
@@ -221,14 +221,15 @@ def _settings_to(settings: CaptureRequest, device: torch.device) -> CaptureReque
                    window=settings.window.to(device), sink_tokens=settings.sink_tokens.to(device))
 
 
-def row_block_tables(rows: list[CaptureRow], device: torch.device, num_rows: int = 0, width: int = 0) -> torch.Tensor:
-    """The rows' block tables padded with block 0 into ``[max(R, num_rows), max(max_blocks, width)]`` int32 (the
-    padding past the rows' own blocks added on ``device``: the host copies only the blocks in use)."""
-    padded = np.zeros((len(rows), max(len(r.block_table) for r in rows)), dtype=np.int32)
-    for target, row in zip(padded, rows):
-        target[: len(row.block_table)] = row.block_table
+def block_table_tensor(tables: list[np.ndarray], device: torch.device, num_rows: int = 0,
+                       width: int = 0) -> torch.Tensor:
+    """Block tables padded with block 0 into ``[max(B, num_rows), max(max_blocks, width, 1)]`` int32 (the
+    padding past the tables' own blocks added on ``device``: the host copies only the blocks in use)."""
+    padded = np.zeros((len(tables), max((len(t) for t in tables), default=1)), dtype=np.int32)
+    for target, table in zip(padded, tables):
+        target[: len(table)] = table
     return F.pad(torch.from_numpy(padded).to(device),
-                 (0, max(0, width - padded.shape[1]), 0, max(0, num_rows - len(rows))))
+                 (0, max(0, width - padded.shape[1]), 0, max(0, num_rows - len(tables))))
 
 
 def row_columns(rows: list[CaptureRow]) -> dict[str, list[int]]:
@@ -257,7 +258,8 @@ def _row_settings(group: LayerCapture, device: torch.device,
     weights += [torch.full_like(weights[0], 1.0 / weights[0].shape[0])] * padding
     template = CaptureRequest(
         q=torch.empty(0, device=device),
-        block_tables=row_block_tables(rows, device, num_rows, shapes.width if padded else 0),
+        block_tables=block_table_tensor([r.block_table for r in rows], device, num_rows,
+                                        shapes.width if padded else 0),
         head_weights=torch.stack(weights).to(device),
         top_k=group.top_k,
         statistics=group.statistics,

@@ -45,13 +45,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from attnscope.engine.attention import AttentionBatch
+from attnscope.engine.attention import AttentionBatch, standalone_capture
 from attnscope.engine.capture_plan import LayerCapture, StepCapture, row_columns
 from attnscope.engine.capture_records import pack_results
 from attnscope.engine.launch_shapes import BATCH_BUCKETS, LaunchShapes, bucket
 from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.device_values import read_pending_tokens
-from attnscope.kernels.capture_reference import CaptureRequest, capture_rows_ref
+from attnscope.kernels.capture_reference import CaptureRequest
 
 MAX_LAYOUT_GRAPHS = 16
 WARM_THREADS = 16  # most threads compiling capture kernels at start-up
@@ -310,12 +310,7 @@ class DecodeGraphs:
             block_tables=torch.zeros((rows, self.width), **ints), query_pos=zeros,
             head_weights=torch.full((rows, config.num_heads), 1.0 / config.num_heads, device=self.device),
             mask_prefix=zeros, window=zeros, sink_tokens=zeros, top_k=top_k, statistics=statistics)
-        if k_cache.is_cuda:
-            from attnscope.kernels.capture import attention_capture
-
-            attention_capture(k_cache, request, config.head_dim ** -0.5)
-        else:
-            capture_rows_ref(k_cache, request, config.head_dim ** -0.5)
+        standalone_capture(k_cache, request, config.head_dim ** -0.5)
 
     def _padded_graph(self, batch: int, layout: CaptureLayout | None, pinned: bool) -> _DecodeGraph:
         """A new graph's staging for a bucket and layout, filled with padding (not recorded). Its host buffers

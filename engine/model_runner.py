@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from attnscope.engine.attention import AttentionBatch, CachedPrefills, PrefillChunk, runs_paged_prefill
 from attnscope.engine.block_manager import BlockManager
 from attnscope.capture import CaptureParams
-from attnscope.engine.capture_plan import CaptureRow, StepCapture, layer_needs
+from attnscope.engine.capture_plan import CaptureRow, StepCapture, block_table_tensor, layer_needs
 from attnscope.engine.decode_graphs import DecodeGraphs
 from attnscope.engine.kv_cache import allocate_kv_cache
 from attnscope.engine.model import LlamaForCausalLM
@@ -167,14 +166,16 @@ class ModelRunner:
             prefills=[PrefillChunk(start, end, cached, torch.tensor(table, dtype=torch.long, device=self.device))
                       for start, end, cached, table in inputs.prefills],
             decode_start=len(inputs.input_ids) - len(inputs.decode_lens),
-            decode_block_tables=self._block_table_tensor(inputs.decode_tables, shapes.width if shapes else 0),
+            decode_block_tables=block_table_tensor(inputs.decode_tables, self.device,
+                                                   width=shapes.width if shapes else 0),
             decode_context_lens=torch.tensor(inputs.decode_lens, dtype=torch.int32, device=self.device),
             kv_caches=self.kv_caches,
             capture=capture,
             rope=(self.model.rope.cos, self.model.rope.sin),
             q_heads=self.model.heads.q_heads if self.model.tp.size > 1 else None,
             cached_prefills=self._cached_prefills(inputs) if self.device.type == "cuda" else None,
-            shapes=shapes,
+            decode_num_splits=(shapes.num_splits(len(inputs.decode_lens), self.kv_caches[0][0].shape[2],
+                                                 self.block_size, self.device) if shapes else None),
         )
         input_ids = self._tensor(inputs.input_ids)
         if inputs.token_sources:
@@ -190,7 +191,7 @@ class ModelRunner:
             return None
         columns = np.array([c[:3] for c in chunks], dtype=np.int32).T.copy()
         q_starts, q_lens, cached = (torch.from_numpy(c).to(self.device) for c in columns)
-        return CachedPrefills(self._block_table_tensor([c[3] for c in chunks]), q_starts, q_lens, cached,
+        return CachedPrefills(block_table_tensor([c[3] for c in chunks], self.device), q_starts, q_lens, cached,
                               int(columns[1].max()))
 
     def check_health(self) -> None:
@@ -202,13 +203,3 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         """An int64 tensor on the model's device."""
         return torch.tensor(values, dtype=torch.long, device=self.device)
-
-    def _block_table_tensor(self, tables: list[np.ndarray], width: int = 0) -> torch.Tensor:
-        """Block tables padded with block 0 into ``[B, max(max_blocks, width)]`` int32 (eager steps of an engine
-        with decode graphs: as wide as the graphs' tables, so their kernels split the context as the graphs'
-        do, see ``LaunchShapes``)."""
-        padded = np.zeros((len(tables), max((len(t) for t in tables), default=1)), dtype=np.int32)
-        for row, table in zip(padded, tables):
-            row[: len(table)] = table
-        # widened on the device: the host copies only the columns in use
-        return F.pad(torch.from_numpy(padded).to(self.device), (0, max(0, width - padded.shape[1])))
