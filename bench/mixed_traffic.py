@@ -6,11 +6,13 @@ Reports the engine's start-up time, then runs ``--passes`` seeded workloads on t
 (seeds ``--seed``, ``--seed + 1``, ...: new prompts each pass, so no pass reuses another's
 prefix cache): ``--requests`` requests, ``--in-flight`` at a time, prompts 16-3000 random
 tokens, 8-256 new tokens, in turn without capture, with fingerprints (``auto`` layers), raw
-top-32 (``auto``), sketches (``auto``) and raw top-8 (``last``). The first pass meets every
+top-32 (``auto``), sketches (``auto``), raw top-8 (``last``) and raw top-8 with prompt
+attention (``auto``: every prompt token captured). The first pass meets every
 shape first (Triton compiles, graph records, first use of the prefill path); the later ones
 show the steady state. Per pass: wall
-time, steps, tokens, and how many steps ran eagerly (no decode graph: a prefill chunk in the
-step) and how long those took. Run it with an empty ``TRITON_CACHE_DIR`` to see a first start.
+time, steps, tokens, how many steps ran eagerly (no decode graph: a prefill chunk in the
+step) and how long those took, and how many kernel variants Triton compiled during the pass.
+Run it with an empty ``TRITON_CACHE_DIR`` to see a first start.
 Prints one JSON object (also written to ``--json``); progress lines go to stderr.
 """
 
@@ -24,17 +26,26 @@ import time
 from pathlib import Path
 
 import torch
+import triton
 
 from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.llm_engine import LLMEngine
+from attnscope.kernels import capture, decode_matmul, layer_ops, paged_decode, paged_prefill
 from gpu_throughput import SHAPES  # bench/, beside this script
 from random_model import write_model_folder
 from report import emit
 
 CAPTURES = [None, {"mode": "fingerprint", "layers": "auto", "fingerprint_max_steps": None},
             {"mode": "raw", "top_k": 32, "layers": "auto"}, {"mode": "sketch", "layers": "auto"},
-            {"mode": "raw", "top_k": 8, "layers": "last"}]
+            {"mode": "raw", "top_k": 8, "layers": "last"}, {"mode": "raw", "top_k": 8, "layers": "auto", "include_prompt": True}]
 MAX_LEN = 6512
+
+
+def compiled_variants() -> int:
+    """Kernel variants Triton has compiled in this process for the engine's kernels so far."""
+    return sum(len(caches[0]) for module in (capture, decode_matmul, layer_ops, paged_decode, paged_prefill)
+               for fn in vars(module).values() if isinstance(fn, triton.runtime.JITFunction)
+               for caches in fn.device_caches.values())
 
 
 def run_pass(engine: LLMEngine, vocab_size: int, seed: int, requests: int, in_flight: int) -> dict:
@@ -46,6 +57,7 @@ def run_pass(engine: LLMEngine, vocab_size: int, seed: int, requests: int, in_fl
     live: set[str] = set()
     steps = tokens = eager_steps = 0
     eager_seconds = 0.0
+    compiles = compiled_variants()
     started = time.perf_counter()
     while todo or live:
         while todo and len(live) < in_flight:
@@ -63,7 +75,8 @@ def run_pass(engine: LLMEngine, vocab_size: int, seed: int, requests: int, in_fl
             eager_seconds += time.perf_counter() - step_start
     torch.cuda.synchronize()
     return {"seconds": round(time.perf_counter() - started, 2), "steps": steps, "tokens": tokens,
-            "eager_steps": eager_steps, "eager_seconds": round(eager_seconds, 2)}
+            "eager_steps": eager_steps, "eager_seconds": round(eager_seconds, 2),
+            "compiles": compiled_variants() - compiles}
 
 
 def main() -> None:
@@ -87,6 +100,7 @@ def main() -> None:
                                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=8192,
                                         gpu_memory_utilization=0.85))
         start_up = time.perf_counter() - started
+        start_up_compiles = compiled_variants()
         print(f"engine up in {start_up:.1f} s", file=sys.stderr, flush=True)
         passes = []
         for i in range(args.passes):
@@ -94,6 +108,7 @@ def main() -> None:
             print(f"pass {i + 1}: {passes[-1]}", file=sys.stderr, flush=True)
     emit({"device": torch.cuda.get_device_name(), "shape": args.shape, "max_num_seqs": args.max_num_seqs,
           "requests": args.requests, "in_flight": args.in_flight, "start_up_seconds": round(start_up, 1),
+          "start_up_compiles": start_up_compiles,
           "passes": passes}, args.json)
 
 

@@ -83,6 +83,9 @@ class AttentionBatch:
     decode_num_splits: int | None = None
     """An eager step of an engine with decode graphs: the split count of its batch bucket's graph
     (``LaunchShapes.num_splits``), so its decode kernels run the variants compiled at start-up."""
+    capture_launch_rows: int | None = None
+    """An eager step of an engine with decode graphs: the most rows one standalone capture launch takes
+    (``LaunchShapes.launch_rows``; the group's rows are padded to whole launches)."""
     deferred: dict[tuple, DeferredFinish | None] = field(default_factory=dict)
     """This forward's fused captures finished in one launch, per row set and settings (``_deferred_finish``)."""
 
@@ -166,9 +169,16 @@ def _deferred_finish(group: LayerCapture, batch: AttentionBatch, q: torch.Tensor
     return batch.deferred[key]
 
 
-def standalone_capture(k_cache: torch.Tensor, request: CaptureRequest, scale: float) -> CaptureResult:
+def standalone_capture(k_cache: torch.Tensor, request: CaptureRequest, scale: float,
+                       launch_rows: int | None = None) -> CaptureResult:
     """A request's capture read from the cache on its own, not inside the decode kernel (prompt and first-token
-    rows, de-rotated logits): Triton on CUDA, the float32 twin elsewhere."""
+    rows, de-rotated logits): Triton on CUDA, the float32 twin elsewhere; with ``launch_rows``, in launches of
+    that many rows (``LaunchShapes.launch_rows``: the shapes compiled at start-up)."""
+    rows = request.q.shape[0]
+    if launch_rows is not None and rows > launch_rows:
+        return CaptureResult.concat([standalone_capture(k_cache, request.row_slice(slice(start, start + launch_rows)),
+                                                        scale)
+                                     for start in range(0, rows, launch_rows)])
     if k_cache.is_cuda:
         from attnscope.kernels.capture import attention_capture
 
@@ -200,7 +210,7 @@ def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch:
         elif batch.q_heads is not None:
             group.partial = partial_capture_ref(k_cache, request, scale)
         else:
-            group.result = standalone_capture(k_cache, request, scale)
+            group.result = standalone_capture(k_cache, request, scale, batch.capture_launch_rows)
     full = batch.capture.full.get(layer)
     if full is not None:
         full.probs = full_attention_rows(q[full.index], k_cache, full.block_tables, full.positions, scale)

@@ -112,10 +112,10 @@ class StepCapture:
         Layers capturing the same rows share one copy, so per layer at most the queries are
         gathered (``request``; the fused decode kernel needs not even those). A plan finalized
         elsewhere (shipped to a tensor-parallel rank on the CPU) is moved instead. With
-        ``shapes`` (an eager step of an engine with decode graphs) the settings of a group of
-        at most ``shapes.max_batch`` rows are padded to the graphs' launch shapes: rows to a
-        bucket (position 0, every head, no mask; results past the group's own rows are not
-        read), block tables to the graphs' width.
+        ``shapes`` (an eager step of an engine with decode graphs) every group's settings are
+        padded to the graphs' launch shapes: rows to a bucket, or past the largest to whole
+        launches of ``shapes.launch_rows`` (position 0, every head, no mask; results past the
+        group's own rows are not read), block tables to the graphs' width.
         """
         if self.device is not None:
             if self.device != device:
@@ -249,8 +249,7 @@ def _row_settings(group: LayerCapture, device: torch.device,
     """The rows' token indices and a request holding everything but the queries (built once per step), its
     settings padded to ``shapes`` when given (``StepCapture.finalize``)."""
     rows = group.rows
-    padded = shapes is not None and len(rows) <= shapes.max_batch  # no graph, no warm variant, beyond it
-    num_rows = shapes.rows(len(rows)) if padded else len(rows)
+    num_rows = shapes.rows(len(rows)) if shapes is not None else len(rows)
     padding = num_rows - len(rows)
     columns = {name: torch.tensor(values + [0] * padding, dtype=torch.int32, device=device)
                for name, values in row_columns(rows).items()}
@@ -259,7 +258,7 @@ def _row_settings(group: LayerCapture, device: torch.device,
     template = CaptureRequest(
         q=torch.empty(0, device=device),
         block_tables=block_table_tensor([r.block_table for r in rows], device, num_rows,
-                                        shapes.width if padded else 0),
+                                        shapes.width if shapes is not None else 0),
         head_weights=torch.stack(weights).to(device),
         top_k=group.top_k,
         statistics=group.statistics,

@@ -48,7 +48,7 @@ import torch
 from attnscope.engine.attention import AttentionBatch, standalone_capture
 from attnscope.engine.capture_plan import LayerCapture, StepCapture, row_columns
 from attnscope.engine.capture_records import pack_results
-from attnscope.engine.launch_shapes import BATCH_BUCKETS, LaunchShapes, bucket
+from attnscope.engine.launch_shapes import BATCH_BUCKETS, PROMPT_LAUNCH_ROWS, LaunchShapes, bucket
 from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.device_values import read_pending_tokens
 from attnscope.kernels.capture_reference import CaptureRequest
@@ -168,15 +168,18 @@ class DecodeGraphs:
     """Records and replays decode steps of one model over its KV cache.
 
     ``replay=False`` runs the same static-buffer forward without recording a graph, so the
-    padding and staging logic is testable (and identical) on the CPU.
+    padding and staging logic is testable (and identical) on the CPU. ``prompt_launch_rows``:
+    ``LaunchShapes.prompt_rows`` of eager steps.
     """
 
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 max_batch: int, max_blocks_per_seq: int, device: torch.device, replay: bool = True) -> None:
+                 max_batch: int, max_blocks_per_seq: int, device: torch.device, replay: bool = True,
+                 prompt_launch_rows: int = PROMPT_LAUNCH_ROWS) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.max_batch = bucket(min(max_batch, BATCH_BUCKETS[-1]))
         self.width = max_blocks_per_seq
+        self.prompt_launch_rows = prompt_launch_rows
         self.device = device
         self.replay = replay
         self.num_heads = model.config.num_heads  # head weights cover all heads; a rank uses its own
@@ -270,7 +273,8 @@ class DecodeGraphs:
         and 70-73 s with a thread per bucket).
         Each bucket also runs the standalone capture (``attention_capture``) of as many rows
         for each need, at the graphs' table width: eager steps capture a request's first token
-        (produced by its prefill) that way, padded to these shapes (``LaunchShapes``).
+        (produced by its prefill) that way, padded to these shapes (``LaunchShapes``); so does a
+        launch of ``LaunchShapes.launch_rows`` rows, the launches prompt attention runs in.
         Returns how many forwards and standalone captures ran.
         """
         buckets = list(reversed([b for b in BATCH_BUCKETS if b <= self.max_batch]))
@@ -281,14 +285,19 @@ class DecodeGraphs:
                        for layers in layer_sets for top_k, statistics in needs]
             for layout in layouts:
                 self._forward(self._padded_graph(batch, layout, pinned=False))
+            return len(layouts) + warm_standalone(batch)
+
+        def warm_standalone(rows: int) -> int:
             standalone = needs if self.model.tp.size == 1 else []
             for top_k, statistics in standalone:
-                self._warm_standalone(batch, top_k, statistics)
-            return len(layouts) + len(standalone)
+                self._warm_standalone(rows, top_k, statistics)
+            return len(standalone)
 
         threads = 1 if self.model.tp.size > 1 else min(WARM_THREADS, len(buckets), os.cpu_count() or 1)
         with ThreadPoolExecutor(threads) as pool:
-            runs = sum(pool.map(warm_bucket, buckets))
+            launch_rows = self.shapes.launch_rows
+            prompt_launch = pool.submit(warm_standalone, launch_rows) if launch_rows > self.max_batch else None
+            runs = sum(pool.map(warm_bucket, buckets)) + (prompt_launch.result() if prompt_launch else 0)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return runs
@@ -296,7 +305,7 @@ class DecodeGraphs:
     @property
     def shapes(self) -> LaunchShapes:
         """The launch shapes of these graphs, which eager capture steps use too."""
-        return LaunchShapes(self.max_batch, self.width)
+        return LaunchShapes(self.max_batch, self.width, self.prompt_launch_rows)
 
     def _warm_standalone(self, rows: int, top_k: int, statistics: bool) -> None:
         """Run the standalone capture of ``rows`` padding rows (position 0, every head) at the graphs' table width

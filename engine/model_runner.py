@@ -176,6 +176,7 @@ class ModelRunner:
             cached_prefills=self._cached_prefills(inputs) if self.device.type == "cuda" else None,
             decode_num_splits=(shapes.num_splits(len(inputs.decode_lens), self.kv_caches[0][0].shape[2],
                                                  self.block_size, self.device) if shapes else None),
+            capture_launch_rows=shapes.launch_rows if shapes else None,
         )
         input_ids = self._tensor(inputs.input_ids)
         if inputs.token_sources:

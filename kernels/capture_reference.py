@@ -8,7 +8,7 @@ Everything is vectorised over the rows of a chunk, their heads and positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -56,6 +56,12 @@ class CaptureRequest:
     rope_sin: torch.Tensor | None = None
     statistics: bool = True
 
+    def row_slice(self, rows: slice) -> CaptureRequest:
+        """The same request for ``rows`` of its rows only (views, no copy)."""
+        return replace(self, q=self.q[rows], block_tables=self.block_tables[rows], query_pos=self.query_pos[rows],
+                       head_weights=self.head_weights[rows], mask_prefix=self.mask_prefix[rows],
+                       window=self.window[rows], sink_tokens=self.sink_tokens[rows])
+
 
 @dataclass
 class CaptureResult:
@@ -84,6 +90,13 @@ class CaptureResult:
     head_topk_pos: torch.Tensor | None
     head_topk_logit: torch.Tensor | None
     recomputed_tiles: torch.Tensor | None = None
+
+    @staticmethod
+    def concat(parts: list[CaptureResult]) -> CaptureResult:
+        """The results of consecutive row slices of one request as one result over all their rows (a field
+        missing from any part is missing from the whole)."""
+        columns = [[getattr(part, f.name) for part in parts] for f in fields(CaptureResult)]
+        return CaptureResult(*(None if any(v is None for v in values) else torch.cat(values) for values in columns))
 
 
 def distance_bin(d: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from attnscope.engine.attention import standalone_capture
 from attnscope.engine.rope import RotaryEmbedding
 from attnscope.kernels.layer_ops_reference import rotate_ref as rotate
 from attnscope.kernels.capture_reference import (
@@ -436,7 +437,8 @@ CHUNK_ATOL = {"lse": 1e-5, "hist": 1e-7, "entropy": 1e-5, "sink_mass": 1e-7, "to
 
 
 def test_rows_per_chunk_does_not_change_results(seed: int) -> None:
-    """Chunks of 1, 5 and 16 rows (different padding) give the same capture."""
+    """Chunks of 1, 5 and 16 rows (different padding) give the same capture, and so do launches of 7 rows whose
+    results are concatenated (how the engine runs more captured rows than one launch takes)."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     lens = [260, 9, 70, 1]
@@ -446,6 +448,8 @@ def test_rows_per_chunk_does_not_change_results(seed: int) -> None:
     weights = mean_weights(len(rows), 9, [1, 2, 5])
     req = request(case, rows, q, weights, 12, 6)
     results = [capture_rows_ref(case.k_cache, req, case.scale, rows_per_chunk=n) for n in (16, 1, 5)]
+    results.append(standalone_capture(case.k_cache, req, case.scale, launch_rows=7))
+    assert results[-1].topk_pos.shape[0] == len(rows) > 7
     base = results[0]
     for other in results[1:]:
         assert torch.equal(other.num_stat_positions, base.num_stat_positions)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from attnscope.engine.decode_graphs import BATCH_BUCKETS, DecodeGraphs, bucket
+from attnscope.engine.decode_graphs import DecodeGraphs
+from attnscope.engine.launch_shapes import BATCH_BUCKETS, LaunchShapes, bucket
 from records import assert_records_close  # tests/records.py
 
 PROMPTS = ["Name three colours of the rainbow.", "Count from one to ten in words:",
@@ -35,7 +36,8 @@ def _static_graphs(engine) -> DecodeGraphs:
     """Graph decode steps without replay on the engine's runner (removed again by the caller)."""
     runner = engine.runner
     width = -(-engine.max_model_len // engine.config.block_size)
-    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 8, width, runner.device, replay=False)
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 8, width, runner.device, replay=False,
+                                 prompt_launch_rows=8)
     return runner.graphs
 
 
@@ -52,6 +54,13 @@ def test_buckets_round_up_and_cap():
     assert bucket(257) is None
     assert bucket(7, limit=6) is None and bucket(5, limit=6) == 6
     assert list(BATCH_BUCKETS) == sorted(BATCH_BUCKETS)
+
+
+def test_launch_shapes_pad_rows_to_a_bucket_or_to_whole_launches():
+    shapes = LaunchShapes(max_batch=24, width=5, prompt_rows=40)
+    assert [shapes.rows(n) for n in (1, 3, 17, 24, 25, 40, 41, 100)] == [1, 4, 24, 24, 40, 40, 80, 120]
+    assert shapes.launch_rows == 40
+    assert LaunchShapes(max_batch=64, width=5, prompt_rows=40).launch_rows == 64
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["one-step", "overlapped"])
@@ -73,15 +82,16 @@ def test_static_decode_steps_match_eager_steps(smollm_engine, overlap):
 
 def test_capture_warm_up_keeps_no_graph_and_changes_no_output(smollm_engine):
     """The start-up warm-up runs a padded capture forward per batch bucket, capturing-row bucket, layer set and
-    need (batch buckets 1 and 2: 3 x 2 x 3) and a standalone capture per batch bucket and need (2 x 3), keeps
-    none of them, and decode steps after it match eager ones."""
+    need (batch buckets 1 and 2: 3 x 2 x 3), a standalone capture per batch bucket and need (2 x 3) and one per
+    need of a prompt-attention launch (8 rows: 3), keeps none of them, and decode steps after it match eager
+    ones."""
     engine = smollm_engine
     max_tokens = [5, 4, 2]
     eager = _generate(engine, max_tokens)
     graphs = _static_graphs(engine)
     graphs.max_batch = 2
     try:
-        assert engine.runner._warm_capture() == 24
+        assert engine.runner._warm_capture() == 27
         assert graphs.replays == 0 and not graphs._layouts
         graphs.max_batch = 8
         static = _generate(engine, max_tokens)
@@ -131,7 +141,8 @@ def test_eager_steps_padded_to_the_graph_shapes_match_unpadded_ones(smollm_engin
     """With decode graphs, eager steps pad a layer's captured rows to a bucket and their block tables to the
     graphs' width (``LaunchShapes``): three first tokens (a bucket of 4) and a prompt arriving mid-decode (its
     first token beside three decode rows in one eager step) give the same tokens and captures as without graphs;
-    the late prompt's own rows (prompt attention: more rows than the graphs' largest bucket) go unpadded."""
+    the late prompt's own rows (prompt attention: more rows than the graphs' largest bucket) run padded to whole
+    launches of that bucket's size."""
     engine = smollm_engine
     captures = [{"mode": "raw", "top_k": 6, "layers": "last"}, {"mode": "sketch", "layers": "last"},
                 {"mode": "fingerprint", "layers": "last", "fingerprint_max_steps": None},

@@ -249,7 +249,8 @@ def test_capture_steps_after_the_warm_up_compile_no_kernel(tiny_llama):
     """With ``warm_capture`` (the CUDA default) no decode or capture kernel compiles after start-up: not for the
     prefill steps that capture the first tokens of three requests and of one, nor the decode steps with
     fingerprint, raw and sketch capture, nor an eager step where a new prompt is prefilled beside captured
-    decode rows (``LaunchShapes``)."""
+    decode rows (``LaunchShapes``), nor that prompt's own attention (sketch, then raw: more rows than the
+    largest batch bucket, run in launches of that bucket)."""
     import triton
 
     from attnscope.kernels import capture, paged_decode
@@ -265,13 +266,15 @@ def test_capture_steps_after_the_warm_up_compile_no_kernel(tiny_llama):
     captures = [{"mode": "fingerprint", "layers": "auto", "fingerprint_max_steps": None},
                 {"mode": "raw", "top_k": 7, "layers": "last"}, {"mode": "sketch", "layers": "auto"}]
     params = {"max_tokens": 12, "ignore_eos": True}
-    for batch in (captures, captures[1:2]):
+    late_prompt = " ".join(CORPUS[5:70])
+    assert len(engine.tokenizer.encode(late_prompt)) > engine.runner.graphs.shapes.launch_rows
+    for batch, late in ((captures, captures[2]), (captures[1:2], captures[1])):
         rids = [engine.add_request(" ".join(CORPUS[i : i + 4]), params=params, capture=c)
                 for i, c in enumerate(batch)]
         records, steps = [], 0
         while engine.has_unfinished():
             if steps == 4:
-                rids.append(engine.add_request(" ".join(CORPUS[5:40]), params=params, capture=captures[2]))
+                rids.append(engine.add_request(late_prompt, params=params, capture={**late, "include_prompt": True}))
             records += [r for out in engine.step() for d in out.deltas for r in d.attention_tokens or []]
             steps += 1
         assert compiled() == before
