@@ -22,9 +22,12 @@ import triton.language as tl
 BLOCK_M = 64  # query tokens per program
 BLOCK_N = 64  # keys per tile
 NUM_WARPS = 4
+# The block tables' row stride is the step's longest table, which changes from step to step: left
+# unspecialised, so Triton does not compile another variant whenever it lands on or off a multiple of 16.
+RUNTIME_INTS = ("stride_btc",)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _paged_prefill_kernel(
     q_ptr,
     k_cache_ptr,
