@@ -16,12 +16,14 @@ and context length 0 (nothing read). Captured rows are padded the same way: row 
 (the distinct sets of rows capturing a layer) are rounded up to a bucket, padding rows
 match no decode row (``decode_rows = -1``), and their results are never read.
 
-A graph's layout is keyed by the rows-per-set buckets and, per captured layer, the row
-set, ``top_k`` and whether it computes statistics; the no-capture graph of every bucket
+A graph's layout is keyed by the rows-per-set buckets and, per captured group of a layer, the
+row set, ``top_k``, whether it computes statistics and whether it reads de-rotated logits (a
+standalone capture on the un-rotated queries, recorded beside the decode kernel that fuses the
+layer's rotated group); the no-capture graph of every bucket
 is recorded when the engine starts, capture layouts when first seen (at most
 ``MAX_LAYOUT_GRAPHS``, least recently used dropped); ``warm_capture`` compiles their
-kernels at start-up. Steps with prefill chunks,
-full-matrix capture or de-rotated capture run eagerly. Results of a replay live in the
+kernels at start-up (de-rotated captures excepted: they compile at first use). Steps with
+prefill chunks or full-matrix capture run eagerly. Results of a replay live in the
 graph's memory until the next replay: the engine queues what reads them (sampling, host
 copies of capture results) before it launches again. A step launched before the host has
 read the previous step's tokens (``EngineConfig.overlap_steps``) marks those inputs with
@@ -63,11 +65,11 @@ _ROW_FIELDS = ("gather", "decode_rows", "query_pos", "mask_prefix", "window", "s
 
 @dataclass(frozen=True)
 class CaptureLayout:
-    """What a graph's capture looks like: padded size of each row set; per layer ``(layer, row set, top_k,
-    statistics)``."""
+    """What a graph's capture looks like: padded size of each row set; per captured group, in the plan's order
+    (ascending layers, a layer's groups in turn), ``(layer, row set, top_k, statistics, derotate)``."""
 
     row_sets: tuple[int, ...]
-    layers: tuple[tuple[int, int, int, bool], ...]
+    layers: tuple[tuple[int, int, int, bool, bool], ...]
 
 
 @dataclass
@@ -93,23 +95,22 @@ def _row_set(group: LayerCapture) -> RowSet:
 
 
 def capture_layout(capture: StepCapture, batch: int) -> tuple[CaptureLayout, list[RowSet]] | None:
-    """The layout of a step's capture and its row sets; ``None`` if no graph can run it (full-matrix or
-    de-rotated capture)."""
+    """The layout of a step's capture and its row sets; ``None`` if no graph can run it (full-matrix capture).
+
+    A layer may hold a group of rotated and one of de-rotated logits: the first rides inside the
+    decode kernel, the second runs the standalone capture on the un-rotated queries, both recorded."""
     if capture.full:
         return None
     sets: dict[tuple[int, ...], int] = {}
     members: list[RowSet] = []
     layers = []
     for layer in sorted(capture.layers):
-        groups = capture.layers[layer]
-        if len(groups) != 1 or groups[0].derotate:
-            return None
-        group = groups[0]
-        key = tuple(row.token_index for row in group.rows) if group.rows else tuple(group.token_indices)
-        if key not in sets:
-            sets[key] = len(members)
-            members.append(_row_set(group))
-        layers.append((layer, sets[key], group.top_k, group.statistics))
+        for group in capture.layers[layer]:
+            key = tuple(row.token_index for row in group.rows) if group.rows else tuple(group.token_indices)
+            if key not in sets:
+                sets[key] = len(members)
+                members.append(_row_set(group))
+            layers.append((layer, sets[key], group.top_k, group.statistics, group.derotate))
     return CaptureLayout(tuple(bucket(len(rows.indices), batch) for rows in members), tuple(layers)), members
 
 
@@ -203,7 +204,7 @@ class DecodeGraphs:
         """Replay (or record, first time) the graph of a pure decode step; logits ``[B, vocab]`` float32.
 
         Returns ``None``, doing nothing, for a step no graph runs (prefill chunks, a batch
-        over ``max_batch``, full-matrix or de-rotated capture). Fills ``capture``'s groups'
+        over ``max_batch``, full-matrix capture). Fills ``capture``'s groups'
         results with views of the graph's outputs (rows past each group's own rows are padding).
         Inputs with a ``token_sources`` row >= 0 read ``previous_tokens[row]`` on the device.
         """
@@ -231,9 +232,9 @@ class DecodeGraphs:
         else:
             graph.logits = self._forward(graph)
         if capture is not None:
-            for layer, *_ in layout.layers:
-                ours, recorded = capture.layers[layer][0], graph.plan.layers[layer][0]
-                ours.result, ours.partial = recorded.result, recorded.partial
+            for layer, groups in capture.layers.items():
+                for ours, recorded in zip(groups, graph.plan.layers[layer], strict=True):
+                    ours.result, ours.partial = recorded.result, recorded.partial
             capture.packed = graph.packed
         return graph.logits[:batch]
 
@@ -280,7 +281,7 @@ class DecodeGraphs:
         buckets = list(reversed([b for b in BATCH_BUCKETS if b <= self.max_batch]))
 
         def warm_bucket(batch: int) -> int:
-            layouts = [CaptureLayout((rows,), tuple((layer, 0, top_k, statistics) for layer in layers))
+            layouts = [CaptureLayout((rows,), tuple((layer, 0, top_k, statistics, False) for layer in layers))
                        for rows in reversed([r for r in BATCH_BUCKETS if r <= batch])
                        for layers in layer_sets for top_k, statistics in needs]
             for layout in layouts:
@@ -391,12 +392,12 @@ class DecodeGraphs:
                 **fields,
             )))
         plan = StepCapture(device=self.device)
-        for layer, s, top_k, statistics in graph.layout.layers:
+        for layer, s, top_k, statistics, derotate in graph.layout.layers:
             gather, decode_rows, request = settings[s]
-            plan.layers[layer] = [LayerCapture(
-                [], derotate=False, top_k=top_k, token_indices=list(range(st.row_sets[s])), index=gather,
+            plan.layers.setdefault(layer, []).append(LayerCapture(
+                [], derotate=derotate, top_k=top_k, token_indices=list(range(st.row_sets[s])), index=gather,
                 settings=replace(request, top_k=top_k, statistics=statistics), decode_rows=decode_rows,
-                statistics=statistics)]
+                statistics=statistics))
         return plan
 
     def _fill(self, graph: _DecodeGraph, input_ids: list[int], positions: list[int], slots: list[int],

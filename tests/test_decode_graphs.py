@@ -22,9 +22,9 @@ CAPTURES = [
 ]
 
 
-def _generate(engine, max_tokens: list[int]) -> list:
+def _generate(engine, max_tokens: list[int], captures: list | None = None) -> list:
     rids = [engine.add_request(p, params={"temperature": 0.0, "max_tokens": n, "ignore_eos": True}, capture=c)
-            for p, n, c in zip(PROMPTS, max_tokens, CAPTURES)]
+            for p, n, c in zip(PROMPTS, max_tokens, captures or CAPTURES)]
     outputs = {rid: [] for rid in rids}
     while engine.has_unfinished():
         for out in engine.step():
@@ -78,6 +78,27 @@ def test_static_decode_steps_match_eager_steps(smollm_engine, overlap):
         engine.runner.graphs = None
         engine.overlap_steps = False
     _assert_same_outputs(eager, static)
+
+
+def test_derotated_captures_ride_the_graph_path(smollm_engine):
+    """De-rotated captures run in graph steps: one beside a rotated capture of the same layer (two groups there,
+    the decode kernel's and a standalone one on the un-rotated queries) and one alone in another layer give the
+    same tokens and records as eager steps, every decode step through the graph path."""
+    engine = smollm_engine
+    captures = [{"mode": "raw", "top_k": 5, "layers": [7, 29], "derotate": True},
+                {"mode": "sketch", "layers": "last"},
+                {"mode": "fingerprint", "layers": [7], "derotate": True, "fingerprint_max_steps": None}]
+    max_tokens = [6, 5, 4]
+    eager = _generate(engine, max_tokens, captures)
+    graphs = _static_graphs(engine)
+    try:
+        static = _generate(engine, max_tokens, captures)
+        assert graphs.replays >= max_tokens[0] - 1
+        assert any(len(groups) == 2 for graph in graphs._layouts.values() for groups in graph.plan.layers.values())
+    finally:
+        engine.runner.graphs = None
+    _assert_same_outputs(eager, static)
+    assert all(len([r for d in deltas for r in d.attention_tokens or []]) == n for deltas, n in zip(static, max_tokens))
 
 
 def test_capture_warm_up_keeps_no_graph_and_changes_no_output(smollm_engine):

@@ -107,12 +107,13 @@ def test_cuda_graph_decode_matches_eager(tiny_llama):
     eager = LLMEngine(EngineConfig(model=str(tiny_llama), device="cuda", num_kv_blocks=256, cuda_graphs=False,
                                    overlap_steps=False))
     assert eager.runner.graphs is None and graphed.overlap_steps and not eager.overlap_steps
-    prompts = [" ".join(CORPUS[i : 2 * i + 3]) for i in range(3)]
+    prompts = [" ".join(CORPUS[i : 2 * i + 3]) for i in range(4)]
     captures = [{"mode": "fingerprint", "layers": "auto", "fingerprint_max_steps": None},
                 {"mode": "raw", "top_k": 8, "layers": [1, 3], "head_ids": [0, 5], "window": 40},
-                None]
-    max_tokens = [14, 9, 5]  # the batch shrinks: buckets 4, 2, 1 with padding rows
-    penalties = [{}, {"repetition_penalty": 1.5, "frequency_penalty": 0.5}, {"presence_penalty": 1.0}]
+                None,
+                {"mode": "raw", "top_k": 6, "layers": [1, 3], "derotate": True}]  # layer 3: a second, standalone group
+    max_tokens = [14, 9, 5, 7]  # the batch shrinks: buckets 4, 2, 1 with padding rows
+    penalties = [{}, {"repetition_penalty": 1.5, "frequency_penalty": 0.5}, {"presence_penalty": 1.0}, {}]
     got = _step_all(graphed, prompts, max_tokens, captures, penalties)  # penalties count pending tokens on the GPU
     assert graphed.runner.graphs.replays >= max_tokens[0] - 1
     want = _step_all(eager, prompts, max_tokens, captures, penalties)
