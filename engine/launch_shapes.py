@@ -25,8 +25,10 @@ import torch
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 # Rows of one standalone capture launch beyond the largest batch bucket. Measured on an H100 (Llama-1B
-# shape, 8K tables, 32 sequences, six prompts of 300-4000 tokens with prompt attention): launches of
-# 32 rows took a round from 3.9-4.8 s (unpadded launches, after their compiles) to 5.3-6.1 s.
+# shape, 8K tables, 32 sequences, rounds of six prompts of 300-4000 tokens with prompt attention, the
+# third and fourth rounds, each against unpadded launches after their compiles on the same machine):
+# launches of 32 rows (the largest bucket) 6.1 and 5.3 s against 4.8 and 3.9 s; of 256 rows 3.1 and
+# 2.7 s against 4.5 and 3.4 s.
 PROMPT_LAUNCH_ROWS = 256
 
 
