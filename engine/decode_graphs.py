@@ -279,6 +279,13 @@ class DecodeGraphs:
         Returns how many forwards and standalone captures ran.
         """
         buckets = list(reversed([b for b in BATCH_BUCKETS if b <= self.max_batch]))
+        standalone = needs if self.model.tp.size == 1 else []
+        prompt_launches = [rows for rows in (self.shapes.launch_rows,) if rows > self.max_batch]
+
+        def warm_standalone(rows: int) -> int:
+            for top_k, statistics in standalone:
+                self._warm_standalone(rows, top_k, statistics)
+            return len(standalone)
 
         def warm_bucket(batch: int) -> int:
             layouts = [CaptureLayout((rows,), tuple((layer, 0, top_k, statistics, False) for layer in layers))
@@ -288,17 +295,10 @@ class DecodeGraphs:
                 self._forward(self._padded_graph(batch, layout, pinned=False))
             return len(layouts) + warm_standalone(batch)
 
-        def warm_standalone(rows: int) -> int:
-            standalone = needs if self.model.tp.size == 1 else []
-            for top_k, statistics in standalone:
-                self._warm_standalone(rows, top_k, statistics)
-            return len(standalone)
-
         threads = 1 if self.model.tp.size > 1 else min(WARM_THREADS, len(buckets), os.cpu_count() or 1)
         with ThreadPoolExecutor(threads) as pool:
-            launch_rows = self.shapes.launch_rows
-            prompt_launch = pool.submit(warm_standalone, launch_rows) if launch_rows > self.max_batch else None
-            runs = sum(pool.map(warm_bucket, buckets)) + (prompt_launch.result() if prompt_launch else 0)
+            prompt_runs = pool.map(warm_standalone, prompt_launches)  # queued first, beside the buckets
+            runs = sum(pool.map(warm_bucket, buckets)) + sum(prompt_runs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return runs
