@@ -1532,7 +1532,10 @@ def _check_request(k_cache: torch.Tensor, req: CaptureRequest) -> None:
             raise ValueError(f"rope tables must be [max_pos, {head_dim}]")
         if req.rope_cos.stride() != req.rope_sin.stride() or req.rope_cos.stride(1) != 1:
             raise ValueError("rope tables must share a row-major layout")
-        if rows and req.rope_cos.shape[0] < int(req.query_pos.max()) + 1:  # one sync, de-rotation only
+        # One host sync, de-rotation only, and skipped while a CUDA graph records (a sync would end the
+        # recording): graph launches come from the engine, whose tables cover its whole context length.
+        capturing = req.q.is_cuda and torch.cuda.is_current_stream_capturing()
+        if rows and not capturing and req.rope_cos.shape[0] < int(req.query_pos.max()) + 1:
             raise ValueError("rope tables cover fewer positions than the rows attend")
 
 
