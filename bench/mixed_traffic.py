@@ -8,8 +8,8 @@ prefix cache): ``--requests`` requests, ``--in-flight`` at a time, prompts 16-30
 tokens, 8-256 new tokens, in turn without capture, with fingerprints (``auto`` layers), raw
 top-32 (``auto``), sketches (``auto``), raw top-8 (``last``) and raw top-8 with prompt
 attention (``auto``: every prompt token captured). The first pass meets every
-shape first (Triton compiles, graph records, first use of the prefill path); the later ones
-show the steady state. Per pass: wall
+shape first (graph records of new capture layouts, and Triton compiles of whatever start-up
+did not warm); the later ones show the steady state. Per pass: wall
 time, steps, tokens, how many steps ran eagerly (no decode graph: a prefill chunk in the
 step) and how long those took, and how many kernel variants Triton compiled during the pass.
 Run it with an empty ``TRITON_CACHE_DIR`` to see a first start.

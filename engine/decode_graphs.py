@@ -273,18 +273,20 @@ class DecodeGraphs:
         (batch bucket, row bucket) pair raced more (161 compiles, up in 98.6 s, against 97 compiles
         and 70-73 s with a thread per bucket).
         Each bucket also runs the standalone capture (``attention_capture``) of as many rows
-        for each need, at the graphs' table width: eager steps capture a request's first token
-        (produced by its prefill) that way, padded to these shapes (``LaunchShapes``); so does a
-        launch of ``LaunchShapes.launch_rows`` rows, the launches prompt attention runs in.
+        for each need, on rotated and on de-rotated logits, at the graphs' table width: eager
+        steps capture a request's first token (produced by its prefill) that way, padded to
+        these shapes (``LaunchShapes``), and so do de-rotated captures inside the graphs; so
+        does a launch of ``LaunchShapes.launch_rows`` rows, the launches prompt attention runs in.
         Returns how many forwards and standalone captures ran.
         """
         buckets = list(reversed([b for b in BATCH_BUCKETS if b <= self.max_batch]))
-        standalone = needs if self.model.tp.size == 1 else []
+        standalone = ([(*need, derotate) for need in needs for derotate in (False, True)]
+                      if self.model.tp.size == 1 else [])
         prompt_launches = [rows for rows in (self.shapes.launch_rows,) if rows > self.max_batch]
 
         def warm_standalone(rows: int) -> int:
-            for top_k, statistics in standalone:
-                self._warm_standalone(rows, top_k, statistics)
+            for top_k, statistics, derotate in standalone:
+                self._warm_standalone(rows, top_k, statistics, derotate)
             return len(standalone)
 
         def warm_bucket(batch: int) -> int:
@@ -308,9 +310,10 @@ class DecodeGraphs:
         """The launch shapes of these graphs, which eager capture steps use too."""
         return LaunchShapes(self.max_batch, self.width, self.prompt_launch_rows)
 
-    def _warm_standalone(self, rows: int, top_k: int, statistics: bool) -> None:
-        """Run the standalone capture of ``rows`` padding rows (position 0, every head) at the graphs' table width
-        (on the CPU its float32 twin, as eager steps there)."""
+    def _warm_standalone(self, rows: int, top_k: int, statistics: bool, derotate: bool) -> None:
+        """Run the standalone capture of ``rows`` padding rows (position 0, every head) at the graphs' table width,
+        on de-rotated logits when ``derotate`` (the model's rope tables given: a kernel variant of its own; on the
+        CPU its float32 twin, as eager steps there)."""
         k_cache = self.kv_caches[0][0]
         config = self.model.config
         ints = {"dtype": torch.int32, "device": self.device}
@@ -319,7 +322,8 @@ class DecodeGraphs:
             q=torch.zeros((rows, config.num_heads, config.head_dim), dtype=k_cache.dtype, device=self.device),
             block_tables=torch.zeros((rows, self.width), **ints), query_pos=zeros,
             head_weights=torch.full((rows, config.num_heads), 1.0 / config.num_heads, device=self.device),
-            mask_prefix=zeros, window=zeros, sink_tokens=zeros, top_k=top_k, statistics=statistics)
+            mask_prefix=zeros, window=zeros, sink_tokens=zeros, top_k=top_k, statistics=statistics,
+            rope_cos=self.model.rope.cos if derotate else None, rope_sin=self.model.rope.sin if derotate else None)
         standalone_capture(k_cache, request, config.head_dim ** -0.5)
 
     def _padded_graph(self, batch: int, layout: CaptureLayout | None, pinned: bool) -> _DecodeGraph:

@@ -23,6 +23,7 @@ from attnscope.engine.kv_cache import allocate_kv_cache
 from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.device_values import read_pending_tokens
 from attnscope.engine.scheduler import ScheduledChunk, StepPlan
+from attnscope.kernels.decode_matmul import MAX_ROWS
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +129,32 @@ class ModelRunner:
             max_len = min(model.rope.cos.shape[0], num_blocks * block_size)
             self.graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, -(-max_len // block_size), device)
             self.graphs.record_plain()
+            self._warm_eager_steps()
             if warm_capture:
                 self._warm_capture()
+
+    def _warm_eager_steps(self) -> None:
+        """Run two throwaway eager steps at start-up, so the kernels only eager steps launch are compiled before the
+        first prompt arrives (Triton compiles at first launch, seconds each). Each holds a new prompt, a prompt
+        continuing a cached prefix (the paged prefill kernel) and a decode row; the first has few enough rows for
+        the decode matmul kernels, the second too many (``decode_matmul.MAX_ROWS``: torch matmuls and the
+        separate SiLU kernel). Every slot is ``-1``: nothing is written to the cache, and what the steps read
+        there is discarded with their logits."""
+        started = time.perf_counter()
+        block = self.block_size
+        for new_prompt in (3, MAX_ROWS):
+            cached_prompt, decode_row = 2, 1
+            tokens = new_prompt + cached_prompt + decode_row
+            table = np.zeros(-(-(new_prompt + block + cached_prompt) // block), dtype=np.int32)
+            inputs = StepInputs(
+                input_ids=[0] * tokens,
+                positions=[*range(new_prompt), *range(block, block + cached_prompt), 0],
+                slots=[-1] * tokens,
+                prefills=[(0, new_prompt, 0, table), (new_prompt, new_prompt + cached_prompt, block, table)],
+                decode_tables=[table], decode_lens=[1], sample_rows=[new_prompt - 1, tokens - 2, tokens - 1])
+            self.run(inputs, None)
+        torch.cuda.synchronize(self.device)
+        logger.info("eager step kernels compiled in %.1f s", time.perf_counter() - started)
 
     def _warm_capture(self) -> int:
         """Compile the capture kernels of the decode graphs at start-up (``DecodeGraphs.warm_capture``): for

@@ -103,16 +103,16 @@ def test_derotated_captures_ride_the_graph_path(smollm_engine):
 
 def test_capture_warm_up_keeps_no_graph_and_changes_no_output(smollm_engine):
     """The start-up warm-up runs a padded capture forward per batch bucket, capturing-row bucket, layer set and
-    need (batch buckets 1 and 2: 3 x 2 x 3), a standalone capture per batch bucket and need (2 x 3) and one per
-    need of a prompt-attention launch (8 rows: 3), keeps none of them, and decode steps after it match eager
-    ones."""
+    need (batch buckets 1 and 2: 3 x 2 x 3), a standalone capture per batch bucket, need and rotation (2 x 3 x 2)
+    and one per need and rotation of a prompt-attention launch (8 rows: 3 x 2), keeps none of them, and decode
+    steps after it match eager ones."""
     engine = smollm_engine
     max_tokens = [5, 4, 2]
     eager = _generate(engine, max_tokens)
     graphs = _static_graphs(engine)
     graphs.max_batch = 2
     try:
-        assert engine.runner._warm_capture() == 27
+        assert engine.runner._warm_capture() == 36
         assert graphs.replays == 0 and not graphs._layouts
         graphs.max_batch = 8
         static = _generate(engine, max_tokens)

@@ -247,28 +247,32 @@ def test_rank_partials_on_cuda_match_their_twin(fused: bool):
 
 
 def test_capture_steps_after_the_warm_up_compile_no_kernel(tiny_llama):
-    """With ``warm_capture`` (the CUDA default) no decode or capture kernel compiles after start-up: not for the
-    prefill steps that capture the first tokens of three requests and of one, nor the decode steps with
-    fingerprint, raw and sketch capture, nor an eager step where a new prompt is prefilled beside captured
-    decode rows (``LaunchShapes``), nor that prompt's own attention (sketch, then raw: more rows than the
-    largest batch bucket, run in launches of that bucket)."""
+    """With ``warm_capture`` (the CUDA default) no Triton kernel compiles after start-up: not for the prefill steps
+    that capture the first tokens of four requests and of one, nor the decode steps with fingerprint, raw,
+    de-rotated raw and sketch capture, nor an eager step where a new prompt is prefilled beside captured decode
+    rows (``LaunchShapes``), nor that prompt's own attention (sketch, then raw: more rows than the largest batch
+    bucket, run in launches of that bucket), nor a prompt continuing a cached prefix (the paged prefill kernel)."""
     import triton
 
-    from attnscope.kernels import capture, paged_decode
+    from attnscope.kernels import capture, decode_matmul, layer_ops, paged_decode, paged_prefill
 
-    kernels = [fn for module in (capture, paged_decode) for fn in vars(module).values()
-               if isinstance(fn, triton.runtime.JITFunction)]
+    kernels = [fn for module in (capture, decode_matmul, layer_ops, paged_decode, paged_prefill)
+               for fn in vars(module).values() if isinstance(fn, triton.runtime.JITFunction)]
 
-    def compiled() -> int:
-        return sum(len(caches[0]) for fn in kernels for caches in fn.device_caches.values())
+    def compiled() -> set[tuple[str, str]]:
+        return {(fn.__name__, str(key)) for fn in kernels for caches in fn.device_caches.values() for key in caches[0]}
 
+    for fn in kernels:  # forget the variants earlier tests launched: start-up alone must bring in what follows
+        fn.device_caches.clear()
     engine = _engine(tiny_llama, "cuda")
     before = compiled()
     captures = [{"mode": "fingerprint", "layers": "auto", "fingerprint_max_steps": None},
-                {"mode": "raw", "top_k": 7, "layers": "last"}, {"mode": "sketch", "layers": "auto"}]
+                {"mode": "raw", "top_k": 7, "layers": "last"}, {"mode": "sketch", "layers": "auto"},
+                {"mode": "raw", "top_k": 5, "layers": "last", "derotate": True}]
     params = {"max_tokens": 12, "ignore_eos": True}
     late_prompt = " ".join(CORPUS[5:70])
     assert len(engine.tokenizer.encode(late_prompt)) > engine.runner.graphs.shapes.launch_rows
+    usage = {}
     for batch, late in ((captures, captures[2]), (captures[1:2], captures[1])):
         rids = [engine.add_request(" ".join(CORPUS[i : i + 4]), params=params, capture=c)
                 for i, c in enumerate(batch)]
@@ -276,7 +280,12 @@ def test_capture_steps_after_the_warm_up_compile_no_kernel(tiny_llama):
         while engine.has_unfinished():
             if steps == 4:
                 rids.append(engine.add_request(late_prompt, params=params, capture={**late, "include_prompt": True}))
-            records += [r for out in engine.step() for d in out.deltas for r in d.attention_tokens or []]
+            if steps == 6 and late is captures[1]:  # the late prompt's blocks are cached by now
+                cached = engine.add_request(late_prompt + " and again", params=params)
+            outputs = engine.step()
+            records += [r for out in outputs for d in out.deltas for r in d.attention_tokens or []]
+            usage.update({out.request_id: out.usage for out in outputs})
             steps += 1
-        assert compiled() == before
+        assert compiled() - before == set()
         assert len(records) >= 10 * len(rids)
+    assert usage[cached].cached_prompt_tokens >= engine.runner.block_size
