@@ -87,8 +87,9 @@ class RankWorker:
         """Allocate this rank's share of ``num_blocks`` KV blocks (the same count on every rank).
 
         On CUDA (``cuda_graphs``) this records the no-capture decode graphs, their
-        all-reduces included, and (``warm_capture``) compiles the capture kernels, on every
-        rank at once, in the same order.
+        all-reduces included, runs the throwaway eager steps that compile the prefill path,
+        and (``warm_capture``) compiles the capture kernels, on every rank at once, in the
+        same order.
         """
         dtype = self.config.resolved_dtype(self.device)
         self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, dtype, self.device,
