@@ -21,6 +21,10 @@
    decode over contiguous K/V. Times are medians of CUDA-graph replays (many calls per
    graph, the L2 cache flushed before each call, the flush-only graph subtracted); (a),
    (b), (c), (c_raw) also with eager ``triton.testing.do_bench`` (median, Python launch included).
+   (g) ``AUTO_LAYERS`` (4) layers in a row as an engine step runs them for ``auto`` captures:
+   each layer's own cache, plain or with every row captured (fingerprint statistics, sketch's
+   statistics + top-32, raw top-32), the layers' captures finished by one launch after the
+   last (``DeferredFinish``); where four layers' caches fit the pool (not 32 x 128K).
 3. Peak extra memory at 1M context, B=1 (``torch.cuda.max_memory_allocated`` over the
    allocation before each call) for (a), (b), (c) and (d).
 
@@ -45,7 +49,7 @@ import triton
 
 from attnscope.engine.rope import RotaryEmbedding
 from attnscope.kernels import capture as capture_kernels
-from attnscope.kernels.capture import attention_capture, paged_decode_attention_capture
+from attnscope.kernels.capture import DeferredFinish, attention_capture, paged_decode_attention_capture
 from attnscope.kernels.capture_reference import CaptureRequest, CaptureResult, capture_rows_ref
 from attnscope.kernels.paged_decode import paged_decode_attention
 from attnscope.kernels.reference import gather_paged_kv
@@ -54,6 +58,7 @@ from report import emit  # bench/report.py, beside this script
 
 HQ, HKV, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 TOP_K, HEAD_TOP_K = 32, 8
+AUTO_LAYERS = 4  # what ``auto`` captures of a model's layers
 BATCHES, LENGTHS = (1, 8, 32), (2048, 32768, 131072)
 MAX_KV_BYTES = 40e9
 LONG_CONTEXT = 1 << 20
@@ -292,6 +297,38 @@ def graph_ms(fn, flush: torch.Tensor, budget_ms: float = 40.0, replays: int = 7)
     return statistics.median(samples)
 
 
+def auto_layers_ms(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
+                   flush: torch.Tensor, gen: torch.Generator) -> dict:
+    """Times of ``AUTO_LAYERS`` layers' decode attention as an engine step runs them when a request captures
+    ``auto`` layers: each layer its own cache (disjoint quarters of the pool, one block table as the step's
+    sequences have), plain or with every row captured, the layers' captures finished by one launch after
+    the last (``DeferredFinish``; fingerprint statistics, sketch's statistics + top-32, raw top-32)."""
+    batch = q.shape[0]
+    pool = k_cache.shape[0] // AUTO_LAYERS
+    table = block_tables([length] * batch, pool, gen)
+    layers = [(k_cache[i * pool : (i + 1) * pool], v_cache[i * pool : (i + 1) * pool]) for i in range(AUTO_LAYERS)]
+    context = torch.full((batch,), length, dtype=torch.int32, device=DEVICE)
+    scale = HEAD_DIM**-0.5
+    rows = torch.arange(batch, device=DEVICE)
+    stats_req = capture_request(q, table, [length - 1] * batch, 0, 0, None)
+    requests = {"fused_stats": stats_req, "fused_top32": replace(stats_req, top_k=TOP_K),
+                "raw_fused_top32": replace(stats_req, top_k=TOP_K, statistics=False)}
+
+    def plain() -> None:
+        for k, v in layers:
+            paged_decode_attention(q, k, v, table, context, scale)
+
+    def captured(req: CaptureRequest):
+        def run() -> None:
+            deferred = DeferredFinish(AUTO_LAYERS)
+            for k, v in layers:
+                paged_decode_attention_capture(q, k, v, table, context, scale, req, rows, deferred=deferred)
+        return run
+
+    return {"g_auto_layers_plain": graph_ms(plain, flush),
+            **{f"g_auto_layers_{name}": graph_ms(captured(req), flush) for name, req in requests.items()}}
+
+
 def separate_pass_topk(q: torch.Tensor, k_cache: torch.Tensor, table: torch.Tensor, length: int, scale: float):
     """The reference systems' capture: contiguous K, all heads' scores, softmax, head mean, top-k."""
     batch, num_heads, head_dim = q.shape
@@ -352,10 +389,14 @@ def bench_config(batch: int, length: int, k_cache: torch.Tensor, v_cache: torch.
         runs["c_fused_stats_top32_reread"]()[2].recomputed_tiles.float().mean()) / num_tiles
     restore()
     result["ms"]["e_sdpa_contiguous"] = sdpa_ms(q, k_cache, v_cache, table, length, scale, flush)
+    if AUTO_LAYERS * batch * length <= k_cache.shape[0] * BLOCK_SIZE:
+        result["ms"].update(auto_layers_ms(q, k_cache, v_cache, length, flush, gen))
     result["eager_ms"] = {name: triton.testing.do_bench(runs[name], return_mode="median")
                           for name in ("a_plain", "b_fused_stats", "c_fused_stats_top32", "c_raw_fused_top32")}
     ms = result["ms"]
-    result["ratios"] = {
+    auto = {f"auto_layers_{name}_over_plain": ms[f"g_auto_layers_{name}"] / ms["g_auto_layers_plain"]
+            for name in ("fused_stats", "fused_top32", "raw_fused_top32") if "g_auto_layers_plain" in ms}
+    result["ratios"] = {**auto,
         "fused_stats_over_plain": ms["b_fused_stats"] / ms["a_plain"],
         "fused_top32_over_plain": ms["c_fused_stats_top32"] / ms["a_plain"],
         "fused_top32_peaked_over_plain": ms["c_fused_stats_top32_peaked"] / ms["a_plain"],
@@ -442,7 +483,9 @@ def main() -> None:
     configs = cases or ([(1, 2048)] if cli.quick else [(b, n) for b in BATCHES for n in LENGTHS])
     configs = [(b, n) for b, n in configs if b * n * HKV * HEAD_DIM * 2 * 2 <= MAX_KV_BYTES]
     whole_table = not (cli.quick or cases)
-    max_tokens = max([b * n for b, n in configs] + [LONG_CONTEXT if whole_table else 0])
+    # a few configs: room for AUTO_LAYERS layers' caches each; the whole table: its largest config's (or 1M)
+    max_tokens = max([b * n * (1 if whole_table else AUTO_LAYERS) for b, n in configs]
+                     + [LONG_CONTEXT if whole_table else 0])
     k_cache, v_cache = paged_cache(math.ceil(max_tokens / BLOCK_SIZE) + 1, HKV, HEAD_DIM, torch.bfloat16, gen)
     flush = torch.empty(2 * props.L2_cache_size, dtype=torch.int8, device=DEVICE)
     report["configs"] = [bench_config(b, n, k_cache, v_cache, flush, gen) for b, n in configs]

@@ -157,15 +157,23 @@ def _finish_key(group: LayerCapture) -> tuple:
 
 def _deferred_finish(group: LayerCapture, batch: AttentionBatch, q: torch.Tensor) -> DeferredFinish | None:
     """The ``DeferredFinish`` of this forward's fused groups with ``group``'s key, made at the first of their layers
-    with a slot per layer; ``None`` when only one layer fuses them (or on a tensor-parallel rank, whose partials
-    finish on their own)."""
+    with a slot per layer; ``None`` when only one layer fuses them, when they have no top-k (statistics only),
+    or on a tensor-parallel rank, whose partials finish on their own.
+
+    One finish after the last layer pays where Pass B ranks the head mean; a statistics-only
+    finish rides each layer's split merge for little, and deferring it costs an extra
+    launch: on an H100 (Llama-8B attention, four layers, every row captured) fingerprint
+    statistics cost 1.12x the plain layers at 1 x 32K and 8 x 2K with one deferred finish
+    against 1.06x and 1.08x finished per layer, while sketch rows cost 1.40x at 1 x 2K
+    deferred against 1.75x per layer (``bench/capture_overhead.py``)."""
     key = _finish_key(group)
     if key not in batch.deferred:
         from attnscope.kernels.capture import DeferredFinish
 
         slots = sum(1 for groups in batch.capture.layers.values()
                     if (fused := _fused_group(groups, batch, q)) is not None and _finish_key(fused) == key)
-        batch.deferred[key] = DeferredFinish(slots) if slots > 1 and batch.q_heads is None else None
+        defer = slots > 1 and group.top_k > 0 and batch.q_heads is None
+        batch.deferred[key] = DeferredFinish(slots) if defer else None
     return batch.deferred[key]
 
 
