@@ -139,21 +139,22 @@ class ModelRunner:
         continuing a cached prefix (the paged prefill kernel) and a decode row; the first has few enough rows for
         the decode matmul kernels, the second too many (``decode_matmul.MAX_ROWS``: torch matmuls and the
         separate SiLU kernel). Every slot is ``-1``: nothing is written to the cache, and what the steps read
-        there is discarded with their logits."""
+        there is discarded with their logits. Positions wrap at the rope tables' length (a short
+        ``max_model_len``)."""
         started = time.perf_counter()
-        block = self.block_size
+        max_positions = self.model.rope.cos.shape[0]
+        cached, continued = 2, 2  # a continuation runs the paged prefill kernel when cached >= its length
         for new_prompt in (3, MAX_ROWS):
-            cached_prompt, decode_row = 2, 1
-            tokens = new_prompt + cached_prompt + decode_row
-            table = np.zeros(-(-(new_prompt + block + cached_prompt) // block), dtype=np.int32)
+            tokens = new_prompt + continued + 1
+            table = np.zeros(-(-max(new_prompt, cached + continued) // self.block_size), dtype=np.int32)
+            positions = [*range(new_prompt), *range(cached, cached + continued), 0]
             inputs = StepInputs(
-                input_ids=[0] * tokens,
-                positions=[*range(new_prompt), *range(block, block + cached_prompt), 0],
-                slots=[-1] * tokens,
-                prefills=[(0, new_prompt, 0, table), (new_prompt, new_prompt + cached_prompt, block, table)],
+                input_ids=[0] * tokens, positions=[p % max_positions for p in positions], slots=[-1] * tokens,
+                prefills=[(0, new_prompt, 0, table), (new_prompt, new_prompt + continued, cached, table)],
                 decode_tables=[table], decode_lens=[1], sample_rows=[new_prompt - 1, tokens - 2, tokens - 1])
             self.run(inputs, None)
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         logger.info("eager step kernels compiled in %.1f s", time.perf_counter() - started)
 
     def _warm_capture(self) -> int:

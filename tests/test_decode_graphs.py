@@ -204,3 +204,23 @@ def test_staging_fields_start_on_16_bytes():
         staging = _Staging(batch, width, heads, row_sets)
         assert all(field.start % 4 == 0 for field in staging.fields.values())
         assert staging.size == staging.fields["tables"].stop
+
+
+def test_eager_warm_up_steps_write_nothing_and_fit_a_short_context(smollm_path):
+    """The start-up's throwaway eager steps (run on CUDA with graphs; the same forward here) leave the KV cache as it
+    was, so the first requests see no trace of them, and run on an engine whose context is shorter than their
+    longest prompt (positions wrap at the rope tables); the engine then serves as before."""
+    import torch
+
+    from attnscope.engine.engine_config import EngineConfig
+    from attnscope.engine.llm_engine import LLMEngine
+    from attnscope.kernels.decode_matmul import MAX_ROWS
+
+    engine = LLMEngine(EngineConfig(model=str(smollm_path), device="cpu", max_model_len=MAX_ROWS // 2,
+                                    kv_cache_memory_gib=0.05))
+    params = {"temperature": 0.0, "max_tokens": 6, "ignore_eos": True}
+    before = engine.generate([PROMPTS[0]], params)[0].completions[0].token_ids
+    caches = [tensor.clone() for layer in engine.runner.kv_caches for tensor in layer]
+    engine.runner._warm_eager_steps()
+    assert all(torch.equal(a, b) for a, b in zip(caches, (t for layer in engine.runner.kv_caches for t in layer)))
+    assert engine.generate([PROMPTS[0]], params)[0].completions[0].token_ids == before
