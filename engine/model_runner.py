@@ -112,8 +112,9 @@ class ModelRunner:
     With ``cuda_graphs`` on a CUDA device, pure decode steps of up to ``max_num_seqs``
     sequences replay CUDA graphs (``DecodeGraphs``; the no-capture graphs are recorded here,
     the eager steps' kernels compiled by throwaway steps, and with ``warm_capture`` the capture
-    kernels those graphs launch are compiled here); other steps run eagerly. On a tensor-parallel rank a graph computes the rank's partial
-    captures, which the rank worker then sums across ranks.
+    kernels those graphs launch are compiled here); other steps run eagerly. On a
+    tensor-parallel rank a graph computes the rank's partial captures, which the rank worker
+    then sums across ranks.
     """
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
