@@ -101,9 +101,12 @@ class CaptureParams(BaseModel):
         sglang = bool(fields.get("return_attention_tokens"))
         if not (vllm or sglang):
             return None
-        if vllm:
-            return _build({"mode": "full", "layers": fields.get("attn_capture_layers") or "last"},
-                          {"layers": "attn_capture_layers"})
+        if vllm:  # full matrices honour the privacy mask and de-rotation too; the other fields do not apply
+            values = {"mode": "full", "layers": fields.get("attn_capture_layers") or "last"}
+            values.update({name: fields[wire] for wire, name in _FULL_WIRE_FIELDS.items()
+                           if fields.get(wire) is not None})
+            return _build(values, {"layers": "attn_capture_layers",
+                                   **{name: wire for wire, name in _FULL_WIRE_FIELDS.items()}})
         mode = "raw"
         if fields.get("attention_fingerprint_mode") or fields.get("attention_fingerprint_only"):
             mode = "fingerprint"
@@ -129,6 +132,9 @@ _WIRE_FIELDS = {
     "attention_fingerprint_max_steps": "fingerprint_max_steps",
     "attention_derotate": "derotate",
 }
+
+
+_FULL_WIRE_FIELDS = {"attention_mask_prefix": "mask_prefix", "attention_derotate": "derotate"}
 
 
 class CaptureFieldError(ValueError):

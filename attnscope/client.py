@@ -42,6 +42,7 @@ class TokenMeta(BaseModel):
 
     prompt_len: int | None = Field(None, description="Prompt tokens; positions from here on are output.")
     total_len: int | None = Field(None, description="Tokens whose attention was computed (T).")
+    mask_prefix: int = Field(0, description="Leading positions removed (privacy mask); index i is position i + mask_prefix.")
     vision_ranges: list[TokenRange] = Field(default_factory=list)
     lang_ranges: list[TokenRange] = Field(default_factory=list)
 
@@ -232,7 +233,8 @@ def capture_body(mode: Literal["raw", "sketch", "fingerprint", "full"] = "raw", 
                  head_ids: Sequence[int] | None = None, mask_prefix: int | None = None,
                  stride: int | None = None, max_steps: int | None = None, window: int | None = None,
                  include_prompt: bool | None = None, fingerprint_only: bool = False) -> dict[str, Any]:
-    """The request ``extra_body`` asking for capture: the vLLM family for ``"full"``, else the SGLang family.
+    """The request ``extra_body`` asking for capture: the vLLM family for ``"full"`` (which takes ``layers`` and
+    ``mask_prefix`` only), else the SGLang family.
 
     Fields left ``None`` are not sent (the server's defaults apply). ``layers`` is
     ``"last"``, ``"auto"``, ``"3,7"`` or a list of ids. The body is checked with the
@@ -240,15 +242,17 @@ def capture_body(mode: Literal["raw", "sketch", "fingerprint", "full"] = "raw", 
     """
     wire_layers = layers if layers is None or isinstance(layers, str) else ",".join(str(i) for i in layers)
     if mode == "full":
-        others = {"top_k": top_k, "head_ids": head_ids, "mask_prefix": mask_prefix, "stride": stride,
+        others = {"top_k": top_k, "head_ids": head_ids, "stride": stride,
                   "max_steps": max_steps, "window": window, "include_prompt": include_prompt,
                   "fingerprint_only": fingerprint_only or None}
         given = [name for name, value in others.items() if value is not None]
         if given:
-            raise ValueError(f"full capture (attn_capture) takes only layers, not {', '.join(given)}")
+            raise ValueError(f"full capture (attn_capture) takes only layers and mask_prefix, not {', '.join(given)}")
         body: dict[str, Any] = {"attn_capture": 1}
         if wire_layers is not None:
             body["attn_capture_layers"] = wire_layers
+        if mask_prefix is not None:
+            body["attention_mask_prefix"] = mask_prefix
     else:
         body = {"return_attention_tokens": True}
         if mode == "sketch":

@@ -221,7 +221,12 @@ def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch:
             group.result = standalone_capture(k_cache, request, scale, batch.capture_launch_rows)
     full = batch.capture.full.get(layer)
     if full is not None:
-        full.probs = full_attention_rows(q[full.index], k_cache, full.block_tables, full.positions, scale)
+        queries = q[full.index]
+        if any(full.derotate):
+            flags = torch.tensor(full.derotate, device=q.device)[:, None, None]
+            queries = torch.where(flags, q_unrotated[full.index], queries)
+        full.probs = full_attention_rows(queries, k_cache, full.block_tables, full.positions, scale,
+                                         full.mask_prefix, batch.rope, full.derotate)
     return fused
 
 

@@ -63,9 +63,10 @@ class LayerCapture:
 
 @dataclass
 class FullCapture:
-    """Rows of the full-matrix mode in one layer, and their per-head probabilities ``[R, Hq, P+1]``.
+    """Rows of the full-matrix mode in one layer, and their per-head probabilities ``[Hq, P + 1 - mask_prefix]``.
 
-    ``index``, ``positions`` and ``block_tables`` are set by ``StepCapture.finalize``.
+    ``index``, ``positions``, ``block_tables`` and the rows' ``mask_prefix`` and ``derotate``
+    settings are set by ``StepCapture.finalize``.
     """
 
     rows: list[CaptureRow]
@@ -73,6 +74,8 @@ class FullCapture:
     index: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
+    mask_prefix: list[int] = field(default_factory=list)
+    derotate: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -91,6 +94,8 @@ class StepCapture:
         """Register a row in every layer its request captures."""
         cap = row.seq.capture
         if cap.is_full:
+            if row.position < cap.params.mask_prefix:  # a masked query attends to masked keys only: no row
+                return
             for layer in cap.layers:
                 self.full.setdefault(layer, FullCapture([])).rows.append(row)
             return
@@ -134,6 +139,8 @@ class StepCapture:
             full.index = torch.tensor([r.token_index for r in full.rows], device=device)
             full.positions = torch.tensor([r.position for r in full.rows], device=device)
             full.block_tables = block_table_tensor([r.block_table for r in full.rows], device)
+            full.mask_prefix = [r.seq.capture.params.mask_prefix for r in full.rows]
+            full.derotate = [r.seq.capture.params.derotate for r in full.rows]
 
     def shipped(self) -> StepCapture:
         """The plan, finalized on the CPU, without the sequences (what a tensor-parallel rank needs)."""
@@ -143,7 +150,8 @@ class StepCapture:
                                          statistics=g.statistics)
                             for g in groups]
                     for layer, groups in self.layers.items()},
-            full={layer: FullCapture([], index=f.index, positions=f.positions, block_tables=f.block_tables)
+            full={layer: FullCapture([], index=f.index, positions=f.positions, block_tables=f.block_tables,
+                                     mask_prefix=f.mask_prefix, derotate=f.derotate)
                   for layer, f in self.full.items()},
             device=self.device,
         )

@@ -265,9 +265,14 @@ def append_full_rows(step: StepCapture) -> None:
 
 
 def full_capture_data(seq: Sequence) -> list[dict]:
-    """The vLLM-family ``attn_capture_data``: per layer base64(gzip(float16 [T, heads, T])) and token_meta."""
+    """The vLLM-family ``attn_capture_data``: per layer base64(gzip(float16 [T, heads, T])) and token_meta.
+
+    With ``mask_prefix = n`` the matrix covers positions ``n..`` only (query rows and keys, index
+    ``position - n``), each row renormalised over its unmasked keys; ``token_meta`` counts
+    from ``n`` too and names it (``mask_prefix``)."""
     out = []
-    prompt_len = len(seq.prompt_token_ids)
+    masked = seq.capture.params.mask_prefix
+    prompt_len = max(len(seq.prompt_token_ids) - masked, 0)
     for layer, rows in sorted(seq.capture.full_rows.items()):
         t = len(rows)
         heads = rows[0].shape[0]
@@ -280,6 +285,6 @@ def full_capture_data(seq: Sequence) -> list[dict]:
             "data": base64.b64encode(gzip.compress(matrix.tobytes())).decode("ascii"),
             "shape": [t, heads, t],
             "token_meta": {"prompt_len": prompt_len, "total_len": t, "vision_ranges": [],
-                           "lang_ranges": [{"start": 0, "end": prompt_len}]},
+                           "lang_ranges": [{"start": 0, "end": prompt_len}], "mask_prefix": masked},
         })
     return out

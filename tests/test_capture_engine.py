@@ -188,7 +188,51 @@ def test_full_mode_decodes_to_causal_rows(smollm_engine):
         assert np.allclose(m.astype(np.float32).sum(-1), 1.0, atol=5e-3)
         assert np.all(m[np.triu_indices(t, 1)[0], :, np.triu_indices(t, 1)[1]] == 0)
         assert d["token_meta"] == {"prompt_len": prompt_len, "total_len": t, "vision_ranges": [],
-                                   "lang_ranges": [{"start": 0, "end": prompt_len}]}
+                                   "lang_ranges": [{"start": 0, "end": prompt_len}], "mask_prefix": 0}
+
+
+def _full_matrices(choice) -> dict[int, tuple[np.ndarray, dict]]:
+    """Decoded ``attn_capture_data``: per layer the float32 ``[T, heads, T]`` matrix and its token_meta."""
+    return {d["layer_idx"]: (np.frombuffer(gzip.decompress(base64.b64decode(d["data"])), dtype=np.float16)
+                             .reshape(d["shape"]).astype(np.float32), d["token_meta"])
+            for d in choice.attn_capture_data}
+
+
+def test_full_mode_honours_the_privacy_mask(smollm_engine):
+    """With ``mask_prefix = n`` full matrices lose the first n query rows and key columns (the server's system-prompt
+    mask sets it), every row renormalised over the keys left: the unmasked matrix's rows from n on, rescaled."""
+    n = 6
+    params = {"temperature": 0.0, "max_tokens": 4}
+    whole, whole_meta = _full_matrices(generate(smollm_engine, {"mode": "full", "layers": [18]},
+                                                params=params).completions[0])[18]
+    out = generate(smollm_engine, {"mode": "full", "layers": [18], "mask_prefix": n}, params=params)
+    masked, meta = _full_matrices(out.completions[0])[18]
+    t = whole.shape[0]
+    assert masked.shape == (t - n, 9, t - n)
+    kept = whole[n:, :, n:]
+    total = kept.sum(-1, keepdims=True)
+    exact = np.broadcast_to(total > 0.01, kept.shape)  # float16 keeps too little of a row whose sink took it all
+    assert exact.mean() > 0.5
+    assert np.allclose(masked[exact], (kept / np.maximum(total, 1e-30))[exact], atol=2e-3)
+    assert np.allclose(masked.sum(-1), 1.0, atol=5e-3)
+    assert meta == {**whole_meta, "prompt_len": whole_meta["prompt_len"] - n, "total_len": t - n,
+                    "lang_ranges": [{"start": 0, "end": whole_meta["prompt_len"] - n}], "mask_prefix": n}
+
+
+def test_full_mode_derotated_rows_agree_with_the_derotated_raw_capture(smollm_engine):
+    """``derotate`` applies to full matrices too: each generated token's row, averaged over the heads, puts the raw
+    de-rotated capture's top-5 positions at its true probabilities (and differs from the rotated matrix)."""
+    params = {"temperature": 0.0, "max_tokens": 4}
+    raw = generate(smollm_engine, {"mode": "raw", "top_k": 5, "layers": [3], "derotate": True}, params=params)
+    full = generate(smollm_engine, {"mode": "full", "layers": [3], "derotate": True}, params=params)
+    rotated, _ = _full_matrices(generate(smollm_engine, {"mode": "full", "layers": [3]}, params=params)
+                                .completions[0])[3]
+    matrix, _ = _full_matrices(full.completions[0])[3]
+    assert full.completions[0].token_ids == raw.completions[0].token_ids
+    assert not np.allclose(matrix, rotated, atol=1e-2)
+    for entry in raw.completions[0].attention_tokens:
+        mean = matrix[entry["query_position"]].mean(0)
+        assert np.allclose(mean[entry["token_positions"]], entry["true_probs"], atol=2e-3)
 
 
 def test_capture_does_not_change_tokens_and_others_pay_nothing(smollm_engine):

@@ -39,6 +39,17 @@ def test_vllm_family_asks_for_full_matrices():
     assert CaptureParams.from_wire({"attn_capture": 1}).layers == "last"
 
 
+def test_vllm_family_takes_the_privacy_mask_and_derotation_only():
+    """Full matrices honour ``attention_mask_prefix`` and ``attention_derotate``; fields of the SGLang family's
+    top-k are not read for them, and a bad mask is named by its wire field."""
+    params = CaptureParams.from_wire({"attn_capture": 1, "attention_mask_prefix": 7, "attention_derotate": True,
+                                      "top_k_attention": 3})
+    assert (params.mode, params.mask_prefix, params.derotate, params.top_k) == ("full", 7, True, 10)
+    with pytest.raises(CaptureFieldError) as err:
+        CaptureParams.from_wire({"attn_capture": 1, "attention_mask_prefix": -1})
+    assert err.value.field == "attention_mask_prefix"
+
+
 def test_fingerprint_max_steps_zero_means_unlimited():
     params = CaptureParams.from_wire({"return_attention_tokens": True, "attention_fingerprint_max_steps": 0})
     assert params.fingerprint_max_steps is None

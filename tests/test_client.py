@@ -166,6 +166,7 @@ def test_capture_body_speaks_both_families():
     assert CaptureParams.from_wire(fingerprint) == CaptureParams(mode="fingerprint", stride=2)
     assert capture_body("full", layers=[17, 18, 29]) == {"attn_capture": 1, "attn_capture_layers": "17,18,29"}
     assert CaptureParams.from_wire(capture_body("full")) == CaptureParams(mode="full")
+    assert CaptureParams.from_wire(capture_body("full", mask_prefix=4)) == CaptureParams(mode="full", mask_prefix=4)
     with pytest.raises(ValueError, match="top_k"):
         capture_body("full", top_k=5)
     with pytest.raises(CaptureFieldError) as err:

@@ -409,6 +409,12 @@ def test_system_prompt_is_masked(guarded_url, model, smollm_path):
         model=model, messages=[system, {"role": "user", "content": "Hi"}], **GREEDY,
         extra_body={"top_k_attention": 64, "attention_mask_prefix": masked + 5})
     assert len(larger.choices[0].model_extra["attention_tokens"][0]["token_positions"]) == len(first["token_positions"]) - 5
+    full = json.loads(_client(guarded_url, KEY).chat.completions.with_raw_response.create(
+        model=model, messages=[system, {"role": "user", "content": "Hi"}], **GREEDY,
+        extra_body={"attn_capture": 1}).content)
+    t = full["usage"]["prompt_tokens"] + full["usage"]["completion_tokens"] - 1 - masked
+    (entry,) = full["attn_capture_data"]
+    assert entry["shape"] == [t, 9, t] and entry["token_meta"]["mask_prefix"] == masked
 
 
 def test_concurrent_capture_limit_is_429_with_retry_after(guarded_url, model):

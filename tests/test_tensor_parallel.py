@@ -69,11 +69,13 @@ def test_tensor_parallel_matches_one_device(ray_cluster, smollm_engine, smollm_p
             one = smollm_engine.generate(PROMPTS[:1], GREEDY, capture=capture)[0].completions[0]
             assert tp.token_ids == one.token_ids
             _assert_same_capture(tp.attention_tokens, one.attention_tokens)
-        full = {"mode": "full", "layers": [5]}
-        tp = engine.generate(PROMPTS[:1], {**GREEDY, "max_tokens": 3}, capture=full)[0].completions[0]
-        one = smollm_engine.generate(PROMPTS[:1], {**GREEDY, "max_tokens": 3}, capture=full)[0].completions[0]
-        assert tp.attn_capture_data[0]["data"] == one.attn_capture_data[0]["data"] or np.allclose(
-            _decode(tp.attn_capture_data[0]), _decode(one.attn_capture_data[0]), atol=1e-3)
+        masked_derotated = {"mode": "full", "layers": [5], "mask_prefix": 3, "derotate": True}
+        for full in ({"mode": "full", "layers": [5]}, masked_derotated):
+            tp = engine.generate(PROMPTS[:1], {**GREEDY, "max_tokens": 3}, capture=full)[0].completions[0]
+            one = smollm_engine.generate(PROMPTS[:1], {**GREEDY, "max_tokens": 3}, capture=full)[0].completions[0]
+            assert tp.attn_capture_data[0]["shape"] == one.attn_capture_data[0]["shape"]
+            assert tp.attn_capture_data[0]["data"] == one.attn_capture_data[0]["data"] or np.allclose(
+                _decode(tp.attn_capture_data[0]), _decode(one.attn_capture_data[0]), atol=1e-3)
     finally:
         engine.close()
 
