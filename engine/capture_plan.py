@@ -94,8 +94,6 @@ class StepCapture:
         """Register a row in every layer its request captures."""
         cap = row.seq.capture
         if cap.is_full:
-            if row.position < cap.params.mask_prefix:  # a masked query attends to masked keys only: no row
-                return
             for layer in cap.layers:
                 self.full.setdefault(layer, FullCapture([])).rows.append(row)
             return

@@ -83,14 +83,16 @@ def prepare_step(plan: StepPlan, blocks: BlockManager,
 def _plan_capture(capture: StepCapture, chunk: ScheduledChunk, offset: int, table: np.ndarray) -> None:
     """Register the chunk's captured query rows: decode steps and, when asked, prompt tokens.
 
-    A row at a position already captured (recomputed after preemption) is not captured again.
+    A row at a position already captured (recomputed after preemption) is not captured again,
+    nor a row before the request's ``mask_prefix``: its keys are all masked, so it has nothing to
+    report (and its decode step does not count against ``max_steps``).
     """
     seq = chunk.seq
     cap = seq.capture
     prompt_len = len(seq.prompt_token_ids)
     end = chunk.start + chunk.num_tokens
     first = chunk.start if cap.needs_all_rows else end - 1  # else only a sampling row can be captured
-    for position in range(max(first, cap.rows_upto), end):
+    for position in range(max(first, cap.rows_upto, cap.params.mask_prefix), end):
         i = position - chunk.start
         sampling = chunk.samples and i == chunk.num_tokens - 1
         if sampling:

@@ -191,6 +191,18 @@ def test_full_mode_decodes_to_causal_rows(smollm_engine):
                                    "lang_ranges": [{"start": 0, "end": prompt_len}], "mask_prefix": 0}
 
 
+@pytest.mark.parametrize("mode", ["raw", "sketch", "fingerprint"])
+def test_rows_inside_the_privacy_mask_are_not_captured(smollm_engine, mode):
+    """A query before ``mask_prefix`` attends to masked keys only: no record for it, prompt row or decode step (a mask
+    past the prompt drops the first decode step too), while every row after it is captured."""
+    prompt_len = len(smollm_engine.tokenizer.encode(PROMPT))
+    for n in (4, prompt_len + 1):
+        out = generate(smollm_engine, {"mode": mode, "include_prompt": True, "mask_prefix": n, "top_k": 3},
+                       params={"temperature": 0.0, "max_tokens": 4})
+        positions = [r["query_position"] for r in out.completions[0].attention_tokens]
+        assert positions == list(range(n, prompt_len + 3))
+
+
 def _full_matrices(choice) -> dict[int, tuple[np.ndarray, dict]]:
     """Decoded ``attn_capture_data``: per layer the float32 ``[T, heads, T]`` matrix and its token_meta."""
     return {d["layer_idx"]: (np.frombuffer(gzip.decompress(base64.b64decode(d["data"])), dtype=np.float16)
