@@ -37,7 +37,8 @@ from report import emit
 
 CAPTURES = [None, {"mode": "fingerprint", "layers": "auto", "fingerprint_max_steps": None},
             {"mode": "raw", "top_k": 32, "layers": "auto"}, {"mode": "sketch", "layers": "auto"},
-            {"mode": "raw", "top_k": 8, "layers": "last"}, {"mode": "raw", "top_k": 8, "layers": "auto", "include_prompt": True}]
+            {"mode": "raw", "top_k": 8, "layers": "last"},
+            {"mode": "raw", "top_k": 8, "layers": "auto", "include_prompt": True}]
 MAX_LEN = 6512
 
 

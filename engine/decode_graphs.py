@@ -22,7 +22,7 @@ standalone capture on the un-rotated queries, recorded beside the decode kernel 
 layer's rotated group); the no-capture graph of every bucket
 is recorded when the engine starts, capture layouts when first seen (at most
 ``MAX_LAYOUT_GRAPHS``, least recently used dropped); ``warm_capture`` compiles their
-kernels at start-up (de-rotated captures excepted: they compile at first use). Steps with
+kernels at start-up (the de-rotated standalone captures among them). Steps with
 prefill chunks or full-matrix capture run eagerly. Results of a replay live in the
 graph's memory until the next replay: the engine queues what reads them (sampling, host
 copies of capture results) before it launches again. A step launched before the host has

@@ -230,20 +230,27 @@ def _empty_result(num_rows: int, num_heads: int, req: CaptureRequest, device: to
     )
 
 
-def _chunk_logits(k_cache: torch.Tensor, req: CaptureRequest, rows: slice, scale: float, width: int) -> torch.Tensor:
-    """Float32 logits ``[r, Hq, width]`` of the chunk's queries against their first ``width`` cache positions."""
+def paged_logits(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor, width: int, scale: float,
+                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Float32 logits ``[r, Hq, width]`` of queries ``[r, Hq, D]`` against the first ``width`` positions of their
+    block tables' keys; with ``rope`` (the ``(cos, sin)`` tables) on keys rotated back by their own positions."""
     device = k_cache.device
-    q = req.q[rows].to(device=device, dtype=torch.float32)
+    q = q.to(device=device, dtype=torch.float32)
     num_rows, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    keys = gather_paged_kv(k_cache, req.block_tables[rows].to(device), width).float()  # [r, T, Hkv, D]
-    if req.rope_cos is not None:
-        cos = req.rope_cos[:width].to(device=device, dtype=torch.float32)[None, :, None, :]
-        sin = req.rope_sin[:width].to(device=device, dtype=torch.float32)[None, :, None, :]
+    keys = gather_paged_kv(k_cache, block_tables.to(device), width).float()  # [r, T, Hkv, D]
+    if rope is not None:
+        cos, sin = (table[:width].to(device=device, dtype=torch.float32)[None, :, None, :] for table in rope)
         keys = rotate(keys, cos, -sin)
     q_groups = q.reshape(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
     logits = torch.matmul(q_groups, keys.permute(0, 2, 3, 1)) * scale  # [r, Hkv, G, T]
     return logits.reshape(num_rows, num_heads, width)
+
+
+def _chunk_logits(k_cache: torch.Tensor, req: CaptureRequest, rows: slice, scale: float, width: int) -> torch.Tensor:
+    """Float32 logits ``[r, Hq, width]`` of the chunk's queries against their first ``width`` cache positions."""
+    rope = (req.rope_cos, req.rope_sin) if req.rope_cos is not None else None
+    return paged_logits(req.q[rows], k_cache, req.block_tables[rows], width, scale, rope)
 
 
 def _masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
