@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import math
 
+import numpy as np
 import pytest
 
 
@@ -27,3 +30,10 @@ def assert_records_close(want: list[dict], got: list[dict]) -> None:
                 assert fg[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
             else:
                 assert fg[key] == value, key
+
+
+def full_matrices(attn_capture_data: list[dict]) -> dict[int, tuple[np.ndarray, dict]]:
+    """Decoded ``attn_capture_data``: per layer the float32 ``[T, heads, T]`` matrix and its token_meta."""
+    return {d["layer_idx"]: (np.frombuffer(gzip.decompress(base64.b64decode(d["data"])), dtype=np.float16)
+                             .reshape(d["shape"]).astype(np.float32), d["token_meta"])
+            for d in attn_capture_data}

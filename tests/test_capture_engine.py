@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import gzip
 import math
 import random
 
@@ -13,6 +11,7 @@ import torch
 
 from attnscope.engine.llm_engine import InvalidRequestError
 from attnscope.zones import ZONES
+from records import full_matrices  # tests/records.py
 
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
 PROMPT = "The old lighthouse keeper climbed the stairs every evening to light the lamp, because"
@@ -178,13 +177,12 @@ def test_full_mode_decodes_to_causal_rows(smollm_engine):
     data = choice.attn_capture_data
     assert [d["layer_idx"] for d in data] == [2, 18]
     prompt_len = len(out.prompt_token_ids)
-    for d in data:
-        t, heads, t2 = d["shape"]
-        assert heads == 9 and t == t2 == prompt_len + len(choice.token_ids) - 1
-        m = np.frombuffer(gzip.decompress(base64.b64decode(d["data"])), dtype=np.float16).reshape(d["shape"])
-        assert np.allclose(m.astype(np.float32).sum(-1), 1.0, atol=5e-3)
+    t = prompt_len + len(choice.token_ids) - 1
+    for m, meta in full_matrices(data).values():
+        assert m.shape == (t, 9, t)
+        assert np.allclose(m.sum(-1), 1.0, atol=5e-3)
         assert np.all(m[np.triu_indices(t, 1)[0], :, np.triu_indices(t, 1)[1]] == 0)
-        assert d["token_meta"] == {"prompt_len": prompt_len, "total_len": t, "vision_ranges": [],
+        assert meta == {"prompt_len": prompt_len, "total_len": t, "vision_ranges": [],
                                    "lang_ranges": [{"start": 0, "end": prompt_len}], "mask_prefix": 0}
 
 
@@ -200,22 +198,15 @@ def test_rows_inside_the_privacy_mask_are_not_captured(smollm_engine, mode):
         assert positions == list(range(n, prompt_len + 3))
 
 
-def _full_matrices(choice) -> dict[int, tuple[np.ndarray, dict]]:
-    """Decoded ``attn_capture_data``: per layer the float32 ``[T, heads, T]`` matrix and its token_meta."""
-    return {d["layer_idx"]: (np.frombuffer(gzip.decompress(base64.b64decode(d["data"])), dtype=np.float16)
-                             .reshape(d["shape"]).astype(np.float32), d["token_meta"])
-            for d in choice.attn_capture_data}
-
-
 def test_full_mode_honours_the_privacy_mask(smollm_engine):
     """With ``mask_prefix = n`` full matrices lose the first n query rows and key columns (the server's system-prompt
     mask sets it), every row renormalised over the keys left: the unmasked matrix's rows from n on, rescaled."""
     n = 6
     params = {"temperature": 0.0, "max_tokens": 4}
-    whole, whole_meta = _full_matrices(generate(smollm_engine, {"mode": "full", "layers": [18]},
-                                                params=params).completions[0])[18]
+    whole, whole_meta = full_matrices(generate(smollm_engine, {"mode": "full", "layers": [18]},
+                                               params=params).completions[0].attn_capture_data)[18]
     out = generate(smollm_engine, {"mode": "full", "layers": [18], "mask_prefix": n}, params=params)
-    masked, meta = _full_matrices(out.completions[0])[18]
+    masked, meta = full_matrices(out.completions[0].attn_capture_data)[18]
     t = whole.shape[0]
     assert masked.shape == (t - n, 9, t - n)
     kept = whole[n:, :, n:]
@@ -234,9 +225,9 @@ def test_full_mode_derotated_rows_agree_with_the_derotated_raw_capture(smollm_en
     params = {"temperature": 0.0, "max_tokens": 4}
     raw = generate(smollm_engine, {"mode": "raw", "top_k": 5, "layers": [3], "derotate": True}, params=params)
     full = generate(smollm_engine, {"mode": "full", "layers": [3], "derotate": True}, params=params)
-    rotated, _ = _full_matrices(generate(smollm_engine, {"mode": "full", "layers": [3]}, params=params)
-                                .completions[0])[3]
-    matrix, _ = _full_matrices(full.completions[0])[3]
+    rotated, _ = full_matrices(generate(smollm_engine, {"mode": "full", "layers": [3]}, params=params)
+                               .completions[0].attn_capture_data)[3]
+    matrix, _ = full_matrices(full.completions[0].attn_capture_data)[3]
     assert full.completions[0].token_ids == raw.completions[0].token_ids
     assert not np.allclose(matrix, rotated, atol=1e-2)
     for entry in raw.completions[0].attention_tokens:

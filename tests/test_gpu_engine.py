@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from records import full_matrices  # tests/records.py
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
@@ -81,6 +83,34 @@ def test_gpu_fingerprint_matches_cpu(tiny_llama):
     assert len(got) == len(out.prompt_token_ids) - 1 + 16
     for entry in got:
         assert np.allclose(entry["fingerprint"], ref_rows[entry["query_position"]], atol=1.5e-2)
+
+
+def test_full_mode_on_cuda_matches_cpu(tiny_llama):
+    """Full matrices (``attn_capture_data``) from the CUDA engine in bf16 match the CPU engine's float32 ones on the
+    same tokens: a de-rotated request with a privacy mask batched beside a rotated one (one step's rows of both)."""
+    gpu, cpu = _engine(tiny_llama, "cuda"), _engine(tiny_llama, "cpu")
+    prompts = [" ".join(CORPUS[:3]), " ".join(CORPUS[1:3])]
+    captures = [{"mode": "full", "layers": [1, 3], "derotate": True, "mask_prefix": 3},
+                {"mode": "full", "layers": [3]}]
+    params = {"temperature": 0.0, "max_tokens": 6, "ignore_eos": True}
+    rids = [gpu.add_request(p, params=params, capture=c) for p, c in zip(prompts, captures)]
+    tokens = {rid: [] for rid in rids}
+    data = {}
+    while gpu.has_unfinished():
+        for out in gpu.step():
+            for delta in out.deltas:
+                tokens[out.request_id].extend(delta.token_ids)
+                data[out.request_id] = delta.attn_capture_data or data.get(out.request_id)
+    for prompt, capture, rid in zip(prompts, captures, rids):
+        ids = gpu.tokenizer.encode(prompt) + tokens[rid]
+        ref = cpu.generate(prompt_token_ids=[ids], params={"max_tokens": 1}, capture=capture)[0]
+        want = full_matrices(ref.completions[0].attn_capture_data)
+        got = full_matrices(data[rid])
+        assert sorted(got) == capture["layers"]
+        for layer, (matrix, meta) in got.items():
+            t = len(ids) - 1 - capture.get("mask_prefix", 0)
+            assert matrix.shape == (t, 8, t) and meta["mask_prefix"] == capture.get("mask_prefix", 0)
+            np.testing.assert_allclose(matrix, want[layer][0][:t, :, :t], atol=2e-2)
 
 
 def _step_all(engine, prompts, max_tokens, captures, penalties=None):
