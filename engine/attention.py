@@ -170,10 +170,11 @@ def _deferred_finish(group: LayerCapture, batch: AttentionBatch, q: torch.Tensor
     if key not in batch.deferred:
         from attnscope.kernels.capture import DeferredFinish
 
-        slots = sum(1 for groups in batch.capture.layers.values()
-                    if (fused := _fused_group(groups, batch, q)) is not None and _finish_key(fused) == key)
-        defer = slots > 1 and group.top_k > 0 and batch.q_heads is None
-        batch.deferred[key] = DeferredFinish(slots) if defer else None
+        slots = 0
+        if group.top_k > 0 and batch.q_heads is None:
+            slots = sum(1 for groups in batch.capture.layers.values()
+                        if (fused := _fused_group(groups, batch, q)) is not None and _finish_key(fused) == key)
+        batch.deferred[key] = DeferredFinish(slots) if slots > 1 else None
     return batch.deferred[key]
 
 
@@ -221,12 +222,9 @@ def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch:
             group.result = standalone_capture(k_cache, request, scale, batch.capture_launch_rows)
     full = batch.capture.full.get(layer)
     if full is not None:
-        queries = q[full.index]
-        if any(full.derotate):
-            flags = torch.tensor(full.derotate, device=q.device)[:, None, None]
-            queries = torch.where(flags, q_unrotated[full.index], queries)
-        full.probs = full_attention_rows(queries, k_cache, full.block_tables, full.positions, scale,
-                                         full.mask_prefix, batch.rope, full.derotate)
+        unrotated = q_unrotated[full.index] if any(full.derotate) else None
+        full.probs = full_attention_rows(q[full.index], k_cache, full.block_tables, full.positions, scale,
+                                         full.mask_prefix, batch.rope, full.derotate, unrotated)
     return fused
 
 
