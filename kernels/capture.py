@@ -492,13 +492,22 @@ def _capture_tile(
 
 @triton.jit
 def _head_topk_tile(
-    best, logits, tokens, pos, u_lo, w_lo, head_top_k, GROUP_PAD: tl.constexpr, LOG_GROUP_PAD: tl.constexpr,
-    TILE_N: tl.constexpr,
+    best, logits, tokens, pos, w_lo, head_top_k, GROUP_PAD: tl.constexpr, HEAD_ROWS: tl.constexpr,
+    LOG_HEAD_ROWS: tl.constexpr, TILE_N: tl.constexpr,
 ):
-    """Merge a tile's logits over ``W`` into the per-head running top-k ``best``."""
+    """Merge a tile's logits over ``W`` into the per-head running top-k ``best`` ``[HEAD_ROWS, SLOTS]``.
+
+    The group's heads are the first ``HEAD_ROWS`` of the dot's ``GROUP_PAD`` rows; the padding
+    rows are dropped before the sort network, which then does a quarter of the work at a group
+    of 4 heads padded to 16 rows.
+    """
+    if HEAD_ROWS < GROUP_PAD:
+        blocks = tl.arange(0, GROUP_PAD // HEAD_ROWS)[:, None, None]
+        stacked = tl.reshape(logits, [GROUP_PAD // HEAD_ROWS, HEAD_ROWS, TILE_N])
+        logits = tl.max(tl.where(blocks == 0, stacked, float("-inf")), axis=0)
     in_w = (tokens >= w_lo) & (tokens <= pos)  # w_lo >= u_lo
     keys = _pack_keys(logits, tokens[None, :], in_w[None, :])
-    return _update_topk(best, keys, head_top_k, GROUP_PAD, LOG_GROUP_PAD, TILE_N)
+    return _update_topk(best, keys, head_top_k, HEAD_ROWS, LOG_HEAD_ROWS, TILE_N)
 
 
 @triton.jit
@@ -527,11 +536,13 @@ def _store_logits(logits_ptr, row_base, heads, row_valid, tokens, logits, stride
 
 
 @triton.jit
-def _store_head_keys(head_keys_ptr, keys_base, heads, row_valid, best, stride_kh):
-    """Write one split's per-head top-k keys for a KV group's heads."""
+def _store_head_keys(head_keys_ptr, keys_base, kv_head, best, stride_kh, GROUP_SIZE: tl.constexpr,
+                     HEAD_ROWS: tl.constexpr):
+    """Write one split's per-head top-k keys ``best`` ``[HEAD_ROWS, SLOTS]`` for KV group ``kv_head``'s heads."""
+    rows = tl.arange(0, HEAD_ROWS)
     slots = tl.arange(0, SLOTS)
-    key_rows = head_keys_ptr + keys_base + heads * stride_kh
-    tl.store(key_rows[:, None] + slots[None, :], best, mask=row_valid[:, None])
+    key_rows = head_keys_ptr + keys_base + (kv_head * GROUP_SIZE + rows) * stride_kh
+    tl.store(key_rows[:, None] + slots[None, :], best, mask=(rows < GROUP_SIZE)[:, None])
 
 
 # ----------------------------------------------------------------------------- Pass A kernels
@@ -582,7 +593,8 @@ def _capture_split_kernel(
     stride_lh,
     GROUP_SIZE: tl.constexpr,
     GROUP_PAD: tl.constexpr,
-    LOG_GROUP_PAD: tl.constexpr,
+    HEAD_ROWS: tl.constexpr,
+    LOG_HEAD_ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
@@ -620,7 +632,7 @@ def _capture_split_kernel(
     e_c = tl.zeros([GROUP_PAD], dtype=tl.float32)
     hist = tl.zeros([GROUP_PAD, 16], dtype=tl.float32)
     if HEAD_TOPK:
-        best = tl.full([GROUP_PAD, SLOTS], EMPTY_KEY, tl.int64)
+        best = tl.full([HEAD_ROWS, SLOTS], EMPTY_KEY, tl.int64)
 
     block_table_row = block_tables_ptr + row * stride_btr
     for tile_start in range(split_start, split_end, TILE_N):
@@ -646,7 +658,9 @@ def _capture_split_kernel(
             split_end, pos, u_lo, c_lo, TILE_N, STATS,
         )
         if HEAD_TOPK:
-            best = _head_topk_tile(best, logits, tokens, pos, u_lo, w_lo, head_top_k, GROUP_PAD, LOG_GROUP_PAD, TILE_N)
+            best = _head_topk_tile(
+                best, logits, tokens, pos, w_lo, head_top_k, GROUP_PAD, HEAD_ROWS, LOG_HEAD_ROWS, TILE_N
+            )
         m_i = m_new
 
     _store_capture_split(
@@ -654,7 +668,9 @@ def _capture_split_kernel(
         stride_sf,
     )
     if HEAD_TOPK:
-        _store_head_keys(head_keys_ptr, row * stride_kr + split * stride_ks, heads, row_valid, best, stride_khd)
+        _store_head_keys(
+            head_keys_ptr, row * stride_kr + split * stride_ks, kv_head, best, stride_khd, GROUP_SIZE, HEAD_ROWS
+        )
 
 
 @triton.jit(do_not_specialize=FUSED_RUNTIME_INTS)
@@ -708,7 +724,8 @@ def _fused_decode_capture_kernel(
     stride_lh,
     GROUP_SIZE: tl.constexpr,
     GROUP_PAD: tl.constexpr,
-    LOG_GROUP_PAD: tl.constexpr,
+    HEAD_ROWS: tl.constexpr,
+    LOG_HEAD_ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
@@ -767,7 +784,7 @@ def _fused_decode_capture_kernel(
         e_c = tl.zeros([GROUP_PAD], dtype=tl.float32)
         hist = tl.zeros([GROUP_PAD, 16], dtype=tl.float32)
         if HEAD_TOPK:
-            best = tl.full([GROUP_PAD, SLOTS], EMPTY_KEY, tl.int64)
+            best = tl.full([HEAD_ROWS, SLOTS], EMPTY_KEY, tl.int64)
         for tile_start in range(split_start, split_end, TILE_N):
             tokens = tile_start + tile_offsets
             m_new, l_i, acc, logits, tile_max, shifted, p, p_sum, alpha = _attend_tile(
@@ -785,7 +802,7 @@ def _fused_decode_capture_kernel(
                 _store_logits(logits_ptr, cap * stride_lr, heads, row_valid, tokens, logits, stride_lh)
             if HEAD_TOPK:
                 best = _head_topk_tile(
-                    best, logits, tokens, pos, u_lo, w_lo, head_top_k, GROUP_PAD, LOG_GROUP_PAD, TILE_N
+                    best, logits, tokens, pos, w_lo, head_top_k, GROUP_PAD, HEAD_ROWS, LOG_HEAD_ROWS, TILE_N
                 )
             m_i = m_new
         _store_capture_split(
@@ -793,7 +810,9 @@ def _fused_decode_capture_kernel(
             stride_sf,
         )
         if HEAD_TOPK:
-            _store_head_keys(head_keys_ptr, cap * stride_kr + split * stride_ks, heads, row_valid, best, stride_khd)
+            _store_head_keys(
+                head_keys_ptr, cap * stride_kr + split * stride_ks, kv_head, best, stride_khd, GROUP_SIZE, HEAD_ROWS
+            )
 
     has_tokens = l_i > 0.0
     safe_l = tl.where(has_tokens, l_i, 1.0)
@@ -1878,7 +1897,8 @@ def attention_capture(
             *partials.logits.stride()[:2],
             GROUP_SIZE=group,
             GROUP_PAD=_group_pad(group),
-            LOG_GROUP_PAD=_group_pad(group).bit_length() - 1,
+            HEAD_ROWS=triton.next_power_of_2(group),
+            LOG_HEAD_ROWS=triton.next_power_of_2(group).bit_length() - 1,
             HEAD_DIM=head_dim,
             BLOCK_SIZE=block_size,
             TILE_N=_tile_tokens(head_dim),
@@ -2029,7 +2049,8 @@ def paged_decode_attention_capture(
         *partials.tile_max.stride()[:2], *partials.logits.stride()[:2],
         GROUP_SIZE=group,
         GROUP_PAD=_group_pad(group),
-        LOG_GROUP_PAD=_group_pad(group).bit_length() - 1,
+        HEAD_ROWS=triton.next_power_of_2(group),
+        LOG_HEAD_ROWS=triton.next_power_of_2(group).bit_length() - 1,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         TILE_N=_tile_tokens(head_dim),
