@@ -73,7 +73,10 @@ FLOOR_MIN_TILES_PER_K = 4  # Pass B: seek a floor (round 1) only when there are 
 # strides specialised like at run time): plain decode kernel 113 at 4 warps (4 CTAs/SM); fused
 # kernel without per-head top-k 167 at 4 warps, 128 and no spills with maxnreg=128 -- the plain
 # kernel's 4 CTAs of 4 warps per SM, so uncaptured rows run at the plain kernel's occupancy; with
-# per-head top-k 224 at 4 warps (180 at 8), no spills either way. Pass B with ROPE (float32
+# per-head top-k 218-220 at 4 warps (170 at 8), no spills either way; capped at 128 (as adopted) it
+# spills 22-40 values and ran 10-30 % faster from batch 8 and 3-8 % slower at batch 1, while 8 warps
+# were 8-15 % faster at 1 x 2K and 8 x 32K but 10-32 % slower at 1 x 32K, 32 x 2K and 32 x 32K (H100,
+# Llama-8B attention, per-head top-8 and top-32). Pass B with ROPE (float32
 # de-rotated keys, IEEE dots) spilled at 4 warps and not at 8. The merge and combine kernels are
 # latency-bound single-row loops: one warp each (measured on an H200, no slower than 2 or 4).
 # The finish launch runs at the plain decode combine's SPLIT_COMBINE_NUM_WARPS (8), so a captured
@@ -87,8 +90,6 @@ FUSED_MAXNREG = 128
 # two were within noise except 8 x 32K with top-32, where 2 stages lost 3 %.
 FUSED_NUM_STAGES = 3
 FUSED_NO_STATS_NUM_STAGES = 2
-FUSED_HEAD_TOPK_NUM_WARPS = 4
-FUSED_HEAD_TOPK_MAXNREG = None
 PASS_A_NUM_WARPS = 4
 PASS_B_NUM_WARPS = 4
 PASS_B_PROGRAMS_PER_SM = 16  # measured on an H200: 4 -> 16 cut the flat-key Pass B by up to 6 %
@@ -2060,8 +2061,8 @@ def paged_decode_attention_capture(
         STORE_LOGITS=partials.stores_logits,
         ROWS_PAD=max(2, triton.next_power_of_2(rows)),
         STATS=capture.statistics,
-        num_warps=FUSED_HEAD_TOPK_NUM_WARPS if capture.head_top_k else FUSED_NUM_WARPS,
-        maxnreg=FUSED_HEAD_TOPK_MAXNREG if capture.head_top_k else FUSED_MAXNREG,
+        num_warps=FUSED_NUM_WARPS,
+        maxnreg=FUSED_MAXNREG,
         num_stages=FUSED_NUM_STAGES if capture.statistics else FUSED_NO_STATS_NUM_STAGES,
     )
     if slot is not None:
