@@ -36,8 +36,11 @@ program's ``TOPK_SLOTS`` best keys sorted descending; a tile is merged by a bito
 tile (ascending), the elementwise max with the running best (a bitonic sequence holding exactly
 the top ``TOPK_SLOTS`` of the union) and one bitonic merge. The compare-exchanges are
 ``tl.min``/``tl.max`` over the axes of a ``[2, 2, ...]`` view, which also keeps the Triton
-interpreter fast (its ``tl.sort`` reduces with a Python-level xor). A tile with no key above
-the running k-th is skipped. Per-split candidates are merged by a small kernel the same way,
+interpreter fast (its ``tl.sort`` reduces with a Python-level xor). Pass A's per-head top-k
+merges candidates in batches: keys above a head's k-th at the last merge are appended to a
+64-key buffer (the program's own output slots) and merged when the next tile would overflow it,
+and at the end. Pass B's key-tile recompute merges a tile unless no key beats the running k-th.
+Per-split candidates are merged by a small kernel the same way,
 exact since the union of per-split top-k holds the global top-k. Pass B's chunk keys are
 merged the same way (lists with nothing above the running k-th are skipped unread).
 """
@@ -492,15 +495,46 @@ def _capture_tile(
 
 
 @triton.jit
-def _head_topk_tile(
-    best, logits, tokens, pos, w_lo, head_top_k, GROUP_PAD: tl.constexpr, HEAD_ROWS: tl.constexpr,
-    LOG_HEAD_ROWS: tl.constexpr, TILE_N: tl.constexpr,
-):
-    """Merge a tile's logits over ``W`` into the per-head running top-k ``best`` ``[HEAD_ROWS, SLOTS]``.
+def _head_topk_rows(head_keys_ptr, keys_base, kv_head, stride_kh, GROUP_SIZE: tl.constexpr, HEAD_ROWS: tl.constexpr):
+    """Where a program's per-head keys live: its ``[HEAD_ROWS, SLOTS]`` slots of the split's head-key partials
+    (the KV group's heads; rows past ``GROUP_SIZE`` are padding and never written) and which rows are real."""
+    rows = tl.arange(0, HEAD_ROWS)
+    return head_keys_ptr + keys_base + (kv_head * GROUP_SIZE + rows) * stride_kh, rows < GROUP_SIZE
 
-    The group's heads are the first ``HEAD_ROWS`` of the dot's ``GROUP_PAD`` rows; the padding
-    rows are dropped before the sort network, which then does a quarter of the work at a group
-    of 4 heads padded to 16 rows.
+
+@triton.jit
+def _flush_head_candidates(best, count, key_rows, row_valid, head_top_k, HEAD_ROWS: tl.constexpr,
+                           LOG_HEAD_ROWS: tl.constexpr):
+    """Merge the ``count`` candidate keys buffered per head at ``key_rows`` into the running top-k ``best``.
+
+    Returns the new ``best`` and its ``k``-th key per head (the threshold for later candidates).
+    The barriers order the buffer's stores by other threads before the load, and the load before
+    the buffer is written again.
+    """
+    slots = tl.arange(0, SLOTS)
+    tl.debug_barrier()
+    buffered = tl.load(key_rows[:, None] + slots[None, :], mask=row_valid[:, None] & (slots[None, :] < count[:, None]),
+                       other=EMPTY_KEY, cache_modifier=".cg")
+    tl.debug_barrier()
+    best = _merge_topk(best, buffered, HEAD_ROWS, LOG_HEAD_ROWS, SLOTS)
+    return best, _kth_key(best, head_top_k, SLOTS)
+
+
+@triton.jit
+def _head_topk_tile(
+    best, kth, count, key_rows, row_valid, logits, tokens, pos, w_lo, head_top_k, GROUP_PAD: tl.constexpr,
+    HEAD_ROWS: tl.constexpr, LOG_HEAD_ROWS: tl.constexpr, TILE_N: tl.constexpr,
+):
+    """Buffer a tile's per-head candidates over ``W`` for the running top-k ``best`` ``[HEAD_ROWS, SLOTS]``.
+
+    A key is a candidate when it beats its head's ``kth`` (the ``k``-th key of ``best`` at the
+    last merge: a key below it has ``k`` larger ones and cannot rank). Candidates are appended
+    to the head's ``SLOTS``-key buffer at ``key_rows`` (``count`` used); a tile that would
+    overflow a buffer first merges the buffers into ``best`` (:func:`_flush_head_candidates`),
+    so a split merges a handful of times instead of once per tile that holds a candidate
+    (simulated on flat keys, top-8 over 32 tiles: about 3 merges against 27). The group's
+    heads are the first ``HEAD_ROWS`` of the dot's ``GROUP_PAD`` rows; the padding rows are
+    dropped first.
     """
     if HEAD_ROWS < GROUP_PAD:
         blocks = tl.arange(0, GROUP_PAD // HEAD_ROWS)[:, None, None]
@@ -508,7 +542,28 @@ def _head_topk_tile(
         logits = tl.max(tl.where(blocks == 0, stacked, float("-inf")), axis=0)
     in_w = (tokens >= w_lo) & (tokens <= pos)  # w_lo >= u_lo
     keys = _pack_keys(logits, tokens[None, :], in_w[None, :])
-    return _update_topk(best, keys, head_top_k, HEAD_ROWS, LOG_HEAD_ROWS, TILE_N)
+    hits = (keys > kth[:, None]) & row_valid[:, None]
+    found = tl.sum(hits.to(tl.int32), axis=1)
+    if tl.max(found, axis=0) > 0:
+        if tl.max(count + found, axis=0) > SLOTS:
+            best, kth = _flush_head_candidates(best, count, key_rows, row_valid, head_top_k, HEAD_ROWS, LOG_HEAD_ROWS)
+            count = tl.zeros_like(count)
+            hits = (keys > kth[:, None]) & row_valid[:, None]
+            found = tl.sum(hits.to(tl.int32), axis=1)
+        slot = count[:, None] + tl.cumsum(hits.to(tl.int32), axis=1) - 1
+        tl.store(key_rows[:, None] + slot, keys, mask=hits)
+        count += found
+    return best, kth, count
+
+
+@triton.jit
+def _store_head_keys(best, count, key_rows, row_valid, head_top_k, HEAD_ROWS: tl.constexpr,
+                     LOG_HEAD_ROWS: tl.constexpr):
+    """Merge a program's last buffered candidates and write its per-head top ``SLOTS`` keys over the buffer."""
+    if tl.max(count, axis=0) > 0:
+        best, kth = _flush_head_candidates(best, count, key_rows, row_valid, head_top_k, HEAD_ROWS, LOG_HEAD_ROWS)
+    slots = tl.arange(0, SLOTS)
+    tl.store(key_rows[:, None] + slots[None, :], best, mask=row_valid[:, None])
 
 
 @triton.jit
@@ -534,16 +589,6 @@ def _store_tile_max(tile_max_ptr, row_base, heads, row_valid, tile_start, tile_m
 def _store_logits(logits_ptr, row_base, heads, row_valid, tokens, logits, stride_lh):
     """Keep a tile's logits ``[GROUP_PAD, TILE_N]`` for Pass B (positions past the split hold ``-inf``)."""
     tl.store(logits_ptr + row_base + heads[:, None] * stride_lh + tokens[None, :], logits, mask=row_valid[:, None])
-
-
-@triton.jit
-def _store_head_keys(head_keys_ptr, keys_base, kv_head, best, stride_kh, GROUP_SIZE: tl.constexpr,
-                     HEAD_ROWS: tl.constexpr):
-    """Write one split's per-head top-k keys ``best`` ``[HEAD_ROWS, SLOTS]`` for KV group ``kv_head``'s heads."""
-    rows = tl.arange(0, HEAD_ROWS)
-    slots = tl.arange(0, SLOTS)
-    key_rows = head_keys_ptr + keys_base + (kv_head * GROUP_SIZE + rows) * stride_kh
-    tl.store(key_rows[:, None] + slots[None, :], best, mask=(rows < GROUP_SIZE)[:, None])
 
 
 # ----------------------------------------------------------------------------- Pass A kernels
@@ -634,6 +679,10 @@ def _capture_split_kernel(
     hist = tl.zeros([GROUP_PAD, 16], dtype=tl.float32)
     if HEAD_TOPK:
         best = tl.full([HEAD_ROWS, SLOTS], EMPTY_KEY, tl.int64)
+        head_kth = tl.full([HEAD_ROWS], EMPTY_KEY, tl.int64)
+        buffered = tl.zeros([HEAD_ROWS], dtype=tl.int32)
+        key_rows, head_valid = _head_topk_rows(head_keys_ptr, row * stride_kr + split * stride_ks, kv_head, stride_khd, GROUP_SIZE,
+                                               HEAD_ROWS)
 
     block_table_row = block_tables_ptr + row * stride_btr
     for tile_start in range(split_start, split_end, TILE_N):
@@ -659,8 +708,9 @@ def _capture_split_kernel(
             split_end, pos, u_lo, c_lo, TILE_N, STATS,
         )
         if HEAD_TOPK:
-            best = _head_topk_tile(
-                best, logits, tokens, pos, w_lo, head_top_k, GROUP_PAD, HEAD_ROWS, LOG_HEAD_ROWS, TILE_N
+            best, head_kth, buffered = _head_topk_tile(
+                best, head_kth, buffered, key_rows, head_valid, logits, tokens, pos, w_lo, head_top_k, GROUP_PAD,
+                HEAD_ROWS, LOG_HEAD_ROWS, TILE_N,
             )
         m_i = m_new
 
@@ -669,9 +719,7 @@ def _capture_split_kernel(
         stride_sf,
     )
     if HEAD_TOPK:
-        _store_head_keys(
-            head_keys_ptr, row * stride_kr + split * stride_ks, kv_head, best, stride_khd, GROUP_SIZE, HEAD_ROWS
-        )
+        _store_head_keys(best, buffered, key_rows, head_valid, head_top_k, HEAD_ROWS, LOG_HEAD_ROWS)
 
 
 @triton.jit(do_not_specialize=FUSED_RUNTIME_INTS)
@@ -786,6 +834,10 @@ def _fused_decode_capture_kernel(
         hist = tl.zeros([GROUP_PAD, 16], dtype=tl.float32)
         if HEAD_TOPK:
             best = tl.full([HEAD_ROWS, SLOTS], EMPTY_KEY, tl.int64)
+            head_kth = tl.full([HEAD_ROWS], EMPTY_KEY, tl.int64)
+            buffered = tl.zeros([HEAD_ROWS], dtype=tl.int32)
+            key_rows, head_valid = _head_topk_rows(head_keys_ptr, cap * stride_kr + split * stride_ks, kv_head, stride_khd, GROUP_SIZE,
+                                                   HEAD_ROWS)
         for tile_start in range(split_start, split_end, TILE_N):
             tokens = tile_start + tile_offsets
             m_new, l_i, acc, logits, tile_max, shifted, p, p_sum, alpha = _attend_tile(
@@ -802,8 +854,9 @@ def _fused_decode_capture_kernel(
             if STORE_LOGITS:
                 _store_logits(logits_ptr, cap * stride_lr, heads, row_valid, tokens, logits, stride_lh)
             if HEAD_TOPK:
-                best = _head_topk_tile(
-                    best, logits, tokens, pos, w_lo, head_top_k, GROUP_PAD, HEAD_ROWS, LOG_HEAD_ROWS, TILE_N
+                best, head_kth, buffered = _head_topk_tile(
+                    best, head_kth, buffered, key_rows, head_valid, logits, tokens, pos, w_lo, head_top_k, GROUP_PAD,
+                    HEAD_ROWS, LOG_HEAD_ROWS, TILE_N,
                 )
             m_i = m_new
         _store_capture_split(
@@ -811,9 +864,7 @@ def _fused_decode_capture_kernel(
             stride_sf,
         )
         if HEAD_TOPK:
-            _store_head_keys(
-                head_keys_ptr, cap * stride_kr + split * stride_ks, kv_head, best, stride_khd, GROUP_SIZE, HEAD_ROWS
-            )
+            _store_head_keys(best, buffered, key_rows, head_valid, head_top_k, HEAD_ROWS, LOG_HEAD_ROWS)
 
     has_tokens = l_i > 0.0
     safe_l = tl.where(has_tokens, l_i, 1.0)

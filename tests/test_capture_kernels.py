@@ -550,6 +550,27 @@ def test_ties_across_many_tiles_rank_lower_position_first(seed: int) -> None:
     check_result(result, case, req, seed)
 
 
+@pytest.mark.parametrize("head_top_k, key_alphabet", [(1, 0), (8, 0), (64, 0), (8, 3)],
+                         ids=["k1", "k8", "k64", "k8-ties"])
+def test_head_topk_over_many_tiles_of_one_split(seed: int, head_top_k: int, key_alphabet: int) -> None:
+    """One split per row over up to 24 key tiles, so each program buffers per-head candidates and merges them
+    into its running top-k many times (a tile that would overflow a buffer merges it first): the standalone
+    and the fused kernel rank every head like the reference, and exactly tied logits by lower position."""
+    case = make_case(seed, [1500, 700], 8, 2, 32, 16, torch.float32, key_alphabet=key_alphabet)
+    rows = [0, 1]
+    req = decode_request(case, rows, random.Random(seed), 0, head_top_k)
+    standalone = attention_capture(case.k_cache, req, case.scale, num_splits=1)
+    args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale)
+    _, _, fused = paged_decode_attention_capture(*args, req, torch.tensor(rows, dtype=torch.int32), num_splits=1)
+    ref = capture_rows_ref(case.k_cache.float(), replace(req, q=req.q.float()), case.scale)
+    for result in (standalone, fused):
+        if key_alphabet:  # integer dot products: logits exact, every tie resolved by position
+            assert torch.equal(result.head_topk_pos, ref.head_topk_pos), f"seed={seed}"
+            tied = result.head_topk_logit[..., 1:] == result.head_topk_logit[..., :-1]
+            assert tied.any() and (result.head_topk_pos[..., 1:] > result.head_topk_pos[..., :-1])[tied].all()
+        check_result(result, case, req, seed)
+
+
 def decode_request(case: Case, rows: list[int], rng: random.Random, top_k: int, head_top_k: int) -> CaptureRequest:
     """A capture request for the decode rows ``rows`` of ``case`` (query at the last position)."""
     full = make_request(case, rng, top_k, head_top_k, query_pos=[n - 1 for n in case.context_lens.tolist()])
