@@ -681,8 +681,9 @@ def _capture_split_kernel(
         best = tl.full([HEAD_ROWS, SLOTS], EMPTY_KEY, tl.int64)
         head_kth = tl.full([HEAD_ROWS], EMPTY_KEY, tl.int64)
         buffered = tl.zeros([HEAD_ROWS], dtype=tl.int32)
-        key_rows, head_valid = _head_topk_rows(head_keys_ptr, row * stride_kr + split * stride_ks, kv_head, stride_khd, GROUP_SIZE,
-                                               HEAD_ROWS)
+        key_rows, head_valid = _head_topk_rows(
+            head_keys_ptr, row * stride_kr + split * stride_ks, kv_head, stride_khd, GROUP_SIZE, HEAD_ROWS
+        )
 
     block_table_row = block_tables_ptr + row * stride_btr
     for tile_start in range(split_start, split_end, TILE_N):
@@ -836,8 +837,9 @@ def _fused_decode_capture_kernel(
             best = tl.full([HEAD_ROWS, SLOTS], EMPTY_KEY, tl.int64)
             head_kth = tl.full([HEAD_ROWS], EMPTY_KEY, tl.int64)
             buffered = tl.zeros([HEAD_ROWS], dtype=tl.int32)
-            key_rows, head_valid = _head_topk_rows(head_keys_ptr, cap * stride_kr + split * stride_ks, kv_head, stride_khd, GROUP_SIZE,
-                                                   HEAD_ROWS)
+            key_rows, head_valid = _head_topk_rows(
+                head_keys_ptr, cap * stride_kr + split * stride_ks, kv_head, stride_khd, GROUP_SIZE, HEAD_ROWS
+            )
         for tile_start in range(split_start, split_end, TILE_N):
             tokens = tile_start + tile_offsets
             m_new, l_i, acc, logits, tile_max, shifted, p, p_sum, alpha = _attend_tile(
