@@ -76,16 +76,19 @@ FLOOR_MIN_TILES_PER_K = 4  # Pass B: seek a floor (round 1) only when there are 
 # strides specialised like at run time): plain decode kernel 113 at 4 warps (4 CTAs/SM); fused
 # kernel without per-head top-k 167 at 4 warps, 128 and no spills with maxnreg=128 -- the plain
 # kernel's 4 CTAs of 4 warps per SM, so uncaptured rows run at the plain kernel's occupancy; with
-# per-head top-k 218-220 at 4 warps (170 at 8), no spills either way; capped at 128 (as adopted) it
-# spills 22-40 values and ran 10-30 % faster from batch 8 and 3-8 % slower at batch 1, while 8 warps
-# were 8-15 % faster at 1 x 2K and 8 x 32K but 10-32 % slower at 1 x 32K, 32 x 2K and 32 x 32K (H100,
-# Llama-8B attention, per-head top-8 and top-32). Pass B with ROPE (float32
-# de-rotated keys, IEEE dots) spilled at 4 warps and not at 8. The merge and combine kernels are
-# latency-bound single-row loops: one warp each (measured on an H200, no slower than 2 or 4).
+# per-head top-k (candidates buffered) 220-228 at 4 warps (183-200 at 8), no spills. Capped at 128 it
+# spills 42-56 values: on an H100 (Llama-8B attention, per-head top-8 and top-32 with the statistics)
+# the cap made batch 1 slower (1 x 32K 1.60 -> 2.13x the plain kernel, 1 x 2K 2.46 -> 2.76x) and
+# 8 x 32K faster (2.32 -> 1.81x), others within 4 %; 8 warps were slower than 4 from batch 8. So the
+# cap is lifted only for a launch that fits one wave at 2 programs per SM, as batch 1's do. Pass B
+# with ROPE (float32 de-rotated keys, IEEE dots) spilled at 4 warps and not at 8. The merge and
+# combine kernels are latency-bound single-row loops: one warp each (measured on an H200, no slower
+# than 2 or 4).
 # The finish launch runs at the plain decode combine's SPLIT_COMBINE_NUM_WARPS (8), so a captured
 # layer's attention merges its splits bit-equal to an uncaptured one's.
 FUSED_NUM_WARPS = 4
 FUSED_MAXNREG = 128
+HEAD_TOPK_UNCAPPED_PROGRAMS_PER_SM = 2
 # Software-pipeline depth of the fused kernel's tile loop (Triton's default is 3). Without the
 # statistics (raw top-k) 2 stages were faster at every measured shape on an H100 (Llama-8B
 # attention, head-mean top-32: 32 x 8K 449.7 -> 437.9 us, 8 x 32K 458.7 -> 444.1, 32 x 32K 1700 ->
@@ -1563,6 +1566,14 @@ class PassAOutputs:
     tickets: torch.Tensor
 
 
+def _fused_maxnreg(head_top_k: int, programs: int, device: torch.device) -> int | None:
+    """The fused kernel's register cap: ``FUSED_MAXNREG``, lifted for per-head top-k when its launch of
+    ``programs`` fits one wave at the uncapped occupancy (``HEAD_TOPK_UNCAPPED_PROGRAMS_PER_SM``)."""
+    if head_top_k and programs <= HEAD_TOPK_UNCAPPED_PROGRAMS_PER_SM * _num_sms(device):
+        return None
+    return FUSED_MAXNREG
+
+
 def _group_pad(group: int) -> int:
     """Query rows of a KV group as the ``tl.dot`` M dimension: a power of two >= MIN_DOT_ROWS."""
     return max(MIN_DOT_ROWS, triton.next_power_of_2(group))
@@ -2115,7 +2126,7 @@ def paged_decode_attention_capture(
         ROWS_PAD=max(2, triton.next_power_of_2(rows)),
         STATS=capture.statistics,
         num_warps=FUSED_NUM_WARPS,
-        maxnreg=FUSED_MAXNREG,
+        maxnreg=_fused_maxnreg(capture.head_top_k, batch * num_kv_heads * num_splits, q.device),
         num_stages=FUSED_NUM_STAGES if capture.statistics else FUSED_NO_STATS_NUM_STAGES,
     )
     if slot is not None:
