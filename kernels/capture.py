@@ -564,7 +564,7 @@ def _store_head_keys(best, count, key_rows, row_valid, head_top_k, HEAD_ROWS: tl
                      LOG_HEAD_ROWS: tl.constexpr):
     """Merge a program's last buffered candidates and write its per-head top ``SLOTS`` keys over the buffer."""
     if tl.max(count, axis=0) > 0:
-        best, kth = _flush_head_candidates(best, count, key_rows, row_valid, head_top_k, HEAD_ROWS, LOG_HEAD_ROWS)
+        best, _ = _flush_head_candidates(best, count, key_rows, row_valid, head_top_k, HEAD_ROWS, LOG_HEAD_ROWS)
     slots = tl.arange(0, SLOTS)
     tl.store(key_rows[:, None] + slots[None, :], best, mask=row_valid[:, None])
 
@@ -1579,6 +1579,14 @@ def _group_pad(group: int) -> int:
     return max(MIN_DOT_ROWS, triton.next_power_of_2(group))
 
 
+def _pass_a_group_args(group: int) -> dict[str, int]:
+    """A Pass A kernel's KV-group constants: the group's heads, its dot rows (:func:`_group_pad`) and the
+    per-head top-k's rows (the heads rounded up to a power of two) with their log2."""
+    head_rows = triton.next_power_of_2(group)
+    return {"GROUP_SIZE": group, "GROUP_PAD": _group_pad(group), "HEAD_ROWS": head_rows,
+            "LOG_HEAD_ROWS": head_rows.bit_length() - 1}
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """IEEE float32 dots for float32 inputs; half-precision inputs use tensor cores either way."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -1960,10 +1968,7 @@ def attention_capture(
             req.q.stride(0), req.q.stride(1), *k_cache.stride()[:3], req.block_tables.stride(0), stride_rope,
             *partials.stats.stride(), *partials.head_keys.stride()[:3], *partials.tile_max.stride()[:2],
             *partials.logits.stride()[:2],
-            GROUP_SIZE=group,
-            GROUP_PAD=_group_pad(group),
-            HEAD_ROWS=triton.next_power_of_2(group),
-            LOG_HEAD_ROWS=triton.next_power_of_2(group).bit_length() - 1,
+            **_pass_a_group_args(group),
             HEAD_DIM=head_dim,
             BLOCK_SIZE=block_size,
             TILE_N=_tile_tokens(head_dim),
@@ -2112,10 +2117,7 @@ def paged_decode_attention_capture(
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         *part_out_strides, *part_lse_strides, *partials.stats.stride(), *partials.head_keys.stride()[:3],
         *partials.tile_max.stride()[:2], *partials.logits.stride()[:2],
-        GROUP_SIZE=group,
-        GROUP_PAD=_group_pad(group),
-        HEAD_ROWS=triton.next_power_of_2(group),
-        LOG_HEAD_ROWS=triton.next_power_of_2(group).bit_length() - 1,
+        **_pass_a_group_args(group),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         TILE_N=_tile_tokens(head_dim),
