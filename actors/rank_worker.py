@@ -20,6 +20,7 @@ import torch.distributed as dist
 from attnscope.engine.capture_plan import StepCapture
 from attnscope.engine.engine_config import EngineConfig
 from attnscope.engine.kv_cache import kv_cache_blocks
+from attnscope.engine.launch_shapes import LaunchShapes
 from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.model_runner import ModelRunner, StepInputs
 from attnscope.engine.parallel import TensorParallel
@@ -83,17 +84,20 @@ class RankWorker:
         return kv_cache_blocks(self.config, config.num_layers, len(model.heads.kv_heads), config.head_dim, dtype,
                                self.device)
 
-    def allocate(self, num_blocks: int) -> None:
+    def allocate(self, num_blocks: int) -> LaunchShapes | None:
         """Allocate this rank's share of ``num_blocks`` KV blocks (the same count on every rank).
 
         On CUDA (``cuda_graphs``) this records the no-capture decode graphs, their
         all-reduces included, runs the throwaway eager steps that compile the prefill path,
         and (``warm_capture``) compiles the capture kernels, on every rank at once, in the
-        same order.
+        same order. Returns the graphs' launch shapes (``None`` without graphs), to which the
+        driver pads the capture plans it ships (``StepCapture.shipped``), so eager steps launch
+        the kernel variants compiled here.
         """
         dtype = self.config.resolved_dtype(self.device)
         self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, dtype, self.device,
                                   self.config.cuda_graphs, self.config.max_num_seqs, self.config.warm_capture)
+        return self.runner.graphs.shapes if self.runner.graphs is not None else None
 
     def run(self, inputs: StepInputs, capture: StepCapture | None) -> RankOutput:
         """Run one step on this rank's shard."""

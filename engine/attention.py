@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from attnscope.engine.capture_plan import LayerCapture, StepCapture
-from attnscope.kernels.capture_reference import (CaptureRequest, CaptureResult, capture_rows_ref,
+from attnscope.kernels.capture_reference import (CaptureRequest, CaptureResult, PartialCapture, capture_rows_ref,
                                                   partial_capture_ref)
 from attnscope.kernels.full_attention import full_attention_rows
 from attnscope.kernels.reference import gather_paged_kv
@@ -178,21 +178,38 @@ def _deferred_finish(group: LayerCapture, batch: AttentionBatch, q: torch.Tensor
     return batch.deferred[key]
 
 
+def _launches(request: CaptureRequest, launch_rows: int | None) -> list[CaptureRequest]:
+    """``request`` cut into consecutive launches of ``launch_rows`` rows (whole when ``None`` or when it fits)."""
+    rows = request.q.shape[0]
+    if launch_rows is None or rows <= launch_rows:
+        return [request]
+    return [request.row_slice(slice(start, start + launch_rows)) for start in range(0, rows, launch_rows)]
+
+
 def standalone_capture(k_cache: torch.Tensor, request: CaptureRequest, scale: float,
                        launch_rows: int | None = None) -> CaptureResult:
     """A request's capture read from the cache on its own, not inside the decode kernel (prompt and first-token
     rows, de-rotated logits): Triton on CUDA, the float32 twin elsewhere; with ``launch_rows``, in launches of
     that many rows (``LaunchShapes.launch_rows``: the shapes compiled at start-up)."""
-    rows = request.q.shape[0]
-    if launch_rows is not None and rows > launch_rows:
-        return CaptureResult.concat([standalone_capture(k_cache, request.row_slice(slice(start, start + launch_rows)),
-                                                        scale)
-                                     for start in range(0, rows, launch_rows)])
     if k_cache.is_cuda:
-        from attnscope.kernels.capture import attention_capture
+        from attnscope.kernels.capture import attention_capture as capture
+    else:
+        capture = capture_rows_ref
+    parts = [capture(k_cache, part, scale) for part in _launches(request, launch_rows)]
+    return parts[0] if len(parts) == 1 else CaptureResult.concat(parts)
 
-        return attention_capture(k_cache, request, scale)
-    return capture_rows_ref(k_cache, request, scale)
+
+def standalone_partial(k_cache: torch.Tensor, request: CaptureRequest, scale: float,
+                       launch_rows: int | None = None) -> PartialCapture:
+    """A tensor-parallel rank's ``PartialCapture`` of a request read from the cache on its own (``request`` holds
+    the rank's heads): Triton on CUDA, the float32 twin elsewhere; with ``launch_rows``, in launches of that
+    many rows, like :func:`standalone_capture`."""
+    if k_cache.is_cuda:
+        from attnscope.kernels.capture import partial_capture as partial
+    else:
+        partial = partial_capture_ref
+    parts = [partial(k_cache, part, scale) for part in _launches(request, launch_rows)]
+    return parts[0] if len(parts) == 1 else PartialCapture.concat(parts)
 
 
 def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch: AttentionBatch,
@@ -212,12 +229,8 @@ def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch:
             continue
         rope = batch.rope if group.derotate else None
         request = batch.capture.request(group, q_unrotated if group.derotate else q, rope, batch.q_heads)
-        if batch.q_heads is not None and q.is_cuda:
-            from attnscope.kernels.capture import partial_capture
-
-            group.partial = partial_capture(k_cache, request, scale)
-        elif batch.q_heads is not None:
-            group.partial = partial_capture_ref(k_cache, request, scale)
+        if batch.q_heads is not None:
+            group.partial = standalone_partial(k_cache, request, scale, batch.capture_launch_rows)
         else:
             group.result = standalone_capture(k_cache, request, scale, batch.capture_launch_rows)
     full = batch.capture.full.get(layer)

@@ -140,9 +140,11 @@ class StepCapture:
             full.mask_prefix = [r.seq.capture.params.mask_prefix for r in full.rows]
             full.derotate = [r.seq.capture.params.derotate for r in full.rows]
 
-    def shipped(self) -> StepCapture:
-        """The plan, finalized on the CPU, without the sequences (what a tensor-parallel rank needs)."""
-        self.finalize(torch.device("cpu"))
+    def shipped(self, shapes: LaunchShapes | None = None) -> StepCapture:
+        """The plan, finalized on the CPU, without the sequences (what a tensor-parallel rank needs); with
+        ``shapes`` (the ranks' decode graphs' launch shapes) its settings are padded to them, as an eager step
+        on one device pads them (``finalize``)."""
+        self.finalize(torch.device("cpu"), shapes)
         return StepCapture(
             layers={layer: [LayerCapture([], g.derotate, g.top_k, g.token_indices, g.index, g.settings,
                                          statistics=g.statistics)

@@ -47,12 +47,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from attnscope.engine.attention import AttentionBatch, standalone_capture
+from attnscope.engine.attention import AttentionBatch, standalone_capture, standalone_partial
 from attnscope.engine.capture_plan import LayerCapture, StepCapture, row_columns
 from attnscope.engine.capture_records import pack_results
 from attnscope.engine.launch_shapes import BATCH_BUCKETS, PROMPT_LAUNCH_ROWS, LaunchShapes, bucket
 from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.device_values import read_pending_tokens
+from attnscope.engine.rank_capture import finish_summed
 from attnscope.kernels.capture_reference import CaptureRequest
 
 MAX_LAYOUT_GRAPHS = 16
@@ -89,9 +90,10 @@ def _row_set(group: LayerCapture) -> RowSet:
         rows = group.rows
         return RowSet([r.token_index for r in rows], row_columns(rows),
                       np.stack([r.seq.capture.head_weights.numpy() for r in rows]))
-    settings = group.settings
-    columns = {name: getattr(settings, name).tolist() for name in ("query_pos", "mask_prefix", "window", "sink_tokens")}
-    return RowSet(list(group.token_indices), columns, settings.head_weights.numpy())
+    settings, n = group.settings, len(group.token_indices)  # settings may be padded to launch shapes past n rows
+    columns = {name: getattr(settings, name)[:n].tolist()
+               for name in ("query_pos", "mask_prefix", "window", "sink_tokens")}
+    return RowSet(list(group.token_indices), columns, settings.head_weights[:n].numpy())
 
 
 def capture_layout(capture: StepCapture, batch: int) -> tuple[CaptureLayout, list[RowSet]] | None:
@@ -277,11 +279,12 @@ class DecodeGraphs:
         steps capture a request's first token (produced by its prefill) that way, padded to
         these shapes (``LaunchShapes``), and so do de-rotated captures inside the graphs; so
         does a launch of ``LaunchShapes.launch_rows`` rows, the launches prompt attention runs in.
+        On a tensor-parallel rank these are the rank's partials, and rank 0 also ranks their
+        ``p̄`` as it ranks the summed partials after every capturing step (``finish_summed``).
         Returns how many forwards and standalone captures ran.
         """
         buckets = list(reversed([b for b in BATCH_BUCKETS if b <= self.max_batch]))
-        standalone = ([(*need, derotate) for need in needs for derotate in (False, True)]
-                      if self.model.tp.size == 1 else [])
+        standalone = [(*need, derotate) for need in needs for derotate in (False, True)]
         prompt_launches = [rows for rows in (self.shapes.launch_rows,) if rows > self.max_batch]
 
         def warm_standalone(rows: int) -> int:
@@ -313,18 +316,26 @@ class DecodeGraphs:
     def _warm_standalone(self, rows: int, top_k: int, statistics: bool, derotate: bool) -> None:
         """Run the standalone capture of ``rows`` padding rows (position 0, every head) at the graphs' table width,
         on de-rotated logits when ``derotate`` (the model's rope tables given: a kernel variant of its own; on the
-        CPU its float32 twin, as eager steps there)."""
+        CPU its float32 twin, as eager steps there). On a tensor-parallel rank: the partial of the rank's heads
+        (``standalone_partial``), which rank 0 then finishes (``finish_summed``) as it finishes summed ones."""
         k_cache = self.kv_caches[0][0]
-        config = self.model.config
+        config, tp = self.model.config, self.model.tp
+        heads = len(self.model.heads.q_heads)
         ints = {"dtype": torch.int32, "device": self.device}
         zeros = torch.zeros(rows, **ints)
         request = CaptureRequest(
-            q=torch.zeros((rows, config.num_heads, config.head_dim), dtype=k_cache.dtype, device=self.device),
+            q=torch.zeros((rows, heads, config.head_dim), dtype=k_cache.dtype, device=self.device),
             block_tables=torch.zeros((rows, self.width), **ints), query_pos=zeros,
-            head_weights=torch.full((rows, config.num_heads), 1.0 / config.num_heads, device=self.device),
+            head_weights=torch.full((rows, heads), 1.0 / config.num_heads, device=self.device),
             mask_prefix=zeros, window=zeros, sink_tokens=zeros, top_k=top_k, statistics=statistics,
             rope_cos=self.model.rope.cos if derotate else None, rope_sin=self.model.rope.sin if derotate else None)
-        standalone_capture(k_cache, request, config.head_dim ** -0.5)
+        scale = config.head_dim ** -0.5
+        if tp.size == 1:
+            standalone_capture(k_cache, request, scale)
+            return
+        partial = standalone_partial(k_cache, request, scale)
+        if tp.rank == 0:
+            finish_summed(partial, top_k)
 
     def _padded_graph(self, batch: int, layout: CaptureLayout | None, pinned: bool) -> _DecodeGraph:
         """A new graph's staging for a bucket and layout, filled with padding (not recorded). Its host buffers

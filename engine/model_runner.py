@@ -23,7 +23,7 @@ from attnscope.engine.kv_cache import allocate_kv_cache
 from attnscope.engine.model import LlamaForCausalLM
 from attnscope.engine.device_values import read_pending_tokens
 from attnscope.engine.scheduler import ScheduledChunk, StepPlan
-from attnscope.kernels.decode_matmul import MAX_ROWS
+from attnscope.kernels.decode_matmul import MAX_ROWS, variant_rows
 
 logger = logging.getLogger(__name__)
 
@@ -137,24 +137,25 @@ class ModelRunner:
                 self._warm_capture()
 
     def _warm_eager_steps(self) -> None:
-        """Run two throwaway eager steps at start-up, so the kernels only eager steps launch are compiled before the
+        """Run throwaway eager steps at start-up, so the kernels only eager steps launch are compiled before the
         first prompt arrives (Triton compiles at first launch, seconds each). Each holds a new prompt, a prompt
-        continuing a cached prefix (the paged prefill kernel) and a decode row; the first has few enough rows for
-        the decode matmul kernels, the second too many (``decode_matmul.MAX_ROWS``: torch matmuls and the
-        separate SiLU kernel). Every slot is ``-1``: nothing is written to the cache, and what the steps read
-        there is discarded with their logits. Positions wrap at the rope tables' length (a short
-        ``max_model_len``)."""
+        continuing a cached prefix (the paged prefill kernel) and a decode row, and samples every row; their
+        sizes reach every variant of the decode matmul kernels (``decode_matmul.variant_rows``: the decode
+        graphs launch only their buckets' sizes), and the last has too many rows for them
+        (``decode_matmul.MAX_ROWS``: torch matmuls and the separate SiLU kernel). Every slot is ``-1``: nothing
+        is written to the cache, and what the steps read there is discarded with their logits. Positions wrap at
+        the rope tables' length (a short ``max_model_len``)."""
         started = time.perf_counter()
         max_positions = self.model.rope.cos.shape[0]
         cached, continued = 2, 2  # a continuation runs the paged prefill kernel when cached >= its length
-        for new_prompt in (3, MAX_ROWS):
-            tokens = new_prompt + continued + 1
+        for tokens in (*variant_rows(), MAX_ROWS + continued + 1):
+            new_prompt = tokens - continued - 1
             table = np.zeros(-(-max(new_prompt, cached + continued) // self.block_size), dtype=np.int32)
             positions = [*range(new_prompt), *range(cached, cached + continued), 0]
             inputs = StepInputs(
                 input_ids=[0] * tokens, positions=[p % max_positions for p in positions], slots=[-1] * tokens,
                 prefills=[(0, new_prompt, 0, table), (new_prompt, new_prompt + continued, cached, table)],
-                decode_tables=[table], decode_lens=[1], sample_rows=[new_prompt - 1, tokens - 2, tokens - 1])
+                decode_tables=[table], decode_lens=[1], sample_rows=list(range(tokens)))
             self.run(inputs, None)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -93,7 +93,7 @@ class ProcessTensorParallelRunner:
             s.bind(("127.0.0.1", 0))
             address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
         self.num_blocks = min(self._call_all("start", address))
-        self._call_all("allocate", self.num_blocks)
+        self.shapes = self._call_all("allocate", self.num_blocks)[0]
 
     def _call_all(self, method: str, *args: Any) -> list[Any]:
         """Call ``method`` on every rank at once and collect the answers in rank order."""
@@ -112,7 +112,7 @@ class ProcessTensorParallelRunner:
 
     def run(self, inputs: StepInputs, capture: StepCapture | None) -> torch.Tensor:
         """Run one step on every rank; rank 0's logits, and the merged captures filled into ``capture``."""
-        outputs = self._call_all("run", inputs, capture.shipped() if capture is not None else None)
+        outputs = self._call_all("run", inputs, capture.shipped(self.shapes) if capture is not None else None)
         if capture is not None:
             capture.fill_from_ranks(outputs[0].captures)
         return outputs[0].logits

@@ -12,9 +12,9 @@ buffer whose shape depends only on the step's plan, so it is the same on every r
 * per full-matrix row: ``[Hq, P + 1]`` probabilities, the rank's heads in place, zeros elsewhere.
 
 One ``reduce`` (sum) to rank 0 merges all layers at once, exactly: adding zeros and ``-inf``
-outside ``W`` on every rank changes nothing. Rank 0 then ranks ``p̄`` (``finish_summed``: the
-``dense_topk`` kernel on a GPU) and returns the finished results (one device-to-host copy); the
-others return nothing.
+outside ``W`` on every rank changes nothing. Each piece starts on 16 bytes (zeros pad the one
+before). Rank 0 then ranks ``p̄`` (``finish_summed``: the ``dense_topk`` kernel on a GPU) and
+returns the finished results (one device-to-host copy); the others return nothing.
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 
 from attnscope.engine.capture_plan import StepCapture
 from attnscope.engine.capture_records import results_to_host
 from attnscope.engine.parallel import TensorParallel
 from attnscope.kernels.capture import DENSE_TOPK_MAX_WIDTH, dense_topk
 from attnscope.kernels.capture_reference import CaptureResult, PartialCapture, finish_partial
+
+PIECE_ALIGN = 4  # float32 values: 16 bytes
 
 
 @dataclass
@@ -52,12 +55,19 @@ def reduce_captures(capture: StepCapture, heads: range, num_heads: int, tp: Tens
     for full in capture.full.values():
         for probs in full.probs:
             pieces.append(_place_heads(probs, heads, num_heads, dim=0))
-    flat = torch.cat([p.reshape(-1) for p in pieces]) if pieces else None
+    flat = torch.cat([F.pad(p.reshape(-1), (0, _aligned(p.numel()) - p.numel())) for p in pieces]) if pieces else None
     if flat is not None:
         tp.reduce_to_first(flat)
     if tp.rank != 0:
         return None
     return _unpack(capture, flat, pieces)
+
+
+def _aligned(numel: int) -> int:
+    """``numel`` float32 values rounded up to whole 16 bytes: each piece of the summed buffer starts on 16 bytes,
+    so the kernels reading one (``dense_topk``) see the pointer alignment they were compiled for at start-up
+    (Triton compiles a kernel variant per alignment it meets)."""
+    return -(-numel // PIECE_ALIGN) * PIECE_ALIGN
 
 
 def _place_heads(values: torch.Tensor, heads: range, num_heads: int, dim: int) -> torch.Tensor:
@@ -94,7 +104,8 @@ def _unpack(capture: StepCapture, flat: torch.Tensor | None, pieces: list[torch.
     """Rank 0: the summed buffer cut back into the pieces' shapes, finished into results, brought to the CPU
     in one copy (``results_to_host``)."""
     summed = iter([]) if flat is None else iter(
-        part.view(piece.shape) for part, piece in zip(flat.split([p.numel() for p in pieces]), pieces))
+        part[: piece.numel()].view(piece.shape)
+        for part, piece in zip(flat.split([_aligned(p.numel()) for p in pieces]), pieces))
     for groups in capture.layers.values():
         for group in groups:
             own = group.partial.stats

@@ -30,7 +30,8 @@ RANK_NAMESPACE = "attnscope"
 
 
 class TensorParallelRunner:
-    """Starts, drives and stops the rank workers of one engine; ``num_blocks`` is the KV capacity every rank holds."""
+    """Starts, drives and stops the rank workers of one engine; ``num_blocks`` is the KV capacity every rank holds,
+    ``shapes`` the launch shapes of the ranks' decode graphs (``None`` without), to which shipped plans are padded."""
 
     def __init__(self, config: EngineConfig) -> None:
         size = config.tensor_parallel_size
@@ -54,11 +55,11 @@ class TensorParallelRunner:
         address = ray.get(self.workers[0].rendezvous_address.remote())
         capacities = ray.get([w.start.remote(address) for w in self.workers])
         self.num_blocks = min(capacities)
-        ray.get([w.allocate.remote(self.num_blocks) for w in self.workers])
+        self.shapes = ray.get([w.allocate.remote(self.num_blocks) for w in self.workers])[0]
 
     def run(self, inputs: StepInputs, capture: StepCapture | None) -> torch.Tensor:
         """Run one step on every rank; rank 0's logits, and the merged captures filled into ``capture``."""
-        shipped = capture.shipped() if capture is not None else None
+        shipped = capture.shipped(self.shapes) if capture is not None else None
         outputs = ray.get([w.run.remote(inputs, shipped) for w in self.workers])
         if capture is not None:
             capture.fill_from_ranks(outputs[0].captures)

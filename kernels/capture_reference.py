@@ -141,6 +141,13 @@ class PartialCapture:
     stats: CaptureResult
     p_bar: torch.Tensor | None
 
+    @staticmethod
+    def concat(parts: list[PartialCapture]) -> PartialCapture:
+        """The partials of consecutive row slices of one request as one partial over all their rows."""
+        p_bars = [part.p_bar for part in parts]
+        return PartialCapture(CaptureResult.concat([part.stats for part in parts]),
+                              None if any(p is None for p in p_bars) else torch.cat(p_bars))
+
 
 def partial_capture_ref(k_cache: torch.Tensor, req: CaptureRequest, scale: float,
                         rows_per_chunk: int = 16) -> PartialCapture:

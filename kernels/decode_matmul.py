@@ -86,6 +86,14 @@ def _block_rows(rows: int) -> int:
     return max(16, triton.next_power_of_2(min(rows, MAX_ROWS)))
 
 
+def variant_rows() -> tuple[int, ...]:
+    """A row count for every kernel variant that the number of rows selects: rows per program 16, 32 or 64 (and
+    the launch shape that implies), each for a count divisible by 16 and for another (Triton compiles those
+    apart; a single row is a third case, which every single-row decode step launches). The engine runs steps of
+    these sizes at start-up, so that no step compiles a variant while serving."""
+    return tuple(rows for block in (16, 32, MAX_ROWS) for rows in (block - 3, block))
+
+
 def _stage_bytes(rows: int, weight_rows: int, block_k: int, element_bytes: int) -> int:
     """Shared memory one pipeline stage holds: a ``K`` step of the input rows and of the weight rows."""
     return (_block_rows(rows) + weight_rows) * block_k * element_bytes

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from attnscope.engine.attention import standalone_capture
+from attnscope.engine.attention import standalone_capture, standalone_partial
 from attnscope.engine.rope import RotaryEmbedding
 from attnscope.kernels.layer_ops_reference import rotate_ref as rotate
 from attnscope.kernels.capture_reference import (
@@ -27,6 +27,7 @@ from attnscope.kernels.capture_reference import (
     distance_bin,
     entropy_norm,
     fingerprint_v1,
+    partial_capture_ref,
 )
 
 
@@ -459,6 +460,27 @@ def test_rows_per_chunk_does_not_change_results(seed: int) -> None:
             clear = separated_ranks(getattr(base, val_name), CHUNK_ATOL[val_name])
             same = torch.equal(getattr(other, pos_name)[clear], getattr(base, pos_name)[clear])
             assert same, f"{pos_name} differ (seed={seed})"
+
+
+def test_rank_partial_in_launches_is_the_partial_of_all_rows(seed: int) -> None:
+    """A tensor-parallel rank's partial of more rows than one launch takes (prompt attention), run in launches of
+    7 rows and concatenated, is its partial of all rows at once: statistics and dense ``p̄`` share alike."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    lens = [150, 40, 3]
+    case = random_case(gen, lens, 2, 32, 16)
+    rows = random_rows(rng, lens, 16, 12, per_seq=6)
+    q = random_queries(gen, len(rows), 4, 32)
+    weights = mean_weights(len(rows), 4, [0, 1, 3]) / 2  # the rank's share of the global head weights
+    req = request(case, rows, q, weights, 12, 0)
+    whole = partial_capture_ref(case.k_cache, req, case.scale)
+    launched = standalone_partial(case.k_cache, req, case.scale, launch_rows=7)
+    assert launched.p_bar.shape == whole.p_bar.shape and len(rows) > 7
+    assert torch.equal(launched.stats.num_stat_positions, whole.stats.num_stat_positions)
+    for name in ("lse", "hist", "entropy", "sink_mass"):
+        assert_close(getattr(launched.stats, name), getattr(whole.stats, name), 1e-5, CHUNK_ATOL[name], name, seed)
+    assert torch.equal(torch.isinf(launched.p_bar), torch.isinf(whole.p_bar))
+    assert_close(launched.p_bar, whole.p_bar, 1e-5, 1e-7, "p_bar", seed)
 
 
 def separated_ranks(values: torch.Tensor, atol: float) -> torch.Tensor:

@@ -122,13 +122,14 @@ def test_capture_warm_up_keeps_no_graph_and_changes_no_output(smollm_engine):
 
 
 class _ShippedPlanRunner:
-    """The engine's runner fed the plan a tensor-parallel rank gets (``shipped``: no sequences), results copied back."""
+    """The engine's runner fed the plan a tensor-parallel rank gets (``shipped``: no sequences, settings padded to
+    the graphs' launch shapes), results copied back."""
 
     def __init__(self, runner) -> None:
         self.runner = runner
 
     def run(self, inputs, capture, previous_tokens=None):
-        shipped = capture.shipped() if capture is not None else None
+        shipped = capture.shipped(self.runner.graphs.shapes) if capture is not None else None
         logits = self.runner.run(inputs, shipped, previous_tokens)
         if capture is not None:
             for layer, groups in capture.layers.items():
@@ -142,7 +143,8 @@ class _ShippedPlanRunner:
 
 
 def test_static_decode_steps_from_shipped_plans_match_eager_steps(smollm_engine):
-    """Row settings taken from a shipped plan (what a rank's graphs read) give the same tokens and captures."""
+    """Row settings taken from a shipped plan (what a rank's graphs read; its eager steps, the first tokens, launch
+    at the padded shapes) give the same tokens and captures."""
     engine = smollm_engine
     max_tokens = [7, 5, 3]
     eager = _generate(engine, max_tokens)

@@ -18,8 +18,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from attnscope.kernels.decode_matmul import (MAX_ROWS, TileConfig, decode_matmul, decode_matmul_ref,  # noqa: E402
-                                             decode_matmul_silu, decode_matmul_silu_ref, tile_config)
+from attnscope.kernels.decode_matmul import (MAX_ROWS, TileConfig, _block_rows, decode_matmul,  # noqa: E402
+                                             decode_matmul_ref, decode_matmul_silu, decode_matmul_silu_ref,
+                                             tile_config, variant_rows)
 from attnscope.kernels.layer_ops_reference import silu_and_mul_ref  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
@@ -90,3 +91,15 @@ def test_cpu_inputs_take_torch(rng):
     x, w = _inputs(rng, 4, 64, 32, torch.float32)
     assert torch.equal(decode_matmul(x, w), F.linear(x, w))
     assert torch.equal(decode_matmul_silu(x, w), silu_and_mul_ref(F.linear(x, w)))
+
+
+def test_variant_rows_reach_every_variant_a_row_count_selects():
+    """Every row count the kernel takes (2 to ``MAX_ROWS``; a single row is what every one-row decode graph launches)
+    selects the same variant as one of ``variant_rows``, which the engine runs at start-up: rows per program, the
+    launch shape they imply (plain and SwiGLU, narrow and wide weights) and Triton's divisible-by-16 case."""
+    def variant(rows: int) -> tuple:
+        shapes = tuple(tile_config(rows, columns, silu, 132) for columns in (4096, 14336) for silu in (False, True))
+        return _block_rows(rows), shapes, rows % 16 == 0
+
+    warmed = {variant(rows) for rows in variant_rows()}
+    assert {variant(rows) for rows in range(2, MAX_ROWS + 1)} == warmed

@@ -276,32 +276,20 @@ def test_rank_partials_on_cuda_match_their_twin(fused: bool):
     torch.testing.assert_close(got.p_bar, want.p_bar, rtol=2e-2, atol=1e-4)
 
 
-def test_capture_steps_after_the_warm_up_compile_no_kernel(tiny_llama):
-    """With ``warm_capture`` (the CUDA default) no Triton kernel compiles after start-up: not for the prefill steps
-    that capture the first tokens of four requests and of one, nor the decode steps with fingerprint, raw,
-    de-rotated raw and sketch capture, nor an eager step where a new prompt is prefilled beside captured decode
-    rows (``LaunchShapes``), nor that prompt's own attention (sketch, then raw: more rows than the largest batch
-    bucket, run in launches of that bucket), nor a prompt continuing a cached prefix (the paged prefill kernel)."""
-    import triton
-
-    from attnscope.kernels import capture, decode_matmul, layer_ops, paged_decode, paged_prefill
-
-    kernels = [fn for module in (capture, decode_matmul, layer_ops, paged_decode, paged_prefill)
-               for fn in vars(module).values() if isinstance(fn, triton.runtime.JITFunction)]
-
-    def compiled() -> set[tuple[str, str]]:
-        return {(fn.__name__, str(key)) for fn in kernels for caches in fn.device_caches.values() for key in caches[0]}
-
-    for fn in kernels:  # forget the variants earlier tests launched: start-up alone must bring in what follows
-        fn.device_caches.clear()
-    engine = _engine(tiny_llama, "cuda")
+def _capture_workload(engine, launch_rows: int, compiled) -> None:
+    """Capture requests that reach every eager and graph path, checking after each batch that ``compiled()``
+    (the kernel variants compiled so far) holds nothing new: two batches of prefill steps capturing the first
+    tokens of four requests and of one, decode steps with fingerprint, raw, de-rotated raw and sketch capture,
+    an eager step where a new prompt is prefilled beside captured decode rows (``LaunchShapes``), that prompt's
+    own attention (sketch, then raw: more rows than the largest batch bucket, run in launches of
+    ``launch_rows``), and a prompt continuing a cached prefix (the paged prefill kernel)."""
     before = compiled()
     captures = [{"mode": "fingerprint", "layers": "auto", "fingerprint_max_steps": None},
                 {"mode": "raw", "top_k": 7, "layers": "last"}, {"mode": "sketch", "layers": "auto"},
                 {"mode": "raw", "top_k": 5, "layers": "last", "derotate": True}]
     params = {"max_tokens": 12, "ignore_eos": True}
     late_prompt = " ".join(CORPUS[5:70])
-    assert len(engine.tokenizer.encode(late_prompt)) > engine.runner.graphs.shapes.launch_rows
+    assert len(engine.tokenizer.encode(late_prompt)) > launch_rows
     usage = {}
     for batch, late in ((captures, captures[2]), (captures[1:2], captures[1])):
         rids = [engine.add_request(" ".join(CORPUS[i : i + 4]), params=params, capture=c)
@@ -318,4 +306,47 @@ def test_capture_steps_after_the_warm_up_compile_no_kernel(tiny_llama):
             steps += 1
         assert compiled() - before == set()
         assert len(records) >= 10 * len(rids)
-    assert usage[cached].cached_prompt_tokens >= engine.runner.block_size
+    assert usage[cached].cached_prompt_tokens >= engine.config.block_size
+
+
+def test_capture_steps_after_the_warm_up_compile_no_kernel(tiny_llama):
+    """With ``warm_capture`` (the CUDA default) no Triton kernel compiles after start-up (``_capture_workload``)."""
+    import triton
+
+    from attnscope.kernels import capture, decode_matmul, layer_ops, paged_decode, paged_prefill
+
+    kernels = [fn for module in (capture, decode_matmul, layer_ops, paged_decode, paged_prefill)
+               for fn in vars(module).values() if isinstance(fn, triton.runtime.JITFunction)]
+
+    def compiled() -> set[tuple[str, str]]:
+        return {(fn.__name__, str(key)) for fn in kernels for caches in fn.device_caches.values() for key in caches[0]}
+
+    for fn in kernels:  # forget the variants earlier tests launched: start-up alone must bring in what follows
+        fn.device_caches.clear()
+    engine = _engine(tiny_llama, "cuda")
+    _capture_workload(engine, engine.runner.graphs.shapes.launch_rows, compiled)
+
+
+def _cached_kernels(folder) -> set[tuple[str, str]]:
+    """The entries of a Triton cache folder: (entry, the names of what it holds, which name the kernel)."""
+    return {(entry.name, " ".join(sorted(f.name for f in entry.iterdir()))) for entry in folder.iterdir()}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tensor_parallel_capture_steps_after_the_warm_up_compile_no_kernel(tiny_llama, tmp_path, monkeypatch):
+    """Two ranks (rank processes, one GPU each): after start-up no rank compiles a Triton kernel for the same
+    workload (``_capture_workload``): not the ranks' partial captures of eager steps (padded to the ranks'
+    launch shapes by the driver), nor rank 0's ranking of the summed ``p̄``. Every process writes the kernels it
+    compiles to one fresh Triton cache folder, which gains no entry after start-up (8 sequences at most: the
+    ranks compile on one thread each, in the same order, so fewer batch buckets keep start-up short)."""
+    from attnscope.engine.engine_config import EngineConfig
+    from attnscope.engine.llm_engine import LLMEngine
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama), device="cuda", num_kv_blocks=256, max_num_seqs=8,
+                                    tensor_parallel_size=2, tensor_parallel_backend="processes"))
+    try:
+        assert any(tmp_path.iterdir())  # the ranks compiled into this folder
+        _capture_workload(engine, engine.runner.shapes.launch_rows, lambda: _cached_kernels(tmp_path))
+    finally:
+        engine.close()
