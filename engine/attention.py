@@ -195,8 +195,7 @@ def standalone_capture(k_cache: torch.Tensor, request: CaptureRequest, scale: fl
         from attnscope.kernels.capture import attention_capture as capture
     else:
         capture = capture_rows_ref
-    parts = [capture(k_cache, part, scale) for part in _launches(request, launch_rows)]
-    return parts[0] if len(parts) == 1 else CaptureResult.concat(parts)
+    return CaptureResult.concat([capture(k_cache, part, scale) for part in _launches(request, launch_rows)])
 
 
 def standalone_partial(k_cache: torch.Tensor, request: CaptureRequest, scale: float,
@@ -208,8 +207,7 @@ def standalone_partial(k_cache: torch.Tensor, request: CaptureRequest, scale: fl
         from attnscope.kernels.capture import partial_capture as partial
     else:
         partial = partial_capture_ref
-    parts = [partial(k_cache, part, scale) for part in _launches(request, launch_rows)]
-    return parts[0] if len(parts) == 1 else PartialCapture.concat(parts)
+    return PartialCapture.concat([partial(k_cache, part, scale) for part in _launches(request, launch_rows)])
 
 
 def capture_layer(q: torch.Tensor, q_unrotated: torch.Tensor, layer: int, batch: AttentionBatch,

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 
 from attnscope.engine.capture_plan import StepCapture
 from attnscope.engine.capture_records import results_to_host
@@ -55,7 +54,7 @@ def reduce_captures(capture: StepCapture, heads: range, num_heads: int, tp: Tens
     for full in capture.full.values():
         for probs in full.probs:
             pieces.append(_place_heads(probs, heads, num_heads, dim=0))
-    flat = torch.cat([F.pad(p.reshape(-1), (0, _aligned(p.numel()) - p.numel())) for p in pieces]) if pieces else None
+    flat = torch.cat([part for p in pieces for part in _padded(p)]) if pieces else None
     if flat is not None:
         tp.reduce_to_first(flat)
     if tp.rank != 0:
@@ -68,6 +67,14 @@ def _aligned(numel: int) -> int:
     so the kernels reading one (``dense_topk``) see the pointer alignment they were compiled for at start-up
     (Triton compiles a kernel variant per alignment it meets)."""
     return -(-numel // PIECE_ALIGN) * PIECE_ALIGN
+
+
+def _padded(piece: torch.Tensor) -> list[torch.Tensor]:
+    """``piece`` flattened, followed by the zeros that pad it to ``_aligned`` values (none when it fits), for the one
+    concatenation that copies every piece into the summed buffer."""
+    flat = piece.reshape(-1)
+    pad = _aligned(flat.numel()) - flat.numel()
+    return [flat, flat.new_zeros(pad)] if pad else [flat]
 
 
 def _place_heads(values: torch.Tensor, heads: range, num_heads: int, dim: int) -> torch.Tensor:

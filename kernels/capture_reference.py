@@ -94,7 +94,9 @@ class CaptureResult:
     @staticmethod
     def concat(parts: list[CaptureResult]) -> CaptureResult:
         """The results of consecutive row slices of one request as one result over all their rows (a field
-        missing from any part is missing from the whole)."""
+        missing from any part is missing from the whole; a single part is returned as it is)."""
+        if len(parts) == 1:
+            return parts[0]
         columns = [[getattr(part, f.name) for part in parts] for f in fields(CaptureResult)]
         return CaptureResult(*(None if any(v is None for v in values) else torch.cat(values) for values in columns))
 
@@ -143,7 +145,10 @@ class PartialCapture:
 
     @staticmethod
     def concat(parts: list[PartialCapture]) -> PartialCapture:
-        """The partials of consecutive row slices of one request as one partial over all their rows."""
+        """The partials of consecutive row slices of one request as one partial over all their rows (a single
+        part is returned as it is)."""
+        if len(parts) == 1:
+            return parts[0]
         p_bars = [part.p_bar for part in parts]
         return PartialCapture(CaptureResult.concat([part.stats for part in parts]),
                               None if any(p is None for p in p_bars) else torch.cat(p_bars))

@@ -328,7 +328,7 @@ def test_capture_steps_after_the_warm_up_compile_no_kernel(tiny_llama):
 
 
 def _cached_kernels(folder) -> set[tuple[str, str]]:
-    """The entries of a Triton cache folder: (entry, the names of what it holds, which name the kernel)."""
+    """The entries of a Triton cache folder, each with the names of the files it holds (they name its kernel)."""
     return {(entry.name, " ".join(sorted(f.name for f in entry.iterdir()))) for entry in folder.iterdir()}
 
 
