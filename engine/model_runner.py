@@ -204,7 +204,7 @@ class ModelRunner:
             rope=(self.model.rope.cos, self.model.rope.sin),
             q_heads=self.model.heads.q_heads if self.model.tp.size > 1 else None,
             cached_prefills=self._cached_prefills(inputs) if self.device.type == "cuda" else None,
-            decode_num_splits=(shapes.num_splits(len(inputs.decode_lens), self.kv_caches[0][0].shape[2],
+            decode_num_splits=(shapes.num_splits(len(inputs.decode_lens), *self.kv_caches[0][0].shape[2:],
                                                  self.block_size, self.device) if shapes else None),
             capture_launch_rows=shapes.launch_rows if shapes else None,
         )
