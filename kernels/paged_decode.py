@@ -256,7 +256,14 @@ def default_num_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int
     base_programs = max(batch * num_kv_heads, 1)
     wanted = triton.cdiv(2 * num_sms, base_programs)
     useful = triton.cdiv(max(max_len, 1), MIN_TOKENS_PER_SPLIT)
-    splits = max(1, min(wanted, useful, MAX_SPLITS))
+    return splits_with_tiles(max(1, min(wanted, useful, MAX_SPLITS)), max_len, tile_tokens)
+
+
+def splits_with_tiles(splits: int, max_len: int, tile_tokens: int) -> int:
+    """The fewest splits that cut ``max_len`` keys into as many whole tiles a split as ``splits`` splits would.
+
+    The kernels give each split ``cdiv(tiles, splits)`` tiles, so the last splits of a
+    count that does not divide the tiles can be left with none."""
     tiles = triton.cdiv(max(max_len, 1), tile_tokens)
     return triton.cdiv(tiles, triton.cdiv(tiles, splits))
 
