@@ -78,7 +78,7 @@ def time_case(batch: int, length: int, counts: list[int], flush: torch.Tensor, g
                               "plain_us": 1e3 * graph_ms(plain, flush),
                               "statistics_us": 1e3 * graph_ms(with_statistics, flush)}
         print(f"[bench] {batch} x {length}: {count} splits {splits[str(count)]}", file=sys.stderr)
-    default = str(default_num_splits(batch, HKV, length, num_sms, _tile_tokens(HEAD_DIM)))
+    default = str(default_num_splits(batch, HKV, length, num_sms, HEAD_DIM))
     best_plain = min(splits, key=lambda c: splits[c]["plain_us"])
     best_statistics = min(splits, key=lambda c: splits[c]["statistics_us"])
     return {

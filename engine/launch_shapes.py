@@ -63,7 +63,6 @@ class LaunchShapes:
     def num_splits(self, batch: int, num_kv_heads: int, head_dim: int, block_size: int, device: torch.device) -> int:
         """The split count the decode graph of ``batch``'s bucket gives its kernels (``default_num_splits`` of
         the bucket over the graphs' table width)."""
-        from attnscope.kernels.paged_decode import _num_sms, _tile_tokens, default_num_splits
+        from attnscope.kernels.paged_decode import _num_sms, default_num_splits
 
-        return default_num_splits(self.rows(batch), num_kv_heads, self.width * block_size, _num_sms(device),
-                                  _tile_tokens(head_dim))
+        return default_num_splits(self.rows(batch), num_kv_heads, self.width * block_size, _num_sms(device), head_dim)

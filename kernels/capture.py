@@ -1956,7 +1956,7 @@ def attention_capture(
     group = num_heads // num_kv_heads
     if num_splits is None:
         max_len = req.block_tables.shape[1] * block_size
-        num_splits = default_num_splits(rows, num_kv_heads, max_len, _num_sms(k_cache.device), _tile_tokens(head_dim))
+        num_splits = default_num_splits(rows, num_kv_heads, max_len, _num_sms(k_cache.device), head_dim)
     partials = _empty_partials(rows, num_heads, num_splits, req, _num_key_tiles(req.block_tables, block_size, head_dim),
                                k_cache.device, logit_store_bytes)
     cos, sin, stride_rope, rope = _rope_args(req, k_cache)
@@ -2083,7 +2083,7 @@ def paged_decode_attention_capture(
     group = num_heads // num_kv_heads
     if num_splits is None:
         max_len = block_tables.shape[1] * block_size
-        num_splits = default_num_splits(batch, num_kv_heads, max_len, _num_sms(q.device), _tile_tokens(head_dim))
+        num_splits = default_num_splits(batch, num_kv_heads, max_len, _num_sms(q.device), head_dim)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if out is None:

@@ -240,7 +240,7 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int, tile_tokens: int) -> int:
+def default_num_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int, head_dim: int) -> int:
     """Pick how many splits each sequence's context is cut into.
 
     Aims for about two programs per SM (``batch * num_kv_heads * splits``)
@@ -248,7 +248,7 @@ def default_num_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int
     longest possible context ``max_len``, capped at ``MAX_SPLITS``. Long
     contexts at small batch get many splits; large batches get one, which also
     skips the combine pass. The kernels cut a context into whole tiles of
-    ``tile_tokens`` keys, so splits that would get no tile of ``max_len`` are
+    ``_tile_tokens(head_dim)`` keys, so splits that would get no tile of ``max_len`` are
     dropped (33 splits of 8K in tiles of 64 fill only 32): each split keeps its
     length, and the combine reads fewer partials (on an H200, batch 1 with 8 KV heads:
     the attention and its combine 22.0 -> 20.6 us at 8K, 53.6 -> 51.8 us at 32K).
@@ -256,7 +256,7 @@ def default_num_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int
     base_programs = max(batch * num_kv_heads, 1)
     wanted = triton.cdiv(2 * num_sms, base_programs)
     useful = triton.cdiv(max(max_len, 1), MIN_TOKENS_PER_SPLIT)
-    return splits_with_tiles(max(1, min(wanted, useful, MAX_SPLITS)), max_len, tile_tokens)
+    return splits_with_tiles(max(1, min(wanted, useful, MAX_SPLITS)), max_len, _tile_tokens(head_dim))
 
 
 def splits_with_tiles(splits: int, max_len: int, tile_tokens: int) -> int:
@@ -353,7 +353,7 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     if num_splits is None:
         max_len = block_tables.shape[1] * block_size
-        num_splits = default_num_splits(batch, num_kv_heads, max_len, _num_sms(q.device), _tile_tokens(head_dim))
+        num_splits = default_num_splits(batch, num_kv_heads, max_len, _num_sms(q.device), head_dim)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
 

@@ -250,21 +250,22 @@ def test_gather_paged_kv_follows_block_tables(seed: int) -> None:
 
 def test_default_num_splits() -> None:
     """Small batches with long contexts split to fill the GPU; large batches and short contexts do not."""
-    assert default_num_splits(batch=1, num_kv_heads=8, max_len=131072, num_sms=132, tile_tokens=64) == 33
-    assert default_num_splits(batch=1, num_kv_heads=1, max_len=1 << 20, num_sms=132, tile_tokens=64) == 64
-    assert default_num_splits(batch=64, num_kv_heads=8, max_len=8192, num_sms=132, tile_tokens=64) == 1
-    assert default_num_splits(batch=1, num_kv_heads=3, max_len=200, num_sms=132, tile_tokens=64) == 2
-    assert default_num_splits(batch=1, num_kv_heads=3, max_len=0, num_sms=132, tile_tokens=64) == 1
+    assert default_num_splits(batch=1, num_kv_heads=8, max_len=131072, num_sms=132, head_dim=128) == 33
+    assert default_num_splits(batch=1, num_kv_heads=1, max_len=1 << 20, num_sms=132, head_dim=128) == 64
+    assert default_num_splits(batch=64, num_kv_heads=8, max_len=8192, num_sms=132, head_dim=128) == 1
+    assert default_num_splits(batch=1, num_kv_heads=3, max_len=200, num_sms=132, head_dim=128) == 2
+    assert default_num_splits(batch=1, num_kv_heads=3, max_len=0, num_sms=132, head_dim=128) == 1
 
 
 def test_default_num_splits_leaves_no_split_without_a_tile() -> None:
     """At the length bound every split gets whole tiles, as many as the untrimmed count would give it.
 
     33 splits of 8K in tiles of 64 give 4 tiles to 32 splits and none to the 33rd, so 32 are launched."""
-    assert default_num_splits(batch=1, num_kv_heads=8, max_len=8192, num_sms=132, tile_tokens=64) == 32
-    for num_sms, num_kv_heads, batch, max_len, tile_tokens in itertools.product(
-            (78, 132), (1, 3, 8), (1, 2, 3, 5, 17), (1, 63, 64, 200, 2047, 4097, 8192, 32768, 100000), (32, 64)):
-        splits = default_num_splits(batch, num_kv_heads, max_len, num_sms, tile_tokens)
+    assert default_num_splits(batch=1, num_kv_heads=8, max_len=8192, num_sms=132, head_dim=128) == 32
+    for num_sms, num_kv_heads, batch, max_len, (head_dim, tile_tokens) in itertools.product(
+            (78, 132), (1, 3, 8), (1, 2, 3, 5, 17), (1, 63, 64, 200, 2047, 4097, 8192, 32768, 100000),
+            ((256, 32), (128, 64))):
+        splits = default_num_splits(batch, num_kv_heads, max_len, num_sms, head_dim)
         wanted = min(-(-2 * num_sms // (batch * num_kv_heads)), -(-max_len // 128), 64)
         tiles = -(-max_len // tile_tokens)
         tiles_per_split = -(-tiles // splits)
